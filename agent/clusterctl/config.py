@@ -1,0 +1,690 @@
+"""The configuration: schema, defaults, loading, validation and editing.
+
+One source of truth: the frozen section dataclasses below. Each field carries
+its TOML key, its kind and its allowed range in ``metadata``; loading,
+validation, ``config show`` and ``config set`` are generic over those fields.
+Field names carry units (``min_size_bytes``); TOML keys are SPEC.md's contract
+(``min_size``) and never change.
+
+Loading order: built-in defaults, then the file. The file is
+``/etc/clusterctl/clusterctl.toml`` unless ``--config`` or ``CLUSTERCTL_CONFIG``
+names another (the flag wins over the variable). A missing default file means
+built-in defaults; a missing file named explicitly is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import itertools
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+import tomlkit
+import tomlkit.exceptions
+
+from clusterctl import system
+from clusterctl.errors import ConfigError
+from clusterctl.units import GIB, MIB, format_size, parse_size
+
+DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
+ENV_VAR = "CLUSTERCTL_CONFIG"
+
+Kind = Literal["int", "float", "bool", "str", "size", "path", "actions", "listen", "url"]
+ACTIONS = ("none", "command", "control", "systemd")
+
+T = TypeVar("T")
+
+
+def setting(
+    default: T,
+    key: str,
+    kind: Kind,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> T:
+    """A config field: its default, TOML key, kind, range and one-line doc."""
+    meta = {"key": key, "kind": kind, "doc": doc, "minimum": minimum, "maximum": maximum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    dir: Path = setting(
+        Path("/var/lib/clusterctl/swap"), "dir", "path", "directory that holds the swap files"
+    )
+    min_size_bytes: int = setting(
+        2 * GIB, "min_size", "size", "swap kept at all times", minimum=64 * MIB
+    )
+    max_size_bytes: int = setting(
+        16 * GIB, "max_size", "size", "managed swap never grows past this", minimum=64 * MIB
+    )
+    increment_bytes: int = setting(
+        1 * GIB, "increment", "size", "size of each growth step", minimum=64 * MIB
+    )
+    memory_threshold_percent: int = setting(
+        80, "memory_threshold", "int", "% of memory in use that triggers growth",
+        minimum=1, maximum=100,
+    )
+    check_interval_s: int = setting(
+        30, "check_interval", "int", "seconds between policy steps", minimum=1, maximum=86400
+    )
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    swappiness_ssd: int = setting(
+        10, "swappiness_ssd", "int", "vm.swappiness when swap is on SSD", minimum=0, maximum=200
+    )
+    swappiness_hdd: int = setting(
+        30, "swappiness_hdd", "int", "vm.swappiness when swap is on HDD", minimum=0, maximum=200
+    )
+    cache_pressure_ssd: int = setting(
+        50, "cache_pressure_ssd", "int", "vm.vfs_cache_pressure on SSD", minimum=0, maximum=10000
+    )
+    cache_pressure_hdd: int = setting(
+        100, "cache_pressure_hdd", "int", "vm.vfs_cache_pressure on HDD", minimum=0, maximum=10000
+    )
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    monitor_interval_s: float = setting(
+        3, "monitor_interval", "float", "seconds between GPU samples", minimum=0.1, maximum=3600
+    )
+    history_size: int = setting(
+        200, "history_size", "int", "samples kept per GPU", minimum=1, maximum=1_000_000
+    )
+    temp_optimal_c: int = setting(
+        65, "temp_optimal", "int", "below this: OPTIMAL", minimum=0, maximum=150
+    )
+    temp_normal_c: int = setting(
+        75, "temp_normal", "int", "below this: NORMAL", minimum=0, maximum=150
+    )
+    temp_throttle_c: int = setting(
+        85, "temp_throttle", "int", "below this: THROTTLED", minimum=0, maximum=150
+    )
+    temp_critical_c: int = setting(
+        90, "temp_critical", "int", "at or above: CRITICAL", minimum=0, maximum=150
+    )
+    memory_optimal_percent: int = setting(
+        70, "memory_optimal", "int", "VRAM use below this: OPTIMAL", minimum=0, maximum=100
+    )
+    memory_normal_percent: int = setting(
+        85, "memory_normal", "int", "VRAM use below this: NORMAL", minimum=0, maximum=100
+    )
+    memory_critical_percent: int = setting(
+        95, "memory_critical", "int", "VRAM use at or above: CRITICAL", minimum=0, maximum=100
+    )
+    memory_reserve_mb: int = setting(
+        512, "memory_reserve_mb", "int", "VRAM never handed out by placement", minimum=0
+    )
+    throttle_enabled: bool = setting(
+        False, "throttle_enabled", "bool", "lower power limits when hot (opt-in)"
+    )
+
+
+@dataclass(frozen=True)
+class HibernateConfig:
+    enabled: bool = setting(False, "enabled", "bool", "act on idleness (never, until asked to)")
+    gpu_usage_threshold_percent: float = setting(
+        5.0, "gpu_usage_threshold", "float", "GPU utilization under which a GPU is idle",
+        minimum=0, maximum=100,
+    )
+    pause_after_minutes: float = setting(
+        3, "pause_after_minutes", "float", "idle minutes before the action", minimum=0.1
+    )
+    action: tuple[str, ...] = setting(
+        ("none",), "action", "actions", "none | command | control | systemd, or a list"
+    )
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    control_url: str = setting("", "control_url", "url", "control plane base URL; empty: none")
+    instance_id: str = setting("", "instance_id", "str", "this node's id; empty: the hostname")
+    interval_s: int = setting(
+        30, "interval", "int", "seconds between heartbeats", minimum=1, maximum=86400
+    )
+    token_file: Path = setting(
+        Path("/etc/clusterctl/token"), "token_file", "path", "root-only file with the bearer token"
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = setting("127.0.0.1:9408", "listen", "listen", "address:port of the local API")
+
+
+@dataclass(frozen=True)
+class OllamaConfig:
+    url: str = setting("http://127.0.0.1:11434", "url", "url", "where Ollama's API answers")
+
+
+@dataclass(frozen=True)
+class Config:
+    swap: SwapConfig = field(default_factory=SwapConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    hibernate: HibernateConfig = field(default_factory=HibernateConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    ollama: OllamaConfig = field(default_factory=OllamaConfig)
+
+
+Source = Literal["--config", "CLUSTERCTL_CONFIG", "default"]
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The effective config and where it came from."""
+
+    config: Config
+    path: Path
+    source: Source
+    file_exists: bool
+
+
+# ---------------------------------------------------------------------------
+# schema helpers
+
+
+def sections() -> dict[str, type[Any]]:
+    """TOML section name -> section dataclass, in file order."""
+    return {f.name: cast(type[Any], f.default_factory) for f in dataclasses.fields(Config)}
+
+
+def section_settings(section: str) -> dict[str, dataclasses.Field[Any]]:
+    """TOML key -> dataclass field of one section."""
+    cls = sections()[section]
+    return {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+
+
+def to_toml_value(fld: dataclasses.Field[Any], value: object) -> object:
+    """A typed field value back in the form an operator writes in TOML."""
+    kind = fld.metadata["kind"]
+    if kind == "size":
+        return format_size(cast(int, value))
+    if kind == "path":
+        return str(value)
+    if kind == "actions":
+        actions = cast(tuple[str, ...], value)
+        return actions[0] if len(actions) == 1 else list(actions)
+    return value
+
+
+def as_toml_dict(config: Config) -> dict[str, dict[str, object]]:
+    """The whole config as TOML keys and values (what `config show` prints)."""
+    out: dict[str, dict[str, object]] = {}
+    for name in sections():
+        section = getattr(config, name)
+        out[name] = {
+            f.metadata["key"]: to_toml_value(f, getattr(section, f.name))
+            for f in dataclasses.fields(section)
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def resolve_path(
+    flag: Path | None, env: Mapping[str, str] | None = None
+) -> tuple[Path, Source]:
+    """Which config file is in effect and why."""
+    env = os.environ if env is None else env
+    if flag is not None:
+        return flag, "--config"
+    if env.get(ENV_VAR):
+        return Path(env[ENV_VAR]), "CLUSTERCTL_CONFIG"
+    return DEFAULT_PATH, "default"
+
+
+def load(flag: Path | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Load and validate the effective config; raise the first ConfigError."""
+    path, source = resolve_path(flag, env)
+    text = _read(path, source)
+    if text is None:
+        return LoadedConfig(Config(), path, source, file_exists=False)
+    config, errors = parse(text, path=str(path))
+    if errors:
+        raise errors[0]
+    assert config is not None
+    return LoadedConfig(config, path, source, file_exists=True)
+
+
+def validate_file(
+    flag: Path | None = None, env: Mapping[str, str] | None = None
+) -> tuple[Path, Source, bool, list[ConfigError]]:
+    """Every problem in the effective config file (for `config validate`)."""
+    path, source = resolve_path(flag, env)
+    try:
+        text = _read(path, source)
+    except ConfigError as err:
+        return path, source, True, [err]
+    if text is None:
+        return path, source, False, []
+    _config, errors = parse(text, path=str(path))
+    return path, source, True, errors
+
+
+def _read(path: Path, source: Source) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        if source == "default":
+            return None
+        raise ConfigError(
+            f"config file does not exist (named by {source})",
+            path=str(path),
+            fix="create it, or point --config/CLUSTERCTL_CONFIG at an existing file",
+        ) from err
+    except IsADirectoryError as err:
+        raise ConfigError(
+            "is a directory, not a config file", path=str(path), fix="name the .toml file itself"
+        ) from err
+    except PermissionError as err:
+        raise ConfigError(
+            "cannot read the config file: permission denied",
+            path=str(path),
+            fix="run as root or make the file readable",
+        ) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            "config file is not UTF-8 text", path=str(path), fix="save it as UTF-8"
+        ) from err
+
+
+def parse(text: str, *, path: str) -> tuple[Config | None, list[ConfigError]]:
+    """Parse and validate TOML text; the Config (None if unusable) and all problems."""
+    try:
+        document = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as err:
+        reason = re.sub(r"\s+at line \d+ col \d+$", "", str(err))
+        return None, [
+            ConfigError(
+                f"TOML syntax error: {reason} (column {err.col})",
+                path=path,
+                line=err.line,
+                fix="fix the syntax (strings in double quotes, one key = value per line)",
+            )
+        ]
+    locator = _LineLocator(text)
+    data = document.unwrap()
+    errors: list[ConfigError] = []
+    built: dict[str, Any] = {}
+    known_sections = sections()
+    for name, value in data.items():
+        if name not in known_sections:
+            errors.append(
+                ConfigError(
+                    f"unknown section [{name}]{_suggest(name, known_sections, section=True)}",
+                    path=path,
+                    line=locator.section(name),
+                    fix=f"known sections: {', '.join(known_sections)}",
+                )
+            )
+            continue
+        if not isinstance(value, dict):
+            errors.append(
+                ConfigError(
+                    f"expected a [{name}] table, got a {_type_name(value)}",
+                    path=path,
+                    line=locator.key(None, name),
+                    key=name,
+                )
+            )
+            continue
+        built[name], section_errors = _build_section(name, value, path, locator)
+        errors.extend(section_errors)
+    if errors:
+        return None, errors
+    config = Config(**built)
+    errors.extend(_cross_checks(config, path, locator))
+    return (None if errors else config), errors
+
+
+def _build_section(
+    section: str, values: dict[str, Any], path: str, locator: _LineLocator
+) -> tuple[Any, list[ConfigError]]:
+    settings = section_settings(section)
+    errors: list[ConfigError] = []
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        line = locator.key(section, key)
+        fld = settings.get(key)
+        if fld is None:
+            errors.append(
+                ConfigError(
+                    f"unknown key{_suggest(key, settings)}",
+                    path=path,
+                    line=line,
+                    key=f"{section}.{key}",
+                    fix=f"known keys in [{section}]: {', '.join(settings)}",
+                )
+            )
+            continue
+        try:
+            kwargs[fld.name] = coerce(fld, raw)
+        except ValueError as err:
+            errors.append(ConfigError(str(err), path=path, line=line, key=f"{section}.{key}"))
+    return sections()[section](**kwargs), errors
+
+
+def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
+    """Check one TOML value against its field and convert it; ValueError says why."""
+    kind: Kind = fld.metadata["kind"]
+    value: object
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {_shown(raw)}")
+        return raw
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected a whole number, got {_shown(raw)}")
+        value = raw
+    elif kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            raise ValueError(f"expected a number, got {_shown(raw)}")
+        value = float(raw)
+    elif kind == "size":
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            raise ValueError(f'expected a size like "512M" or "2G", got {_shown(raw)}')
+        value = parse_size(raw) if isinstance(raw, str) else raw
+    elif kind == "path":
+        if not isinstance(raw, str) or not raw.startswith("/"):
+            raise ValueError(f'expected an absolute path like "/var/lib/x", got {_shown(raw)}')
+        return Path(raw)
+    elif kind == "actions":
+        return _coerce_actions(raw)
+    elif kind == "listen":
+        return _coerce_listen(raw)
+    elif kind == "url":
+        return _coerce_url(raw)
+    else:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string in double quotes, got {_shown(raw)}")
+        return raw
+    _check_range(fld, cast(float, value))
+    return value
+
+
+def _check_range(fld: dataclasses.Field[Any], value: float) -> None:
+    low, high = fld.metadata["minimum"], fld.metadata["maximum"]
+    size = fld.metadata["kind"] == "size"
+    show = format_size if size else _num
+    if low is not None and value < low:
+        raise ValueError(f"must be at least {show(low)}, got {show(value)}")
+    if high is not None and value > high:
+        raise ValueError(f"must be at most {show(high)}, got {show(value)}")
+
+
+def _coerce_actions(raw: object) -> tuple[str, ...]:
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise ValueError(
+            f'expected one action or a list of actions ({" | ".join(ACTIONS)}), got {_shown(raw)}'
+        )
+    actions = tuple(cast(list[str], items))
+    for action in actions:
+        if action not in ACTIONS:
+            raise ValueError(f'unknown action "{action}"; choose from {", ".join(ACTIONS)}')
+    if "none" in actions and len(actions) > 1:
+        raise ValueError('"none" cannot be combined with other actions')
+    return actions
+
+
+def _coerce_listen(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f'expected "address:port" like "127.0.0.1:9408", got {_shown(raw)}')
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "address:port" with a port 1-65535, got "{raw}"')
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError as err:
+        raise ValueError(
+            f'expected an IP address before the port ("127.0.0.1", "[::1]"), got "{host}"'
+        ) from err
+    return raw
+
+
+def _coerce_url(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f'expected a URL like "https://control.example", got {_shown(raw)}')
+    if raw == "":
+        return raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f'expected an http:// or https:// URL, got "{raw}"')
+    return raw.rstrip("/")
+
+
+def _cross_checks(config: Config, path: str, locator: _LineLocator) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+
+    def fail(section: str, key: str, message: str) -> None:
+        errors.append(
+            ConfigError(
+                message, path=path, line=locator.key(section, key), key=f"{section}.{key}"
+            )
+        )
+
+    swap = config.swap
+    if swap.min_size_bytes > swap.max_size_bytes:
+        fail(
+            "swap",
+            "min_size",
+            f"min_size ({format_size(swap.min_size_bytes)}) is larger than "
+            f"max_size ({format_size(swap.max_size_bytes)}); make min_size <= max_size",
+        )
+    if swap.increment_bytes > swap.max_size_bytes:
+        fail(
+            "swap",
+            "increment",
+            f"increment ({format_size(swap.increment_bytes)}) is larger than "
+            f"max_size ({format_size(swap.max_size_bytes)}); make increment <= max_size",
+        )
+    gpu = config.gpu
+    _ascending(
+        fail,
+        "gpu",
+        [
+            ("temp_optimal", gpu.temp_optimal_c),
+            ("temp_normal", gpu.temp_normal_c),
+            ("temp_throttle", gpu.temp_throttle_c),
+            ("temp_critical", gpu.temp_critical_c),
+        ],
+    )
+    _ascending(
+        fail,
+        "gpu",
+        [
+            ("memory_optimal", gpu.memory_optimal_percent),
+            ("memory_normal", gpu.memory_normal_percent),
+            ("memory_critical", gpu.memory_critical_percent),
+        ],
+    )
+    return errors
+
+
+def _ascending(
+    fail: Any, section: str, values: Sequence[tuple[str, float]]
+) -> None:
+    for (low_key, low), (high_key, high) in itertools.pairwise(values):
+        if not low < high:
+            order = " < ".join(k for k, _ in values)
+            fail(
+                section,
+                high_key,
+                f"thresholds out of order: {low_key} = {_num(low)} but "
+                f"{high_key} = {_num(high)}; they must rise: {order}",
+            )
+            return
+
+
+# ---------------------------------------------------------------------------
+# editing
+
+
+def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False) -> Config:
+    """Change keys ("section.key" -> value as typed on a command line) in a config file.
+
+    Edits with tomlkit so comments and layout stay; validates the whole new
+    file before writing; replaces the file atomically, keeping its mode and
+    owner. Creates the file when it does not exist. ``dry_run`` validates
+    and returns the new config without writing.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file: {err.strerror}", path=str(path)) from err
+    try:
+        document = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError:
+        _config, errors = parse(text, path=str(path))
+        raise errors[0] from None
+    for dotted, typed in changes.items():
+        section, key, fld = _setting_for(dotted)
+        try:
+            value = to_toml_value(fld, coerce(fld, parse_cli_value(fld, typed)))
+        except ValueError as err:
+            raise ConfigError(str(err), key=dotted) from err
+        if section not in document:
+            document.add(section, tomlkit.table())
+        table = cast(Any, document[section])
+        table[key] = value
+    new_text = tomlkit.dumps(document)
+    config, errors = parse(new_text, path=str(path))
+    if errors:
+        raise errors[0]
+    assert config is not None
+    if not dry_run:
+        system.atomic_write_text(path, new_text, mode=0o644)
+    return config
+
+
+def _setting_for(dotted: str) -> tuple[str, str, dataclasses.Field[Any]]:
+    section, _, key = dotted.partition(".")
+    known = sections()
+    if section not in known:
+        raise ConfigError(
+            f"unknown section [{section}]{_suggest(section, known, section=True)}",
+            key=dotted,
+            fix=f"keys look like swap.max_size; sections: {', '.join(known)}",
+        )
+    settings = section_settings(section)
+    if key not in settings:
+        raise ConfigError(
+            f"unknown key{_suggest(key, settings)}",
+            key=dotted,
+            fix=f"known keys in [{section}]: {', '.join(settings)}",
+        )
+    return section, key, settings[key]
+
+
+def parse_cli_value(fld: dataclasses.Field[Any], text: str) -> object:
+    """A command-line string as the TOML value its field expects."""
+    kind: Kind = fld.metadata["kind"]
+    if kind == "bool":
+        lowered = text.lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        return text
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if kind == "actions":
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        return items[0] if len(items) == 1 else items
+    return text
+
+
+# ---------------------------------------------------------------------------
+# messages
+
+
+class _LineLocator:
+    """Finds the line of a [section] or key in TOML text (1-based), when it can."""
+
+    _HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
+
+    def __init__(self, text: str) -> None:
+        self._lines = text.splitlines()
+
+    def section(self, name: str) -> int | None:
+        for number, line in enumerate(self._lines, start=1):
+            match = self._HEADER.match(line)
+            if match and match.group(1) == name:
+                return number
+        return self.key(None, name)
+
+    def key(self, section: str | None, key: str) -> int | None:
+        current: str | None = None
+        key_re = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
+        dotted_re = re.compile(rf"^\s*{re.escape(f'{section}.{key}')}\s*=") if section else None
+        for number, line in enumerate(self._lines, start=1):
+            match = self._HEADER.match(line)
+            if match:
+                current = match.group(1)
+                continue
+            if current == section and key_re.match(line):
+                return number
+            if current is None and dotted_re and dotted_re.match(line):
+                return number
+        return None
+
+
+def _suggest(word: str, known: Mapping[str, object], *, section: bool = False) -> str:
+    """ (did you mean "x"?) when a known name is close, else nothing."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    if not close:
+        return ""
+    return f" (did you mean [{close[0]}]?)" if section else f' (did you mean "{close[0]}"?)'
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}" (a string)'
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    name = _type_name(value)
+    article = "an" if name[0] in "aeiou" else "a"
+    return f"{value!r} ({article} {name})"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from clusterctl import config as cfg
+
+TESTS = Path(__file__).parent
+FAKE_NVML_DIR = TESTS / "fakes" / "nvml"
+HOSTS = TESTS / "fixtures" / "hosts"
+REPO = TESTS.parent
+
+
+def load_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A fresh copy of the fake pynvml (its own machine state)."""
+    spec = importlib.util.spec_from_file_location("fake_pynvml", FAKE_NVML_DIR / "pynvml.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "fake_pynvml", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The fake, installed as ``pynvml`` for code that imports it (the CLI)."""
+    module = load_fake_nvml(monkeypatch)
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _no_host_config(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[None]:
+    """Tests never read this machine's /etc/clusterctl or an inherited CLUSTERCTL_CONFIG."""
+    monkeypatch.delenv("CLUSTERCTL_CONFIG", raising=False)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    monkeypatch.setattr(cfg, "DEFAULT_PATH", tmp_path_factory.mktemp("etc") / "absent.toml")
+    yield
+
+
+def write_scenario(path: Path, scenario: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(scenario))
+    return path
+
+
+H100 = {
+    "name": "NVIDIA H100 80GB HBM3",
+    "uuid": "GPU-3c1e4f0a-5b7d-4c1e-9a2b-8f0e6d4c2a10",
+    "pci_bus_id": "00000000:19:00.0",
+    "memory_total": 85_520_809_984,
+    "memory_used": 4_194_304_000,
+}
+A100 = {
+    "name": "NVIDIA A100-SXM4-80GB",
+    "memory_total": 85_899_345_920,
+}

@@ -1,0 +1,258 @@
+"""A scriptable stand-in for nvidia-ml-py's ``pynvml``, for machines without a GPU.
+
+It has pynvml's names, return types and error classes (``NVMLError(value)``
+maps to ``NVMLError_GpuIsLost`` and friends, ``.value`` holds the NVML return
+code) and nothing of clusterctl's. It is put in place of the real module at
+the NVML boundary only:
+
+* in-process: load this file under any name and hand it to
+  ``clusterctl.host.nvml.Nvml(module=...)``, or put it in ``sys.modules["pynvml"]``;
+* in a subprocess: put this directory first on ``PYTHONPATH`` so ``import pynvml``
+  finds it, and name a JSON scenario in ``FAKE_NVML_SCENARIO``.
+
+A scenario says what the "machine" has: ``{"init_error": 12}`` (no driver),
+or ``{"driver_version": "...", "cuda_version": 12040, "gpus": [{...}]}`` where
+each GPU has ``name``, ``uuid``, ``pci_bus_id``, ``memory_total`` and
+``memory_used`` (bytes), ``lost`` (fell off the bus) and ``errors``, a map of
+pynvml function name to the NVML return code it raises for that GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+# Return codes from nvml.h, as pynvml exports them.
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_ALREADY_INITIALIZED = 5
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_INSUFFICIENT_SIZE = 7
+NVML_ERROR_INSUFFICIENT_POWER = 8
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_IRQ_ISSUE = 11
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_CORRUPTED_INFOROM = 14
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_RESET_REQUIRED = 16
+NVML_ERROR_OPERATING_SYSTEM = 17
+NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_IN_USE = 19
+NVML_ERROR_MEMORY = 20
+NVML_ERROR_NO_DATA = 21
+NVML_ERROR_UNKNOWN = 999
+
+_STRINGS = {
+    NVML_ERROR_UNINITIALIZED: "Uninitialized",
+    NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
+    NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
+    NVML_ERROR_ALREADY_INITIALIZED: "Already Initialized",
+    NVML_ERROR_NOT_FOUND: "Not Found",
+    NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
+    NVML_ERROR_TIMEOUT: "Timeout",
+    NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+    NVML_ERROR_FUNCTION_NOT_FOUND: "Function Not Found",
+    NVML_ERROR_GPU_IS_LOST: "GPU is lost",
+    NVML_ERROR_LIB_RM_VERSION_MISMATCH: "RM has detected an NVML/RM version mismatch.",
+    NVML_ERROR_UNKNOWN: "Unknown Error",
+}
+
+
+class NVMLError(Exception):
+    _valClassMapping: ClassVar[dict[int, type[NVMLError]]] = {}
+    value: int
+
+    def __new__(cls, value: int) -> NVMLError:
+        target = NVMLError._valClassMapping.get(value, cls) if cls is NVMLError else cls
+        obj = Exception.__new__(target)
+        obj.value = value
+        return obj
+
+    def __str__(self) -> str:
+        return _STRINGS.get(self.value, f"NVML Error with code {self.value}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NVMLError) and self.value == other.value
+
+    __hash__ = Exception.__hash__
+
+
+def _make_error_classes() -> None:
+    module = sys.modules[__name__]
+    for name in [n for n in dir(module) if n.startswith("NVML_ERROR_")]:
+        class_name = "NVMLError_" + string.capwords(
+            name.replace("NVML_ERROR_", ""), "_"
+        ).replace("_", "")
+        value = getattr(module, name)
+
+        def new(cls: type[NVMLError], *args: Any, _v: int = value) -> NVMLError:
+            return NVMLError.__new__(cls, _v)
+
+        cls = type(class_name, (NVMLError,), {"__new__": new})
+        cls.__module__ = __name__
+        setattr(module, class_name, cls)
+        NVMLError._valClassMapping[value] = cls
+
+
+_make_error_classes()
+
+
+# ---------------------------------------------------------------------------
+# the scripted machine
+
+
+@dataclass
+class FakeGpu:
+    name: str = "NVIDIA H100 80GB HBM3"
+    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
+    pci_bus_id: str = "00000000:01:00.0"
+    memory_total: int = 85_520_809_984
+    memory_used: int = 0
+    lost: bool = False
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class FakeMachine:
+    driver_version: str = "550.54.15"
+    cuda_version: int = 12040
+    init_error: int | None = None
+    gpus: list[FakeGpu] = field(default_factory=list)
+    missing_functions: list[str] = field(default_factory=list)  # an older driver
+    init_count: int = 0
+
+
+machine = FakeMachine()
+
+
+def configure(scenario: dict[str, Any]) -> FakeMachine:
+    """Replace the machine with one described by ``scenario`` (see module doc)."""
+    global machine  # noqa: PLW0603 - the module is the fake machine, as pynvml is one GPU driver
+    gpus = [FakeGpu(**g) for g in scenario.get("gpus", [])]
+    rest = {k: v for k, v in scenario.items() if k != "gpus"}
+    machine = FakeMachine(gpus=gpus, **rest)
+    return machine
+
+
+if os.environ.get("FAKE_NVML_SCENARIO"):
+    configure(json.loads(Path(os.environ["FAKE_NVML_SCENARIO"]).read_text(encoding="utf-8")))
+
+
+class c_nvmlDevice_t:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class c_nvmlMemory_t:
+    def __init__(self, total: int, used: int) -> None:
+        self.total = total
+        self.used = used
+        self.free = total - used
+
+
+class nvmlPciInfo_t:
+    def __init__(self, bus_id: str) -> None:
+        self.busId = bus_id.encode()  # a c_char array: bytes, as in pynvml
+        self.busIdLegacy = self.busId
+
+
+def _check_function(name: str) -> None:
+    if name in machine.missing_functions:
+        raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
+
+
+def _initialised(name: str) -> None:
+    _check_function(name)
+    if machine.init_count <= 0:
+        raise NVMLError(NVML_ERROR_UNINITIALIZED)
+
+
+def _gpu(handle: c_nvmlDevice_t, name: str) -> FakeGpu:
+    _initialised(name)
+    gpu = machine.gpus[handle.index]
+    if gpu.lost:
+        raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+    if name in gpu.errors:
+        raise NVMLError(gpu.errors[name])
+    return gpu
+
+
+# ---------------------------------------------------------------------------
+# pynvml's functions
+
+
+def nvmlInit() -> None:
+    nvmlInitWithFlags(0)
+
+
+def nvmlInitWithFlags(flags: int) -> None:
+    if machine.init_error is not None:
+        raise NVMLError(machine.init_error)
+    machine.init_count += 1
+
+
+def nvmlShutdown() -> None:
+    _initialised("nvmlShutdown")
+    machine.init_count -= 1
+
+
+def nvmlErrorString(result: int) -> str:
+    return _STRINGS.get(result, "Unknown Error")
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    _initialised("nvmlSystemGetDriverVersion")
+    return machine.driver_version
+
+
+def nvmlSystemGetCudaDriverVersion() -> int:
+    _initialised("nvmlSystemGetCudaDriverVersion")
+    return machine.cuda_version
+
+
+def nvmlSystemGetCudaDriverVersion_v2() -> int:
+    _initialised("nvmlSystemGetCudaDriverVersion_v2")
+    return machine.cuda_version
+
+
+def nvmlDeviceGetCount() -> int:
+    _initialised("nvmlDeviceGetCount")
+    return len(machine.gpus)
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> c_nvmlDevice_t:
+    _initialised("nvmlDeviceGetHandleByIndex")
+    if not 0 <= index < len(machine.gpus):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    gpu = machine.gpus[index]
+    if "nvmlDeviceGetHandleByIndex" in gpu.errors:
+        raise NVMLError(gpu.errors["nvmlDeviceGetHandleByIndex"])
+    return c_nvmlDevice_t(index)
+
+
+def nvmlDeviceGetName(handle: c_nvmlDevice_t) -> str:
+    return _gpu(handle, "nvmlDeviceGetName").name
+
+
+def nvmlDeviceGetUUID(handle: c_nvmlDevice_t) -> str:
+    return _gpu(handle, "nvmlDeviceGetUUID").uuid
+
+
+def nvmlDeviceGetPciInfo(handle: c_nvmlDevice_t) -> nvmlPciInfo_t:
+    return nvmlPciInfo_t(_gpu(handle, "nvmlDeviceGetPciInfo").pci_bus_id)
+
+
+def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None) -> c_nvmlMemory_t:
+    gpu = _gpu(handle, "nvmlDeviceGetMemoryInfo")
+    return c_nvmlMemory_t(gpu.memory_total, gpu.memory_used)
