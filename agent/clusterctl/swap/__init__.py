@@ -1,0 +1,1 @@
+"""Auto-expanding swap files that clusterctl owns in ``[swap] dir``."""
