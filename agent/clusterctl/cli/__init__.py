@@ -1,0 +1,51 @@
+"""The `clusterctl` command line: thin typer commands over the core packages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from clusterctl import __version__
+from clusterctl.cli import check_cmd, config_cmd
+
+app = typer.Typer(
+    name="clusterctl",
+    help="Host agent for AI cluster nodes: swap, tuning, GPUs and idle hibernation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.command("check")(check_cmd.check)
+app.add_typer(config_cmd.app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"clusterctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Host agent for AI cluster nodes: swap, tuning, GPUs and idle hibernation."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(prog_name="clusterctl")
+    except Exception as err:  # the very top: a bug, not an operator's mistake
+        logging.getLogger("clusterctl").debug("internal error", exc_info=True)
+        print(
+            f"clusterctl: internal error: {type(err).__name__}: {err} "
+            "(please report it; -vv shows the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
