@@ -1,0 +1,96 @@
+"""install.sh into a staging root: fresh, again (idempotent), uninstall, purge."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+INSTALL = REPO / "install.sh"
+DEFAULT_CONF = (REPO / "etc/clusterctl.toml").read_text()
+
+
+def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CLUSTERCTL_CONFIG", "VIRTUAL_ENV")}
+    result = subprocess.run([str(INSTALL), "--root", str(root), *args], capture_output=True,
+                            text=True, timeout=600, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root with its mtime and size (links not followed)."""
+    out = {}
+    for path in root.rglob("*"):
+        st = path.lstat()
+        out[str(path.relative_to(root))] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("install.sh may install build packages with apt; run as root")
+    root = tmp_path_factory.mktemp("stage")
+    result = install(root)  # with the closing check
+    assert "running clusterctl check quick" in result.stdout
+    assert ": tier " in result.stdout
+    return root
+
+
+def test_fresh_install_lays_out_the_tree(staged: Path) -> None:
+    binary = staged / "opt/clusterctl/venv/bin/clusterctl"
+    assert binary.exists()
+    link = staged / "usr/local/bin/clusterctl"
+    assert os.readlink(link) == "/opt/clusterctl/venv/bin/clusterctl"  # the final path
+    assert (staged / "etc/clusterctl/clusterctl.toml").read_text() == DEFAULT_CONF
+    assert not (staged / "etc/clusterctl/clusterctl.toml.dist").exists()
+    assert (staged / "var/lib/clusterctl").is_dir()
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             check=True)
+    assert version.stdout.startswith("clusterctl ")
+
+
+def test_second_run_changes_nothing(staged: Path) -> None:
+    before = snapshot(staged)
+    result = install(staged, "--no-check")
+    assert "installing" not in result.stdout
+    assert "unchanged /opt/clusterctl/venv" in result.stdout
+    assert snapshot(staged) == before
+
+
+def test_an_edited_config_is_kept_and_the_new_default_goes_beside_it(staged: Path) -> None:
+    conf = staged / "etc/clusterctl/clusterctl.toml"
+    edited = DEFAULT_CONF.replace('max_size = "16G"', 'max_size = "64G"  # big node')
+    conf.write_text(edited)
+    result = install(staged, "--no-check")
+    assert "kept your /etc/clusterctl/clusterctl.toml" in result.stdout
+    assert conf.read_text() == edited
+    assert (staged / "etc/clusterctl/clusterctl.toml.dist").read_text() == DEFAULT_CONF
+    before = snapshot(staged)
+    install(staged, "--no-check")
+    assert snapshot(staged) == before  # .dist is not rewritten either
+
+
+def test_uninstall_keeps_config_and_state_then_purge_leaves_nothing(staged: Path) -> None:
+    result = install(staged, "--uninstall")
+    assert "removed /opt/clusterctl" in result.stdout
+    assert not (staged / "opt/clusterctl").exists()
+    assert not (staged / "usr/local/bin/clusterctl").is_symlink()
+    assert (staged / "etc/clusterctl/clusterctl.toml").exists()
+    assert (staged / "var/lib/clusterctl").is_dir()
+    install(staged, "--purge")
+    assert list(staged.iterdir()) == []
+
+
+def test_bad_option_is_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run([str(INSTALL), "--frobnicate"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 2
+    assert result.stderr == "install.sh: unknown option --frobnicate (see --help)\n"
