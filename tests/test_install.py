@@ -48,7 +48,7 @@ def test_fresh_install_lays_out_the_tree(staged: Path) -> None:
     binary = staged / "opt/clusterctl/venv/bin/clusterctl"
     assert binary.exists()
     link = staged / "usr/local/bin/clusterctl"
-    assert os.readlink(link) == "/opt/clusterctl/venv/bin/clusterctl"  # the final path
+    assert str(link.readlink()) == "/opt/clusterctl/venv/bin/clusterctl"  # the final path
     assert (staged / "etc/clusterctl/clusterctl.toml").read_text() == DEFAULT_CONF
     assert not (staged / "etc/clusterctl/clusterctl.toml.dist").exists()
     assert (staged / "var/lib/clusterctl").is_dir()

@@ -21,18 +21,23 @@ import itertools
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
-import tomlkit
-import tomlkit.exceptions
-
-from clusterctl import system
 from clusterctl.errors import ConfigError
 from clusterctl.units import GIB, MIB, format_size, parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+# Reading uses tomllib (fast, in the standard library); tomlkit, which keeps
+# comments and layout, loads only when a file is edited.
 
 DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
@@ -308,19 +313,20 @@ def _read(path: Path, source: Source) -> str | None:
 def parse(text: str, *, path: str) -> tuple[Config | None, list[ConfigError]]:
     """Parse and validate TOML text; the Config (None if unusable) and all problems."""
     try:
-        document = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError as err:
-        reason = re.sub(r"\s+at line \d+ col \d+$", "", str(err))
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        where = re.search(r"\(at line (\d+), column (\d+)\)$", str(err))
+        reason = str(err)[: where.start()].rstrip() if where else str(err)
+        column = f" (column {where.group(2)})" if where else ""
         return None, [
             ConfigError(
-                f"TOML syntax error: {reason} (column {err.col})",
+                f"TOML syntax error: {reason}{column}",
                 path=path,
-                line=err.line,
+                line=int(where.group(1)) if where else None,
                 fix="fix the syntax (strings in double quotes, one key = value per line)",
             )
         ]
     locator = _LineLocator(text)
-    data = document.unwrap()
     errors: list[ConfigError] = []
     built: dict[str, Any] = {}
     known_sections = sections()
@@ -546,6 +552,11 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
     owner. Creates the file when it does not exist. ``dry_run`` validates
     and returns the new config without writing.
     """
+    import tomlkit
+    import tomlkit.exceptions
+
+    from clusterctl import system
+
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import tomlkit
 import typer
 
 from clusterctl import config as cfg
@@ -74,6 +73,8 @@ def show_cmd(
             }
         )
         return
+    import tomlkit
+
     origin = _source_line(str(loaded.path), loaded.source, loaded.file_exists)
     print(f"# effective config: {origin}")
     print(tomlkit.dumps(values), end="")
@@ -122,6 +123,8 @@ def set_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Change one key in the config file, keeping its comments."""
+    import tomlkit
+
     start(verbose, quiet)
     path, _source = cfg.resolve_path(config)
     new = cfg.set_values(path, {key: value}, dry_run=dry_run)
