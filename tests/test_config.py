@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -277,3 +282,39 @@ def test_set_replaces_the_file_atomically(tmp_path: Path) -> None:
     cfg.set_values(path, {"swap.max_size": "8G"})
     assert path.stat().st_ino != inode  # a new file renamed over the old one
     assert [p.name for p in tmp_path.iterdir()] == ["clusterctl.toml"]
+
+
+def test_set_on_a_symlinked_config_edits_the_target_and_keeps_the_link(tmp_path: Path) -> None:
+    managed = tmp_path / "managed" / "clusterctl.toml"
+    managed.parent.mkdir()
+    managed.write_text("# from config management\n[swap]\n")
+    link = tmp_path / "clusterctl.toml"
+    link.symlink_to(managed)
+    cfg.set_values(link, {"swap.max_size": "8G"})
+    assert link.is_symlink()
+    assert 'max_size = "8G"' in managed.read_text()
+
+
+@pytest.mark.integration
+def test_set_without_permission_says_run_as_root() -> None:
+    """As an ordinary user: one line, exit 1, the file untouched."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop to nobody")
+    workdir = Path(tempfile.mkdtemp(prefix="clusterctl-perm-"))
+    try:
+        workdir.chmod(0o755)
+        path = workdir / "clusterctl.toml"
+        path.write_text("[swap]\n")
+        path.chmod(0o644)
+        result = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             sys.executable, "-m", "clusterctl", "config", "set", "swap.max_size", "8G",
+             "--config", str(path)],
+            capture_output=True, text=True, check=False, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "agent")})
+        assert result.returncode == 1
+        assert result.stderr == (f"clusterctl: cannot write {path}: permission denied; "
+                                 "run as root\n")
+        assert path.read_text() == "[swap]\n"
+    finally:
+        shutil.rmtree(workdir)

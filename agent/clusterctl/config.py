@@ -550,7 +550,8 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
     Edits with tomlkit so comments and layout stay; validates the whole new
     file before writing; replaces the file atomically, keeping its mode and
     owner. Creates the file when it does not exist. ``dry_run`` validates
-    and returns the new config without writing.
+    and returns the new config without writing. A symlinked config (config
+    management often links /etc files) is edited at its target; the link stays.
     """
     import tomlkit
     import tomlkit.exceptions
@@ -584,7 +585,7 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
         raise errors[0]
     assert config is not None
     if not dry_run:
-        system.atomic_write_text(path, new_text, mode=0o644)
+        system.atomic_write_text(path.resolve(), new_text, mode=0o644)
     return config
 
 

@@ -42,6 +42,8 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
             f"cannot write {path}: directory {directory} does not exist",
             fix=f"create {directory} first",
         ) from err
+    except PermissionError as err:
+        raise HostError(f"cannot write {path}: permission denied", fix="run as root") from err
     except OSError as err:
         raise HostError(f"cannot write {path}: {err.strerror}") from err
     tmp = Path(tmp_name)
