@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterctl.errors import HostError
 from clusterctl.host import procfs
 from clusterctl.units import KIB
 from tests.conftest import HOSTS
@@ -146,3 +147,22 @@ def test_cpu_usage_between_two_samples() -> None:
     second = procfs.parse_stat_cpu("cpu  150 0 150 900 0 0 0 0 0 0\n")
     assert procfs.cpu_usage_percent(first, second) == pytest.approx(50.0)
     assert procfs.cpu_usage_percent(first, first) is None
+
+
+def test_a_tree_without_proc_is_a_clear_host_error(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match=r"cannot read .*proc/meminfo") as info:
+        procfs.read_memory(tmp_path)
+    assert info.value.fix is not None and "--root" in info.value.fix
+
+
+def test_garbled_proc_files_degrade_instead_of_crashing(tmp_path: Path) -> None:
+    (tmp_path / "proc/pressure").mkdir(parents=True)
+    (tmp_path / "proc/pressure/memory").write_text("some avg10=zero\n")
+    (tmp_path / "proc/stat").write_text("intr 0\n")
+    (tmp_path / "proc/loadavg").write_text("n/a\n")
+    (tmp_path / "proc/meminfo").write_text("MemFree: 1 kB\n")
+    assert not procfs.read_pressure(tmp_path).available
+    assert procfs.read_cpu_times(tmp_path) is None
+    assert procfs.read_cpu(tmp_path).load_1m is None
+    with pytest.raises(HostError, match=r"cannot parse .*meminfo: meminfo has no MemTotal"):
+        procfs.read_memory(tmp_path)

@@ -6,10 +6,12 @@ value the kernel does not report is ``None``, never 0.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from clusterctl.errors import HostError
 from clusterctl.units import KIB, percent
 
 
@@ -82,10 +84,14 @@ def parse_meminfo(text: str) -> MemoryFacts:
 
 
 def read_memory(root: Path) -> MemoryFacts:
+    path = root / "proc/meminfo"
     text = read_text(root, "proc/meminfo")
     if text is None:
-        raise FileNotFoundError(root / "proc/meminfo")
-    return parse_meminfo(text)
+        raise HostError(f"cannot read {path}", fix="is /proc mounted (or --root a host tree)?")
+    try:
+        return parse_meminfo(text)
+    except ValueError as err:
+        raise HostError(f"cannot parse {path}: {err}") from err
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +190,10 @@ def read_pressure(root: Path) -> PressureFacts:
     results: dict[str, Pressure | None] = {}
     for resource in ("cpu", "memory", "io"):
         text = read_text(root, f"proc/pressure/{resource}")
-        results[resource] = parse_pressure(text) if text else None
+        try:
+            results[resource] = parse_pressure(text) if text else None
+        except (ValueError, KeyError):
+            results[resource] = None  # a format this version does not know: no PSI, not a crash
     reason = None
     if results["memory"] is None:
         if (root / "proc/pressure").is_dir():
@@ -271,7 +280,10 @@ def cpu_usage_percent(first: CpuTimes, second: CpuTimes) -> float | None:
 
 def read_cpu_times(root: Path) -> CpuTimes | None:
     text = read_text(root, "proc/stat")
-    return parse_stat_cpu(text) if text else None
+    try:
+        return parse_stat_cpu(text) if text else None
+    except (ValueError, IndexError):
+        return None
 
 
 def read_cpu(root: Path, *, usage_percent: float | None = None) -> CpuFacts:
@@ -285,7 +297,8 @@ def read_cpu(root: Path, *, usage_percent: float | None = None) -> CpuFacts:
     loads: list[float | None] = [None, None, None]
     loadavg = read_text(root, "proc/loadavg")
     if loadavg:
-        loads = [float(v) for v in loadavg.split()[:3]]
+        with contextlib.suppress(ValueError):
+            loads = [float(v) for v in loadavg.split()[:3]]
     return CpuFacts(
         logical_cores=logical,
         physical_cores=physical,
