@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import A100, FAKE_NVML_DIR, HOSTS, write_scenario
+from tests.hosttree import HostTree
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +93,38 @@ def test_under_systemd_logs_carry_priorities(tmp_path: Path, conf: Path) -> None
     lines = stderr.read_text().splitlines()
     assert "<7>NVML unavailable: the NVIDIA kernel driver is not loaded" in lines
     assert all(line.startswith("<") for line in lines)
+
+
+def test_check_full_at_a_terminal_shows_progress_and_cleans_up(tmp_path: Path) -> None:
+    """stderr on a real pseudo-terminal: the progress bar path, end to end."""
+    if not CLUSTERCTL.exists():
+        pytest.skip("console script not installed")
+    root = (HostTree(tmp_path / "host").system().sample("laptop")
+            .disk("nvme0n1", "259:0", rotational=0, partitions={"nvme0n1p2": "259:2"})
+            .mount("/", "ext4", "259:2", "/dev/nvme0n1p2")).root
+    swap_dir = root / "var/lib/clusterctl/swap"
+    swap_dir.mkdir(parents=True)
+    conf = tmp_path / "c.toml"
+    conf.write_text('[ollama]\nurl = "http://127.0.0.1:9"\n')
+    scenario = write_scenario(tmp_path / "none.json", {"init_error": 12})
+    env = {**os.environ, "PYTHONPATH": str(FAKE_NVML_DIR), "FAKE_NVML_SCENARIO": str(scenario),
+           "COLUMNS": "100", "TERM": "xterm"}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([str(CLUSTERCTL), "check", "full", "--root", str(root), "--config",
+                             str(conf)], stdout=subprocess.PIPE, stderr=follower, env=env)
+    os.close(follower)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    stdout, _ = proc.communicate(timeout=60)
+    os.close(leader)
+    assert proc.returncode == 0, terminal.decode(errors="replace")
+    assert b"write test" in terminal  # the progress bar was drawn on the terminal
+    assert b"Write test" in stdout  # and the result is in the report
+    assert list(swap_dir.iterdir()) == []
