@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl import config as cfg
-from clusterctl.errors import ConfigError
+from clusterctl.errors import ConfigError, HostError
 from clusterctl.units import GIB
 from tests.conftest import REPO
 
@@ -318,3 +318,22 @@ def test_set_without_permission_says_run_as_root() -> None:
         assert path.read_text() == "[swap]\n"
     finally:
         shutil.rmtree(workdir)
+
+
+def test_a_key_where_a_table_belongs(tmp_path: Path) -> None:
+    err = first_error(tmp_path, "swap = 5\n")
+    assert (err.key, err.line) == ("swap", 1)
+    assert "expected a [swap] table, got an integer" in str(err)
+
+
+def test_a_config_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "clusterctl.toml"
+    path.write_bytes(b"[swap]\ndir = \"/var/lib/\xff\"\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        cfg.load(path)
+
+
+def test_set_into_a_missing_directory_names_it(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match=r"directory .*absent does not exist") as info:
+        cfg.set_values(tmp_path / "absent" / "c.toml", {"swap.max_size": "8G"})
+    assert info.value.fix is not None and "create" in info.value.fix

@@ -344,7 +344,7 @@ def parse(text: str, *, path: str) -> tuple[Config | None, list[ConfigError]]:
         if not isinstance(value, dict):
             errors.append(
                 ConfigError(
-                    f"expected a [{name}] table, got a {_type_name(value)}",
+                    f"expected a [{name}] table, got {_a(_type_name(value))}",
                     path=path,
                     line=locator.key(None, name),
                     key=name,
@@ -693,9 +693,11 @@ def _shown(value: object) -> str:
         return f'"{value}" (a string)'
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
-    name = _type_name(value)
-    article = "an" if name[0] in "aeiou" else "a"
-    return f"{value!r} ({article} {name})"
+    return f"{value!r} ({_a(_type_name(value))})"
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def _num(value: float) -> str:

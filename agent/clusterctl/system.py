@@ -1,24 +1,19 @@
-"""The one place that changes the host: file writes and commands.
+"""The one place that changes the host.
 
 Reads live in ``clusterctl.host``; everything that writes a file, runs a
 command with side effects or changes kernel state goes through here, so
-there is one spot to audit, to log and to make dry-run aware.
+there is one spot to audit, to log and to make dry-run aware. So far: atomic
+file writes (the config editor); swap, sysctl and unit changes join it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import subprocess
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from clusterctl.errors import HostError
-
-log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
@@ -75,31 +70,3 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run(argv: Sequence[str], *, timeout_s: float = 60.0, check: bool = True) -> CommandResult:
-    """Run a command without a shell; raise HostError naming it when it fails."""
-    log.debug("running %s", " ".join(argv))
-    try:
-        proc = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except FileNotFoundError as err:
-        raise HostError(
-            f"{argv[0]} not found", fix=f"install the package that provides {argv[0]}"
-        ) from err
-    except subprocess.TimeoutExpired as err:
-        raise HostError(f"{argv[0]} did not finish within {timeout_s:g} s") from err
-    result = CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
-    if check and proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise HostError(f"{' '.join(argv)} failed: {detail[0]}")
-    return result
