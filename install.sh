@@ -128,7 +128,7 @@ install_venv() {
   fi
   if [ -n "$have" ] && [ "${have#* }" != "${want#* }" ]; then
     say "Python changed (${have#* } -> ${want#* }): rebuilding $venv"
-    rm -rf "${R:?}$venv"
+    rm -rf "$R$venv"
   fi
   make_dir "$(dirname "$venv")" 0755
   [ -x "$R$venv/bin/python" ] || "$python" -m venv "$R$venv"
@@ -247,7 +247,7 @@ do_uninstall() {
     if [ -f "$R$manifest" ]; then
       while read -r kind path; do [ "$kind" = dir ] && dirs+=("$path"); done <"$R$manifest"
     fi
-    rm -rf "${R:?}$conf_dir" "${R:?}$state_dir" "${R:?}/run/clusterctl"
+    rm -rf "$R$conf_dir" "$R$state_dir" "$R/run/clusterctl"
     say "removed $conf_dir $state_dir"
     # directories this script created, deepest first, when nothing else lives there
     local i

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -94,3 +95,37 @@ def test_bad_option_is_a_usage_error(tmp_path: Path) -> None:
                             check=False)
     assert result.returncode == 2
     assert result.stderr == "install.sh: unknown option --frobnicate (see --help)\n"
+
+
+OVERLAID = ("/etc", "/opt", "/usr/local", "/var/lib")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_real_root_install_and_purge_in_a_private_mount_namespace(tmp_path: Path) -> None:
+    """install.sh without --root, as on a node; overlays keep it off this machine."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for mount namespaces")
+    mounts = "\n".join(
+        f"mkdir -p {tmp_path}{d}/upper {tmp_path}{d}/work && mount -t overlay overlay "
+        f"-o lowerdir={d},upperdir={tmp_path}{d}/upper,workdir={tmp_path}{d}/work {d}"
+        for d in OVERLAID)
+    script = f"""set -eu
+{mounts}
+{INSTALL} --no-check
+test -L /usr/local/bin/clusterctl
+/usr/local/bin/clusterctl --version
+cmp {REPO}/etc/clusterctl.toml /etc/clusterctl/clusterctl.toml
+{INSTALL} --no-check | grep -q 'unchanged /opt/clusterctl/venv'
+{INSTALL} --purge
+for p in /opt/clusterctl /usr/local/bin/clusterctl /etc/clusterctl /var/lib/clusterctl; do
+  if [ -e "$p" ] || [ -L "$p" ]; then echo "left behind: $p"; exit 1; fi
+done
+echo PURGED
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("CLUSTERCTL_CONFIG", "VIRTUAL_ENV")}
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                             script], capture_output=True, text=True, timeout=600, env=env,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PURGED" in result.stdout
+    assert not Path("/opt/clusterctl").exists()  # nothing reached this machine
