@@ -113,9 +113,10 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
 }
 
 source_hash() {
-  (cd "$src" && find pyproject.toml README.md agent -type f ! -path '*/__pycache__/*' \
-      ! -name '*.pyc' -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 sha256sum) \
-    | sha256sum | cut -d' ' -f1
+  # the sources only: building writes agent/*.egg-info, which must not count as a change
+  (cd "$src" && find pyproject.toml README.md agent -type f \( -name '*.py' -o -name py.typed \
+      -o -name pyproject.toml -o -name README.md \) ! -path '*/__pycache__/*' -print0 2>/dev/null \
+      | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1
 }
 
 install_venv() {

@@ -1,0 +1,72 @@
+"""The one place that changes the host.
+
+Reads live in ``clusterctl.host``; everything that writes a file, runs a
+command with side effects or changes kernel state goes through here, so
+there is one spot to audit, to log and to make dry-run aware. So far: atomic
+file writes (the config editor); swap, sysctl and unit changes join it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from clusterctl.errors import HostError
+
+
+def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` atomically.
+
+    Written to a temporary file in the same directory, fsync'd, renamed over
+    the target, and the directory fsync'd: a crash leaves the old file or the
+    new one, never half of either. An existing file keeps its mode and owner;
+    a new one gets ``mode`` and the caller's owner.
+    """
+    path = Path(path)
+    try:
+        current = path.stat()
+    except FileNotFoundError:
+        current = None
+    directory = path.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except FileNotFoundError as err:
+        raise HostError(
+            f"cannot write {path}: directory {directory} does not exist",
+            fix=f"create {directory} first",
+        ) from err
+    except PermissionError as err:
+        raise HostError(f"cannot write {path}: permission denied", fix="run as root") from err
+    except OSError as err:
+        raise HostError(f"cannot write {path}: {err.strerror}") from err
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if current is not None:
+            tmp.chmod(current.st_mode & 0o7777)
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, current.st_uid, current.st_gid)
+        else:
+            tmp.chmod(mode)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise HostError(f"cannot write {path}: {err.strerror}") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
