@@ -25,6 +25,18 @@ def require_loop(fstype: str = "ext4") -> None:
         pytest.skip(f"{MKFS[fstype][0]} is not installed")
 
 
+def active_swaps_under(directory: Path) -> list[str]:
+    lines = Path("/proc/swaps").read_text().splitlines()[1:]
+    paths = [line.split()[0].replace("\\040", " ") for line in lines]
+    return [p for p in paths if p.startswith(f"{directory}/")]
+
+
+def swapoff_under(directory: Path) -> None:
+    """Swap off every area under ``directory`` (a test's own files only)."""
+    for path in active_swaps_under(directory):
+        subprocess.run(["swapoff", path], check=False, capture_output=True)
+
+
 @contextlib.contextmanager
 def loop_mount(workdir: Path, fstype: str = "ext4", size_mib: int = 320) -> Iterator[Path]:
     """A fresh ``fstype`` filesystem mounted at workdir/mnt; unmounted and detached after."""
@@ -43,6 +55,7 @@ def loop_mount(workdir: Path, fstype: str = "ext4", size_mib: int = 320) -> Iter
         mounted = True
         yield mountpoint
     finally:
+        swapoff_under(mountpoint)
         if mounted:
             subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
         subprocess.run(["losetup", "-d", device], check=False, capture_output=True)

@@ -42,8 +42,10 @@ else:
 DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
 
-Kind = Literal["int", "float", "bool", "str", "size", "path", "actions", "listen", "url"]
+Kind = Literal["int", "float", "bool", "str", "size", "path", "actions", "listen", "url",
+               "choice"]
 ACTIONS = ("none", "command", "control", "systemd")
+ALLOCATIONS = ("auto", "fallocate", "zeros")
 
 T = TypeVar("T")
 
@@ -82,6 +84,13 @@ class SwapConfig:
     )
     check_interval_s: int = setting(
         30, "check_interval", "int", "seconds between policy steps", minimum=1, maximum=86400
+    )
+    pressure_threshold_percent: float = setting(
+        10.0, "pressure_threshold", "float",
+        "PSI memory 'some' avg60 (%) that also triggers growth", minimum=0, maximum=100,
+    )
+    allocation: str = setting(
+        "auto", "allocation", "choice", "auto | fallocate | zeros: how file blocks are reserved"
     )
 
 
@@ -176,6 +185,14 @@ class OllamaConfig:
 
 
 @dataclass(frozen=True)
+class PathsConfig:
+    state_dir: Path = setting(
+        Path("/var/lib/clusterctl"), "state_dir", "path", "ledger, saved originals, event log"
+    )
+    run_dir: Path = setting(Path("/run/clusterctl"), "run_dir", "path", "locks, runtime files")
+
+
+@dataclass(frozen=True)
 class Config:
     swap: SwapConfig = field(default_factory=SwapConfig)
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
@@ -184,6 +201,7 @@ class Config:
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 Source = Literal["--config", "CLUSTERCTL_CONFIG", "default"]
@@ -417,12 +435,20 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
         return _coerce_listen(raw)
     elif kind == "url":
         return _coerce_url(raw)
+    elif kind == "choice":
+        choices = _CHOICES[fld.metadata["key"]]
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {_shown(raw)}")
+        return raw
     else:
         if not isinstance(raw, str):
             raise ValueError(f"expected a string in double quotes, got {_shown(raw)}")
         return raw
     _check_range(fld, cast(float, value))
     return value
+
+
+_CHOICES = {"allocation": ALLOCATIONS}
 
 
 def _check_range(fld: dataclasses.Field[Any], value: float) -> None:

@@ -94,6 +94,12 @@ def read_memory(root: Path) -> MemoryFacts:
         raise HostError(f"cannot parse {path}: {err}") from err
 
 
+def read_boot_id(root: Path) -> str | None:
+    """This boot's random id: tells "after a reboot" apart from "swapped off by someone"."""
+    text = read_text(root, "proc/sys/kernel/random/boot_id")
+    return text.strip() if text else None
+
+
 # ---------------------------------------------------------------------------
 # swap areas
 

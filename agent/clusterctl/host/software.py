@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -87,6 +83,11 @@ class OllamaFacts:
 
 
 def read_ollama(root: Path, api_url: str, *, timeout_s: float = 0.5) -> OllamaFacts:
+    # urllib's HTTP stack costs ~25 ms to import: only `check` pays for it
+    import json
+    import urllib.error
+    import urllib.request
+
     version = error = None
     try:
         # api_url is validated as http(s) by the config
@@ -143,6 +144,8 @@ def read_dask(root: Path) -> DaskFacts:
                 location = "/" + str(site.relative_to(root))
                 return DaskFacts(found["dask"], found.get("distributed"), location, worker)
     if root == Path("/"):
+        import importlib.metadata
+
         try:
             version = importlib.metadata.version("dask")
         except importlib.metadata.PackageNotFoundError:

@@ -1,0 +1,47 @@
+"""One writer at a time: an flock under the run dir, waited for briefly."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from clusterctl.errors import HostError, TemporaryError
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, *, what: str, wait_s: float = 10.0,
+              clock: Callable[[], float] = time.monotonic,
+              sleep: Callable[[float], None] = time.sleep) -> Iterator[None]:
+    """Hold ``path`` locked; wait up to ``wait_s`` for another holder, then give up.
+
+    The holder's PID is written into the file so the "busy" message can name it.
+    The lock dies with the process, so a crash never leaves it held.
+    """
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise HostError(f"cannot open the lock {path}: {err.strerror}",
+                        fix="run as root" if err.errno == 13 else None) from err
+    try:
+        deadline = clock() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if clock() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise TemporaryError(
+                        f"busy: another {what} (pid {holder}) holds {path}",
+                        fix="try again when it has finished") from None
+                sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
