@@ -233,6 +233,14 @@ do_uninstall() {
       esac
     done <"$R$manifest"
   fi
+  # swap files first, while the program that made them is still here
+  if [ $staging = 0 ] && [ -x "$venv/bin/clusterctl" ]; then
+    local conf_args=()
+    [ -f "$conf_dir/clusterctl.toml" ] && conf_args=(--config "$conf_dir/clusterctl.toml")
+    "$venv/bin/clusterctl" swap clean "${conf_args[@]}" >/dev/null \
+      || die "could not remove clusterctl's swap files (see above); free memory and re-run" 1
+    say "removed clusterctl's swap files"
+  fi
   if [ -f "$R$manifest" ]; then
     while read -r kind path; do
       case $kind in

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from clusterctl import __version__
-from clusterctl.cli import check_cmd, config_cmd
+from clusterctl.cli import check_cmd, config_cmd, swap_cmd
 
 app = typer.Typer(
     name="clusterctl",
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.command("check")(check_cmd.check)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(swap_cmd.app, name="swap")
 
 
 def _version(value: bool) -> None:

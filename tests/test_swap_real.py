@@ -1,0 +1,331 @@
+"""Real swap on loop-mounted ext4, XFS and btrfs made by the tests (root only).
+
+Each test runs the real `clusterctl swap` commands (or the executor) against
+a filesystem of its own; ``loop_mount`` swaps off and unmounts even when a
+test fails. Sizes are small (64M files) so the suite stays quick.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from clusterctl import config as cfg
+from clusterctl.errors import HostError
+from clusterctl.system import swapfiles
+from clusterctl.units import MIB
+from tests.loopfs import active_swaps_under, loop_mount, require_loop
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Node:
+    """A loop filesystem with a swap dir and a config pointing at it."""
+
+    mount: Path
+    swap_dir: Path
+    state: Path
+    conf: Path
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "clusterctl", "swap", *args,
+                                 "--config", str(self.conf)],
+                                capture_output=True, text=True, timeout=120, check=False)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.cli("status", "--json", check=True).stdout)
+
+    def events(self) -> list[dict]:  # type: ignore[type-arg]
+        path = self.state / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] \
+            if path.exists() else []
+
+    def config(self) -> cfg.Config:
+        return cfg.load(self.conf).config
+
+
+def make_node(workdir: Path, mount: Path, *, extra: str = "", swap_dir: Path | None = None
+              ) -> Node:
+    swap_dir = swap_dir or mount / "swap"
+    state = workdir / "state"
+    conf = workdir / "clusterctl.toml"
+    conf.write_text(
+        f'[swap]\ndir = "{swap_dir}"\nmin_size = "128M"\nmax_size = "512M"\n'
+        f'increment = "64M"\n{extra}\n'
+        f'[paths]\nstate_dir = "{state}"\nrun_dir = "{workdir / "run"}"\n')
+    return Node(mount, swap_dir, state, conf)
+
+
+@pytest.fixture(params=["ext4", "xfs", "btrfs"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    with loop_mount(tmp_path, request.param, size_mib=1024) as mount:
+        yield make_node(tmp_path, mount)
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Node]:
+    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
+        yield make_node(tmp_path, mount)
+
+
+# -- the life cycle on each filesystem -------------------------------------------------
+
+
+def test_auto_expand_status_shrink_clean(node: Node) -> None:
+    node.cli("auto", check=True)  # creates min_size: two 64M files
+    status = node.status()
+    assert [f["path"] for f in status["files"]] == [str(node.swap_dir / "swap-0001"),
+                                                   str(node.swap_dir / "swap-0002")]
+    assert all(f["active"] and f["size"] == 64 * MIB for f in status["files"])
+    assert status["total"] == 128 * MIB
+    priorities = [f["priority"] for f in status["files"]]
+    assert priorities == sorted(priorities, reverse=True) and max(priorities) < 0
+    assert active_swaps_under(node.swap_dir) == [f["path"] for f in status["files"]]
+    for f in status["files"]:
+        st = os.lstat(f["path"])
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    assert stat.S_IMODE(node.swap_dir.stat().st_mode) == 0o700
+
+    result = node.cli("expand", "--size", "128M", check=True)
+    assert result.stdout.startswith("created swap-0003 (128M)")
+    assert node.status()["total"] == 256 * MIB
+
+    node.cli("shrink", check=True)  # the newest file
+    assert [Path(f["path"]).name for f in node.status()["files"]] == ["swap-0001", "swap-0002"]
+
+    node.cli("clean", check=True)
+    assert node.status()["files"] == []
+    assert active_swaps_under(node.swap_dir) == []
+    assert list(node.swap_dir.iterdir()) == []
+    types = [e["event_type"] for e in node.events()]
+    assert types == ["swap_expanded"] * 3 + ["swap_shrunk"] * 3
+    assert all(e["instance_id"] and e["id"] and e["timestamp"].endswith("Z")
+               for e in node.events())
+
+
+def test_btrfs_swap_files_are_nocow(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "btrfs", size_mib=1024) as mount:
+        n = make_node(tmp_path, mount)
+        n.cli("expand", check=True)
+        attrs = subprocess.run(["lsattr", str(n.swap_dir / "swap-0001")], capture_output=True,
+                               text=True, check=True).stdout.split()[0]
+        assert "C" in attrs  # NOCOW
+
+
+def test_auto_twice_does_nothing_the_second_time(ext4: Node) -> None:
+    ext4.cli("auto", check=True)
+    result = ext4.cli("auto", check=True)
+    assert result.stdout.startswith("nothing to do: memory")
+    assert len(ext4.events()) == 2
+
+
+def test_dry_run_changes_nothing(ext4: Node) -> None:
+    result = ext4.cli("auto", "--dry-run", check=True)
+    assert result.stdout.splitlines() == [
+        "would create swap-0001 (64M): managed swap 0B is below min_size 128M",
+        "would create swap-0002 (64M): managed swap 0B is below min_size 128M",
+    ]
+    assert not ext4.swap_dir.exists() or list(ext4.swap_dir.iterdir()) == []
+    assert ext4.events() == []
+
+
+# -- refusals ------------------------------------------------------------------------
+
+
+def test_a_tmpfs_swap_dir_is_refused(tmp_path: Path) -> None:
+    require_loop()
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mount)], check=True)
+    try:
+        n = make_node(tmp_path, mount)
+        result = n.cli("expand")
+        assert result.returncode == 1
+        assert "is on tmpfs: tmpfs lives in memory" in result.stderr
+        assert "local ext4, XFS or btrfs" in result.stderr
+        auto = n.cli("auto")
+        assert auto.returncode == 1 and "swap cannot grow" in auto.stderr
+        assert not n.swap_dir.exists() or list(n.swap_dir.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_symlinked_swap_dir_is_refused(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "ext4") as mount:
+        real = mount / "real"
+        real.mkdir(mode=0o700)
+        link = mount / "swap"
+        link.symlink_to(real)
+        n = make_node(tmp_path, mount, swap_dir=link)
+        result = n.cli("expand")
+        assert result.returncode == 1
+        assert f"swap dir {link} is a symlink" in result.stderr
+        assert list(real.iterdir()) == []
+
+
+def test_a_world_writable_swap_dir_is_refused(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "ext4") as mount:
+        swap_dir = mount / "swap"
+        swap_dir.mkdir()
+        swap_dir.chmod(0o777)
+        n = make_node(tmp_path, mount)
+        result = n.cli("expand")
+        assert result.returncode == 1
+        assert "writable by group or others (mode 0777)" in result.stderr
+        assert list(swap_dir.iterdir()) == []
+
+
+def test_a_filesystem_too_small_for_the_floor_is_refused(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "ext4", size_mib=320) as mount:
+        n = make_node(tmp_path, mount)
+        result = n.cli("expand", "--size", "256M")
+        assert result.returncode == 1
+        assert "not enough free space on" in result.stderr
+        assert "128M must stay free" in result.stderr
+        assert not n.swap_dir.exists() or list(n.swap_dir.iterdir()) == []
+        assert active_swaps_under(mount) == []
+
+
+# -- crashes, concurrency, the kernel saying no --------------------------------------
+
+
+def test_a_crash_mid_create_is_cleaned_up_by_the_next_run(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "ext4", size_mib=2048) as mount:
+        n = make_node(tmp_path, mount, extra='allocation = "zeros"\nmax_size = "1G"')
+        n.conf.write_text(n.conf.read_text().replace('max_size = "512M"\n', ""))
+        proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "swap", "expand", "--size",
+                                 "768M", "--config", str(n.conf)])
+        leftover = n.swap_dir / ".swap-0001.tmp"
+        deadline = time.monotonic() + 30
+        while not (leftover.exists() and leftover.stat().st_size > 0):
+            assert time.monotonic() < deadline and proc.poll() is None, "create never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert leftover.exists()  # the crash left a half-made file...
+        assert active_swaps_under(mount) == []  # ...that never became swap
+        status = n.status()
+        assert status["next_action"]["actions"][0] == {
+            "action": "discard", "name": ".swap-0001.tmp", "size": leftover.stat().st_size,
+            "used": 0, "reason": "an unfinished file left by an interrupted create"}
+        n.cli("auto", check=True)
+        assert sorted(p.name for p in n.swap_dir.iterdir()) == ["swap-0001", "swap-0002"]
+        assert [e["event_type"] for e in n.events()] == [
+            "swap_discarded", "swap_expanded", "swap_expanded"]
+
+
+def test_a_crash_between_rename_and_swapon_is_recovered(ext4: Node) -> None:
+    ext4.cli("expand", check=True)
+    # what a crash leaves: a valid swap file under its final name, not active, not recorded
+    dfd = swapfiles.open_dir(ext4.swap_dir, create=False)
+    try:
+        fd = os.open("swap-0002", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+        os.posix_fallocate(fd, 0, 64 * MIB)
+        swapfiles.write_header(fd, 64 * MIB)
+        os.close(fd)
+    finally:
+        os.close(dfd)
+    ext4.cli("auto", check=True)
+    assert active_swaps_under(ext4.swap_dir) == [str(ext4.swap_dir / "swap-0001"),
+                                                 str(ext4.swap_dir / "swap-0002")]
+    assert [e["event_type"] for e in ext4.events()][-2:] == ["swap_adopted", "swap_reactivated"]
+
+
+def test_after_a_reboot_the_files_come_back(ext4: Node) -> None:
+    ext4.cli("auto", check=True)
+    for path in active_swaps_under(ext4.swap_dir):
+        subprocess.run(["swapoff", path], check=True)
+    ledger = ext4.state / "swap.json"
+    data = json.loads(ledger.read_text())
+    for entry in data["files"]:
+        entry["boot_id"] = "a-previous-boot"
+    ledger.write_text(json.dumps(data))
+    ext4.cli("auto", check=True)
+    assert len(active_swaps_under(ext4.swap_dir)) == 2
+    assert [e["event_type"] for e in ext4.events()][-2:] == ["swap_reactivated"] * 2
+
+
+def test_a_file_swapped_off_by_the_operator_is_noticed_and_left_off(ext4: Node) -> None:
+    ext4.cli("auto", check=True)
+    subprocess.run(["swapoff", str(ext4.swap_dir / "swap-0002")], check=True)
+    ext4.cli("auto", check=True)
+    files = {Path(f["path"]).name: f for f in ext4.status()["files"]}
+    assert files["swap-0002"]["state"] == "off (swapped off by someone else)"
+    assert files["swap-0003"]["active"]  # min_size is kept with a new file
+    assert "swap_off_externally" in [e["event_type"] for e in ext4.events()]
+
+
+def test_two_concurrent_expands_both_land(ext4: Node) -> None:
+    procs = [subprocess.Popen([sys.executable, "-m", "clusterctl", "swap", "expand",
+                               "--config", str(ext4.conf)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sorted(Path(f["path"]).name for f in ext4.status()["files"]) == [
+        "swap-0001", "swap-0002"]
+    ledger = json.loads((ext4.state / "swap.json").read_text())
+    assert sorted(f["name"] for f in ledger["files"]) == ["swap-0001", "swap-0002"]
+
+
+def test_a_held_lock_makes_the_second_command_say_busy(ext4: Node) -> None:
+    lock = ext4.state.parent / "run" / "swap.lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        started = time.monotonic()
+        result = ext4.cli("expand", "--wait", "0.5")
+        waited = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr == (f"clusterctl: busy: another clusterctl swap command "
+                             f"(pid {os.getpid()}) holds {lock}; try again when it has "
+                             "finished\n")
+    assert waited >= 0.5
+    assert not ext4.swap_dir.exists() or list(ext4.swap_dir.iterdir()) == []
+
+
+def leave_holes(fd: int, offset: int, length: int) -> None:
+    """A filesystem whose fallocate leaves what swapon refuses (as f2fs did)."""
+    os.ftruncate(fd, offset + length)
+
+
+def test_kernel_refusing_a_fallocated_file_falls_back_to_zeros(ext4: Node) -> None:
+    ext4.swap_dir.mkdir(mode=0o700)
+    dfd = swapfiles.open_dir(ext4.swap_dir, create=False)
+    try:
+        method = swapfiles.create(dfd, ext4.swap_dir, "swap-0001", 64 * MIB,
+                                  allocate=leave_holes)
+        assert method == "zeros"
+        assert active_swaps_under(ext4.swap_dir) == [str(ext4.swap_dir / "swap-0001")]
+        with pytest.raises(HostError, match="EINVAL"):
+            swapfiles.create(dfd, ext4.swap_dir, "swap-0002", 64 * MIB, method="fallocate",
+                             allocate=leave_holes)
+        assert sorted(p.name for p in ext4.swap_dir.iterdir()) == ["swap-0001"]
+    finally:
+        os.close(dfd)
+
+
+def test_files_that_are_not_clusterctl_s_survive_clean(ext4: Node) -> None:
+    ext4.cli("auto", check=True)
+    mine = ext4.swap_dir / "operator-notes.txt"
+    mine.write_text("keep me")
+    result = ext4.cli("clean", check=True)
+    assert "removed swap-0002" in result.stdout
+    assert [p.name for p in ext4.swap_dir.iterdir()] == ["operator-notes.txt"]
+    assert ext4.status()["foreign_files"] == ["operator-notes.txt"]
