@@ -7,6 +7,7 @@ test fails. Sizes are small (64M files) so the suite stays quick.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -15,7 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,3 +330,133 @@ def test_files_that_are_not_clusterctl_s_survive_clean(ext4: Node) -> None:
     assert "removed swap-0002" in result.stdout
     assert [p.name for p in ext4.swap_dir.iterdir()] == ["operator-notes.txt"]
     assert ext4.status()["foreign_files"] == ["operator-notes.txt"]
+
+
+def test_a_full_disk_mid_create_is_a_failed_event_and_leaves_nothing(tmp_path: Path) -> None:
+    """Facts said there was room; the filesystem filled up before the file was made."""
+    from dataclasses import replace
+
+    from clusterctl import swap
+    from clusterctl.swap.policy import plan_expand
+
+    with loop_mount(tmp_path, "ext4", size_mib=320) as mount:
+        n = make_node(tmp_path, mount)
+        config = n.config()
+        facts = swap.read_facts(config)
+        stale = replace(facts, fs=replace(facts.fs, available_bytes=64 * 2**30,
+                                          total_bytes=128 * 2**30))
+        plan = plan_expand(stale, config.swap, time.time(), 512 * MIB)
+        with pytest.raises(HostError, match="no space left for a 512M swap file"):
+            swap.execute(plan, facts, config)
+        assert list(n.swap_dir.iterdir()) == []
+        (event,) = n.events()
+        assert event["event_type"] == "swap_failed"
+        assert event["action"] == "create" and event["size_bytes"] == 512 * MIB
+        assert active_swaps_under(mount) == []
+
+
+def test_a_slow_zero_fill_logs_progress_under_systemd(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
+        n = make_node(tmp_path, mount, extra='allocation = "zeros"')
+        journal = tmp_path / "journal"
+        with journal.open("w") as handle:
+            st = os.fstat(handle.fileno())
+            env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+            subprocess.run([sys.executable, "-m", "clusterctl", "swap", "expand", "--size",
+                            "256M", "--config", str(n.conf)], stderr=handle,
+                           stdout=subprocess.DEVNULL, env=env, check=True, timeout=120)
+        lines = journal.read_text().splitlines()
+        path = n.swap_dir / "swap-0001"
+        assert f"<6>create {path} (256M): requested by `swap expand`" in lines
+        for percent in (0, 25, 50, 75, 100):
+            assert any(line.startswith(f"<6>create {path} (256M): {percent}% (")
+                       for line in lines), (percent, lines)
+
+
+def test_a_slow_zero_fill_shows_a_progress_bar_at_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
+        n = make_node(tmp_path, mount, extra='allocation = "zeros"')
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "swap", "expand", "--size",
+                                 "256M", "--config", str(n.conf)], stdout=subprocess.PIPE,
+                                stderr=follower, env={**os.environ, "TERM": "xterm",
+                                                      "COLUMNS": "120"})
+        os.close(follower)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        stdout, _ = proc.communicate(timeout=120)
+        os.close(leader)
+        assert proc.returncode == 0
+        assert b"create " in terminal and b"MiB" in terminal  # the bar, on stderr
+        assert stdout.decode().startswith("created swap-0001 (256M)")
+
+
+@contextlib.contextmanager
+def pages_in_swap(limit_mib: int, allocate_mib: int) -> Iterator[Callable[[int], None]]:
+    """A process in a memory cgroup of its own, pushed into swap; yields a limit setter."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    v2 = Path("/sys/fs/cgroup")
+    if (v1 / "memory.limit_in_bytes").exists():
+        group, limit_file = v1 / f"clusterctl-test-{os.getpid()}", "memory.limit_in_bytes"
+    elif "memory" in (v2 / "cgroup.subtree_control").read_text():
+        group, limit_file = v2 / f"clusterctl-test-{os.getpid()}", "memory.max"
+    else:
+        pytest.skip("no memory cgroup controller to push pages into swap")
+    group.mkdir()
+    proc = None
+    try:
+        (group / limit_file).write_text(f"{limit_mib * MIB}\n")
+        program = (f"import time\nb = bytearray({allocate_mib} * 2**20)\n"
+                   "for i in range(0, len(b), 4096): b[i] = 1\n"
+                   "print('ready', flush=True)\ntime.sleep(120)\n")
+        # the shell joins the cgroup, then becomes the Python that fills memory
+        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec "$2" -c "$3"',
+                                 "sh", str(group), sys.executable, program],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield lambda mib: (group / limit_file).write_text(f"{mib * MIB}\n")
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_swapoff_of_a_file_in_use_takes_the_pages_back_with_progress(tmp_path: Path) -> None:
+    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
+        n = make_node(tmp_path, mount)
+        n.cli("expand", "--size", "384M", check=True)
+        if [p for p in Path("/proc/swaps").read_text().splitlines()[1:]
+                if not p.startswith(str(n.swap_dir))]:
+            pytest.skip("other swap is active here; the pages could land there")
+        with pages_in_swap(limit_mib=64, allocate_mib=200) as set_limit:
+            (f,) = n.status()["files"]
+            assert f["used"] > 100 * MIB  # the process's pages are in our file
+            set_limit(1024)  # let the cgroup take them back into RAM
+            journal = tmp_path / "journal"
+            with journal.open("w") as handle:
+                st = os.fstat(handle.fileno())
+                env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+                subprocess.run([sys.executable, "-m", "clusterctl", "swap", "clean",
+                                "--config", str(n.conf)], stderr=handle, check=True,
+                               stdout=subprocess.DEVNULL, env=env, timeout=120)
+            lines = journal.read_text().splitlines()
+            assert any(line.startswith(f"<6>swapoff {f['path']} (") and "100%" in line
+                       for line in lines), lines
+            assert active_swaps_under(mount) == []
+            (event,) = [e for e in n.events() if e["event_type"] == "swap_shrunk"]
+            assert event["used_bytes"] > 100 * MIB

@@ -167,8 +167,10 @@ def swapoff(path: str) -> None:
         return
     code = ctypes.get_errno()
     if code == errno.ENOMEM:
-        raise SwapError(f"swapoff {path}: not enough free memory to take its pages back",
-                        errno_value=code, fix="free memory first, then try again")
+        raise SwapError(f"swapoff {path}: not enough memory to take its pages back",
+                        errno_value=code,
+                        fix="free memory, or raise the memory limit of the cgroup whose pages "
+                        "they are, then try again")
     if code == errno.EINVAL:
         raise SwapError(f"{path} is not an active swap area", errno_value=code)
     if code == errno.EPERM:
