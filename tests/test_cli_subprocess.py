@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from tests.conftest import A100, FAKE_NVML_DIR, HOSTS, write_scenario
 from tests.hosttree import HostTree
+from tests.terminal import run_with_terminal_stderr
 
 pytestmark = pytest.mark.integration
 
@@ -107,24 +107,10 @@ def test_check_full_at_a_terminal_shows_progress_and_cleans_up(tmp_path: Path) -
     conf = tmp_path / "c.toml"
     conf.write_text('[ollama]\nurl = "http://127.0.0.1:9"\n')
     scenario = write_scenario(tmp_path / "none.json", {"init_error": 12})
-    env = {**os.environ, "PYTHONPATH": str(FAKE_NVML_DIR), "FAKE_NVML_SCENARIO": str(scenario),
-           "COLUMNS": "100", "TERM": "xterm"}
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([str(CLUSTERCTL), "check", "full", "--root", str(root), "--config",
-                             str(conf)], stdout=subprocess.PIPE, stderr=follower, env=env)
-    os.close(follower)
-    terminal = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        terminal += chunk
-    stdout, _ = proc.communicate(timeout=60)
-    os.close(leader)
-    assert proc.returncode == 0, terminal.decode(errors="replace")
+    env = {**os.environ, "PYTHONPATH": str(FAKE_NVML_DIR), "FAKE_NVML_SCENARIO": str(scenario)}
+    code, terminal, stdout = run_with_terminal_stderr(
+        [str(CLUSTERCTL), "check", "full", "--root", str(root), "--config", str(conf)], env)
+    assert code == 0, terminal.decode(errors="replace")
     assert b"write test" in terminal  # the progress bar was drawn on the terminal
-    assert b"Write test" in stdout  # and the result is in the report
+    assert "Write test" in stdout  # and the result is in the report
     assert list(swap_dir.iterdir()) == []

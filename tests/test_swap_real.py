@@ -27,6 +27,7 @@ from clusterctl.errors import HostError
 from clusterctl.system import swapfiles
 from clusterctl.units import MIB
 from tests.loopfs import active_swaps_under, loop_mount, require_loop
+from tests.terminal import run_with_terminal_stderr
 
 pytestmark = pytest.mark.integration
 
@@ -374,30 +375,14 @@ def test_a_slow_zero_fill_logs_progress_under_systemd(tmp_path: Path) -> None:
 
 
 def test_a_slow_zero_fill_shows_a_progress_bar_at_a_terminal(tmp_path: Path) -> None:
-    import pty
-
     with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
         n = make_node(tmp_path, mount, extra='allocation = "zeros"')
-        leader, follower = pty.openpty()
-        proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "swap", "expand", "--size",
-                                 "256M", "--config", str(n.conf)], stdout=subprocess.PIPE,
-                                stderr=follower, env={**os.environ, "TERM": "xterm",
-                                                      "COLUMNS": "120"})
-        os.close(follower)
-        terminal = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            terminal += chunk
-        stdout, _ = proc.communicate(timeout=120)
-        os.close(leader)
-        assert proc.returncode == 0
+        code, terminal, stdout = run_with_terminal_stderr(
+            [sys.executable, "-m", "clusterctl", "swap", "expand", "--size", "256M",
+             "--config", str(n.conf)], os.environ)
+        assert code == 0
         assert b"create " in terminal and b"MiB" in terminal  # the bar, on stderr
-        assert stdout.decode().startswith("created swap-0001 (256M)")
+        assert stdout.startswith("created swap-0001 (256M)")
 
 
 @contextlib.contextmanager
