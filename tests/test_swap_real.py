@@ -26,7 +26,7 @@ from clusterctl import config as cfg
 from clusterctl.errors import HostError
 from clusterctl.system import swapfiles
 from clusterctl.units import MIB
-from tests.loopfs import active_swaps_under, loop_mount, require_loop
+from tests.loopfs import active_swaps_under, loop_mount, require_loop, swapoff_under
 from tests.terminal import run_with_terminal_stderr
 
 pytestmark = pytest.mark.integration
@@ -445,3 +445,35 @@ def test_swapoff_of_a_file_in_use_takes_the_pages_back_with_progress(tmp_path: P
             assert active_swaps_under(mount) == []
             (event,) = [e for e in n.events() if e["event_type"] == "swap_shrunk"]
             assert event["used_bytes"] > 100 * MIB
+
+
+def test_a_multi_device_btrfs_is_refused_with_the_btrfs_rules(tmp_path: Path) -> None:
+    require_loop("btrfs")
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    devices: list[str] = []
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    mounted = False
+    try:
+        for image in images:
+            with image.open("wb") as handle:
+                handle.truncate(512 * MIB)
+            devices.append(subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                                          capture_output=True, text=True).stdout.strip())
+        subprocess.run(["mkfs.btrfs", "-q", "-f", "-d", "raid0", "-m", "raid1", *devices],
+                       check=True, capture_output=True)
+        subprocess.run(["mount", devices[0], str(mount)], check=True)
+        mounted = True
+        n = make_node(tmp_path, mount)
+        result = n.cli("expand")
+        assert result.returncode == 1
+        assert "refused" in result.stderr and "on btrfs (EINVAL)" in result.stderr
+        assert "single-device filesystem" in result.stderr
+        assert list(n.swap_dir.iterdir()) == []
+        assert n.events()[-1]["event_type"] == "swap_failed"
+    finally:
+        swapoff_under(mount)
+        if mounted:
+            subprocess.run(["umount", str(mount)], check=False)
+        for device in devices:
+            subprocess.run(["losetup", "-d", device], check=False)

@@ -247,6 +247,12 @@ def create(
         try:
             swapon(final_path)
         except SwapError as err:
+            if err.errno == errno.EINVAL and btrfs:
+                raise SwapError(
+                    f"the kernel refused {final_path} on btrfs (EINVAL)", errno_value=err.errno,
+                    fix="btrfs swap files need a single-device filesystem and a subvolume "
+                    "without snapshots; choose another [swap] dir or a dedicated subvolume"
+                ) from err
             if err.errno != errno.EINVAL or method != "auto":
                 raise
             log.warning("%s: the kernel refused the fallocated file; writing zeros instead",
