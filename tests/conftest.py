@@ -46,6 +46,14 @@ def _no_host_config(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     yield
 
 
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    """A config whose Ollama probe points at a closed port (no Ollama on test hosts)."""
+    path = tmp_path / "clusterctl.toml"
+    path.write_text('[ollama]\nurl = "http://127.0.0.1:9"\n')
+    return path
+
+
 def write_scenario(path: Path, scenario: dict[str, Any]) -> Path:
     path.write_text(json.dumps(scenario))
     return path

@@ -21,14 +21,6 @@ def invoke(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.fixture
-def conf(tmp_path: Path) -> Path:
-    """A config whose swap dir is on the fixture host's root filesystem."""
-    path = tmp_path / "clusterctl.toml"
-    path.write_text('[ollama]\nurl = "http://127.0.0.1:9"\n')
-    return path
-
-
 def test_version() -> None:
     code, out, _ = invoke("--version")
     assert code == 0 and out.startswith("clusterctl 0.")

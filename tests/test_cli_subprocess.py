@@ -30,13 +30,6 @@ def run(*args: str, env: dict[str, str] | None = None, **kw: object
                           env=full_env, timeout=60, check=False, **kw)  # type: ignore[call-overload]
 
 
-@pytest.fixture
-def conf(tmp_path: Path) -> Path:
-    path = tmp_path / "c.toml"
-    path.write_text('[ollama]\nurl = "http://127.0.0.1:9"\n')
-    return path
-
-
 def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("clusterctl ")
     result = run("--help")
