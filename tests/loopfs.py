@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.systemd_sandbox import swapoff_files_under
+
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"],
         "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 
@@ -32,9 +34,14 @@ def active_swaps_under(directory: Path) -> list[str]:
 
 
 def swapoff_under(directory: Path) -> None:
-    """Swap off every area under ``directory`` (a test's own files only)."""
+    """Swap off every area under ``directory`` (a test's own files only).
+
+    Also those /proc/swaps names by another path (enabled in another mount namespace):
+    swapoff(2) finds an area by its file.
+    """
     for path in active_swaps_under(directory):
         subprocess.run(["swapoff", path], check=False, capture_output=True)
+    swapoff_files_under(directory)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import pytest
 from clusterctl.config import SwapConfig
 from clusterctl.host import FilesystemFacts, MemoryFacts, PressureFacts, SwapArea
 from clusterctl.host.procfs import Pressure, PressureLine
-from clusterctl.host.swapdir import SwapDirEntry, SwapDirListing
+from clusterctl.host.swapdir import SwapDirEntry, SwapDirListing, attribute_areas
 from clusterctl.swap.ledger import Ledger, LedgerFile
 from clusterctl.swap.policy import (
     KERNEL_AREA_LIMIT,
@@ -357,3 +357,18 @@ def test_clean_removes_what_fits_and_refuses_the_rest() -> None:
     plan = plan_clean(snapshot(used_percent=50, files=files), CONFIG, NOW)  # 32G available
     assert kinds(plan) == [("discard", "swap-0003", GIB), ("remove", "swap-0002", GIB)]
     assert len(plan.refused) == 1 and "swap-0001 holds 50G" in plan.refused[0]
+
+
+def test_proc_swaps_lines_named_through_a_dead_mount_are_matched_to_their_files() -> None:
+    listing = SwapDirListing("/var/lib/clusterctl/swap", True, None, (
+        SwapDirEntry("swap-0001", GIB, True, True), SwapDirEntry("swap-0002", GIB, True, True),
+        SwapDirEntry("swap-0003", 2 * GIB, True, True)))
+    area = SwapArea("/swap/swap-0002", "file", GIB - 4096, 0, -3)
+    other = SwapArea("/swap/swap-0001", "file", GIB - 4096, 0, -4)  # not ours: kernel says no
+    zram = SwapArea("/dev/zram0", "partition", 4 * GIB, 0, 100)
+    in_use = {"/var/lib/clusterctl/swap/swap-0002": True}.get
+    got = attribute_areas((zram, area, other), listing, in_use)
+    assert [a.path for a in got] == ["/dev/zram0", "/var/lib/clusterctl/swap/swap-0002",
+                                     "/swap/swap-0001"]
+    wrong_size = SwapArea("/swap-0003", "file", GIB - 4096, 0, -2)
+    assert attribute_areas((wrong_size,), listing, lambda _: True) == (wrong_size,)

@@ -265,11 +265,39 @@ def test_after_a_reboot_the_files_come_back(ext4: Node) -> None:
 def test_a_file_swapped_off_by_the_operator_is_noticed_and_left_off(ext4: Node) -> None:
     ext4.cli("auto", check=True)
     subprocess.run(["swapoff", str(ext4.swap_dir / "swap-0002")], check=True)
-    ext4.cli("auto", check=True)
+    result = ext4.cli("auto", check=True)
+    assert (f"clusterctl: warning: {ext4.swap_dir}/swap-0002 was swapped off by someone else"
+            in result.stderr)
+    assert ext4.cli("auto", check=True).stderr == ""  # said once, not every tick
     files = {Path(f["path"]).name: f for f in ext4.status()["files"]}
     assert files["swap-0002"]["state"] == "off (swapped off by someone else)"
     assert files["swap-0003"]["active"]  # min_size is kept with a new file
     assert "swap_off_externally" in [e["event_type"] for e in ext4.events()]
+
+
+def test_files_enabled_in_another_mount_namespace_are_still_known(ext4: Node) -> None:
+    """A sandboxed unit enables swap through its own mounts, gone when it exits."""
+    ext4.cli("auto", check=True)
+    names = ("swap-0001", "swap-0002")
+    for name in names:
+        subprocess.run(["swapoff", str(ext4.swap_dir / name)], check=True)
+    ext4.state.joinpath("swap.json").unlink()  # as on first contact: nothing recorded
+    inner = ext4.mount / "inner"
+    inner.mkdir()
+    script = (f"mount --bind {ext4.swap_dir} {inner} && "
+              + " && ".join(f"swapon {inner}/{n}" for n in names))
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                   check=True)
+    listed = [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
+    assert "/swap-0001" in listed  # the kernel's name for it, relative to a dead mount
+    files = {Path(f["path"]).name: f for f in ext4.status()["files"]}
+    assert [files[n]["state"] for n in names] == ["active", "active"]
+    assert ext4.status()["other_swap"] == []
+    result = ext4.cli("auto", check=True)
+    assert "created" not in result.stdout and result.stderr == "", result.stdout
+    assert sorted(Path(f["path"]).name for f in ext4.status()["files"]) == list(names)
+    ext4.cli("clean", check=True)  # swapoff by our path finds the area by its file
+    assert "/swap-0001" not in Path("/proc/swaps").read_text()
 
 
 def test_two_concurrent_expands_both_land(ext4: Node) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from clusterctl.host.procfs import SwapArea
 
 SWAP_MAGICS = (b"SWAPSPACE2", b"SWAP-SPACE")
 NAME_RE = re.compile(r"^swap-(\d{4})$")
@@ -88,3 +93,64 @@ def read_swap_dir(path: Path, *, page_size: int | None = None) -> SwapDirListing
     finally:
         os.close(dfd)
     return SwapDirListing(str(path), True, problem, tuple(entries))
+
+
+# ---------------------------------------------------------------------------
+# which /proc/swaps line is which file
+#
+# /proc/swaps names an area by the path it had in the mount namespace that enabled
+# it. A file enabled by a sandboxed service (ProtectSystem=, ReadWritePaths=: its own
+# mount namespace) is listed, once that service has exited, relative to the mount it
+# was reached through: /var/lib/clusterctl/swap/swap-0001 reads "/swap/swap-0001", or
+# "/swap-0001" when the swap dir is a filesystem of its own. Such a line is matched to
+# the file whose path ends with it and whose size fits, and the kernel confirms it.
+
+FALLOC_FL_KEEP_SIZE = 1
+HEADER_SLACK_BYTES = 64 * 1024  # the header page (4-64 KiB) is not counted in /proc/swaps
+
+_libc: ctypes.CDLL | None = None
+
+
+def swap_in_use(path: str) -> bool | None:
+    """Whether the kernel holds ``path`` as an active swap area; None if it cannot tell.
+
+    fallocate(2) refuses an active swap file with ETXTBSY before any filesystem code
+    runs. On an inactive, fully allocated swap file, a KEEP_SIZE fallocate of its first
+    page allocates nothing (it may touch the mtime).
+    """
+    global _libc  # noqa: PLW0603 - loaded once, on first need
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 4096) == 0:
+            return False
+        return True if ctypes.get_errno() == errno.ETXTBSY else None
+    finally:
+        os.close(fd)
+
+
+def attribute_areas(areas: tuple[SwapArea, ...], listing: SwapDirListing,
+                    in_use: Callable[[str], bool | None] = swap_in_use) -> tuple[SwapArea, ...]:
+    """``areas`` with the swap dir's files named by their real paths (see above)."""
+    directory = listing.path.rstrip("/")
+    files = {f"{directory}/{e.name}": e for e in listing.entries if e.regular and e.managed_name}
+    unmatched = [p for p in files if p not in {a.path for a in areas}]
+    out = []
+    for area in areas:
+        if area.type != "file" or area.path in files or not area.path.startswith("/"):
+            out.append(area)
+            continue
+        fits = [p for p in unmatched if p.endswith(area.path)
+                and 0 <= files[p].size_bytes - area.size_bytes <= HEADER_SLACK_BYTES]
+        found = next((p for p in fits if in_use(p)), None)
+        if found is None:
+            out.append(area)
+        else:
+            unmatched.remove(found)
+            out.append(replace(area, path=found))
+    return tuple(out)

@@ -24,7 +24,7 @@ from clusterctl.errors import HostError
 from clusterctl.events import EventLog
 from clusterctl.host.procfs import read_boot_id, read_memory, read_pressure, read_swaps
 from clusterctl.host.storage import read_filesystem
-from clusterctl.host.swapdir import read_swap_dir
+from clusterctl.host.swapdir import attribute_areas, read_swap_dir
 from clusterctl.swap import ledger as ledgers
 from clusterctl.swap.policy import (
     Action,
@@ -51,11 +51,12 @@ __all__ = ["Operation", "PolicyError", "RunResult", "read_facts", "run", "status
 
 def read_facts(config: Config, *, root: Path = Path("/")) -> SwapFacts:
     swap_dir = config.swap.dir
+    listing = read_swap_dir(swap_dir)
     return SwapFacts(
         memory=read_memory(root),
         pressure=read_pressure(root),
-        areas=read_swaps(root),
-        listing=read_swap_dir(swap_dir),
+        areas=attribute_areas(read_swaps(root), listing),
+        listing=listing,
         fs=read_filesystem(root, str(swap_dir)),
         boot_id=read_boot_id(root),
         ledger=ledgers.load(config.paths.state_dir),
@@ -126,7 +127,8 @@ def execute(
     state_dir = config.paths.state_dir
     log_ = EventLog(state_dir, instance_id(config))
     events: list[dict[str, Any]] = []
-    for notice in plan.notices:
+    for notice in plan.notices:  # things an operator should know: warnings in the journal
+        log.warning("%s", notice.reason)
         events.append(log_.record(notice.event_type, notice.reason, notice.details, now=now()))
     ledger = plan.ledger
     applied: list[Action] = []
