@@ -70,3 +70,28 @@ A100 = {
     "name": "NVIDIA A100-SXM4-80GB",
     "memory_total": 85_899_345_920,
 }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test that used a systemd sandbox gets that sandbox's journal in its report."""
+    from scripts.systemd_sandbox import Sandbox
+
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Sandbox) and value.pid is not None:
+            report.sections.append(("systemd sandbox journal", value.journal("-n", "300")))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Each unit's `systemd-analyze security` exposure, when the unit tests measured it."""
+    units = sys.modules.get("tests.test_systemd_units")
+    measured = getattr(units, "MEASURED_EXPOSURE", {})
+    if measured:
+        terminalreporter.section("systemd-analyze security --offline=yes")
+        for name, score in sorted(measured.items()):
+            recorded = units.RECORDED_EXPOSURE[name]  # type: ignore[union-attr]
+            terminalreporter.write_line(f"{name}: exposure {score} (recorded {recorded})")
