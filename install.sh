@@ -221,6 +221,20 @@ do_install() {
 }
 
 # -- uninstall ----------------------------------------------------------------
+remove_tree() {  # remove_tree DIR: rm -rf, but never into a filesystem mounted below DIR
+  local dir=$1 mounts=()
+  [ -e "$R$dir" ] || return 0
+  mapfile -t mounts < <(findmnt -rn -o TARGET | awk -v d="$R$dir/" 'index($0, d) == 1')
+  if ((${#mounts[@]} == 0)); then
+    rm -rf "$R$dir"
+    say "removed $dir"
+    return
+  fi
+  # a separate filesystem (say, a disk for the swap dir): empty around it, keep it
+  rm -rf --one-file-system "$R$dir" 2>/dev/null || true
+  say "kept ${mounts[*]#"$R"}: another filesystem is mounted there (umount it, then remove it)"
+}
+
 do_uninstall() {
   local purge=$1 kind path
   if [ ! -f "$R$manifest" ] && [ ! -d "$R/opt/clusterctl" ]; then
@@ -256,8 +270,9 @@ do_uninstall() {
     if [ -f "$R$manifest" ]; then
       while read -r kind path; do [ "$kind" = dir ] && dirs+=("$path"); done <"$R$manifest"
     fi
-    rm -rf "$R$conf_dir" "$R$state_dir" "$R/run/clusterctl"
-    say "removed $conf_dir $state_dir"
+    remove_tree "$conf_dir"
+    remove_tree "$state_dir"
+    remove_tree /run/clusterctl
     # directories this script created, deepest first, when nothing else lives there
     local i
     for ((i = ${#dirs[@]} - 1; i >= 0; i--)); do

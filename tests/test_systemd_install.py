@@ -1,0 +1,194 @@
+"""install.sh on a node with a real systemd (a sandbox), end to end, in order.
+
+A fresh install enables the timers; the swap timer fires and makes min_size of swap in
+a real ext4 (a loop filesystem mounted at the default swap dir); its logs reach the
+journal with priorities; a second install changes nothing; --uninstall takes the units
+and the swap away and keeps the config; --purge leaves nothing of clusterctl's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.systemd_sandbox import Sandbox, unavailable
+from tests.conftest import REPO
+from tests.loopfs import active_swaps_under, loop_mount, require_loop
+
+pytestmark = pytest.mark.integration
+
+SWAP_DIR = "/var/lib/clusterctl/swap"
+INSTALL = "/srv/clusterctl/install.sh"
+TIMERS = sorted(p.name for p in (REPO / "units").glob("*.timer"))
+UNITS = sorted(p.name for p in (REPO / "units").iterdir() if p.suffix in (".service", ".timer"))
+GIB = 2**30
+
+
+class Node:
+    def __init__(self, sandbox: Sandbox, swap_fs: Path) -> None:
+        self.sandbox = sandbox
+        self.swap_fs = swap_fs  # the swap dir's filesystem, as the host sees it
+
+    def run(self, script: str) -> str:
+        return self.sandbox.run(script).stdout
+
+    def swap_files(self) -> list[str]:
+        return sorted(p.name for p in self.swap_fs.iterdir() if p.name.startswith("swap-"))
+
+    def installed(self) -> dict[str, str]:
+        """Everything install.sh owns, with mode, size and mtime."""
+        out = self.run("find /opt/clusterctl /etc/clusterctl /usr/local/bin/clusterctl "
+                       "/etc/systemd/system -path '*clusterctl*' -printf '%p %m %s %T@\\n' "
+                       "2>/dev/null | sort")
+        return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no systemd sandbox here: {reason}")
+    require_loop("ext4")
+    work = tmp_path_factory.mktemp("node")
+    # 8 GiB, sparse: min_size (2G) fallocated plus the free-space floor
+    with loop_mount(work / "disk", "ext4", size_mib=8192) as swap_fs, \
+            Sandbox(work / "sandbox", binds={SWAP_DIR: swap_fs}) as sandbox:
+        print(f"sandbox booted in {sandbox.boot_s:.2f} s")
+        yield Node(sandbox, swap_fs)
+    assert active_swaps_under(swap_fs) == []
+
+
+@pytest.fixture
+def sandbox(node: Node) -> Sandbox:
+    """The node's sandbox, named so that a failing test's report carries its journal."""
+    return node.sandbox
+
+
+def test_fresh_install_enables_and_starts_the_timers(node: Node, sandbox: Sandbox) -> None:
+    out = node.run(f"{INSTALL}")
+    assert f"enabled {' '.join(TIMERS)}" in out or all(t in out for t in TIMERS), out
+    assert "running clusterctl check quick" in out
+    timers = node.run("systemctl list-timers --all --no-legend --plain")
+    for timer in TIMERS:
+        assert timer in timers
+        assert node.run(f"systemctl is-enabled {timer}") == "enabled\n"
+        assert node.run(f"systemctl is-active {timer}") == "active\n"
+    for unit in UNITS:
+        assert node.run(f"systemctl show -P LoadState {unit}") == "loaded\n", unit
+    if (REPO / "units/clusterctl-agent.service").exists():
+        assert node.run("systemctl is-enabled clusterctl-agent.service") == "enabled\n"
+        assert node.run("systemctl is-active clusterctl-agent.service") == "active\n"
+
+
+def test_the_swap_timer_makes_min_size_in_the_swap_filesystem(node: Node,
+                                                              sandbox: Sandbox) -> None:
+    # OnBootSec=10s is counted from the sandbox's start (systemd maps it to OnStartupSec
+    # in a container); nothing here starts the service by hand
+    sandbox.wait_for("[ \"$(systemctl show -P Result clusterctl-swap.service)\" = success ] "
+                     "&& [ \"$(systemctl show -P ExecMainExitTimestampMonotonic "
+                     "clusterctl-swap.service)\" != 0 ]", timeout_s=60)
+    assert node.run("systemctl show -P LastTriggerUSecMonotonic clusterctl-swap.timer") != "0\n"
+    assert node.swap_files() == ["swap-0001", "swap-0002"]  # 2 x 1G increments
+    assert sum((node.swap_fs / f).stat().st_size for f in node.swap_files()) == 2 * GIB
+    # the kernel names them by the unit's own mounts, gone once it exited ("/swap-0001");
+    # clusterctl still knows them for what they are
+    assert len(node.run("swapon --show=NAME --noheadings").split()) == 2
+    status = json.loads(node.run("clusterctl swap status --json"))
+    assert [(f["path"], f["state"]) for f in status["files"]] == [
+        (f"{SWAP_DIR}/swap-0001", "active"), (f"{SWAP_DIR}/swap-0002", "active")]
+    assert status["total"] == 2 * GIB
+    assert status["other_swap"] == []
+    assert status["swap_dir"]["fstype"] == "ext4"
+    events = [json.loads(line) for line in
+              node.run("cat /var/lib/clusterctl/events.jsonl").splitlines()]
+    assert [e["event_type"] for e in events] == ["swap_expanded", "swap_expanded"]
+
+
+def test_its_logs_reach_the_journal_with_priorities(node: Node, sandbox: Sandbox) -> None:
+    info = node.run("journalctl --no-pager -o cat -u clusterctl-swap")
+    assert "created swap-0001 (1G)" in info
+    node.run(f"swapoff {SWAP_DIR}/swap-0002")  # the operator takes one away
+    node.run("systemctl start clusterctl-swap.service")  # oneshot: returns when done
+    warnings = node.run("journalctl --no-pager -o cat -u clusterctl-swap -p warning")
+    assert f"{SWAP_DIR}/swap-0002 was swapped off by someone else" in warnings
+    assert "created swap-0001" not in warnings  # info lines are filtered out
+    assert node.run("systemctl show -P Result clusterctl-swap.service") == "success\n"
+
+
+def test_the_hardened_unit_can_zero_fill_swap_on_and_swap_off(node: Node,
+                                                               sandbox: Sandbox) -> None:
+    """Every privileged step of the swap job, under the unit's own sandboxing."""
+    dropin = "/run/systemd/system/clusterctl-swap.service.d"
+    node.run(f"mkdir -p {dropin} && printf '%s\\n' '[Service]' 'ExecStart=' "
+             "'ExecStart=/usr/local/bin/clusterctl swap expand --size 64M' "
+             "'ExecStart=/usr/local/bin/clusterctl swap shrink --size 64M' "
+             f"> {dropin}/test.conf && systemctl daemon-reload")
+    try:
+        node.run("clusterctl config set swap.allocation zeros")
+        since = node.run("date +%s").strip()
+        node.run("systemctl start clusterctl-swap.service")
+        log = node.run(f"journalctl --no-pager -o cat -u clusterctl-swap --since @{since}")
+        assert "created swap-0004 (64M)" in log, log
+        assert "removed swap-0004 (64M)" in log, log
+        assert '"method":"zeros"' in node.run("grep swap-0004 /var/lib/clusterctl/events.jsonl")
+        assert node.run("systemctl show -P Result clusterctl-swap.service") == "success\n"
+    finally:
+        node.run(f"rm -rf {dropin} && systemctl daemon-reload "
+                 "&& clusterctl config set swap.allocation auto")
+
+
+def test_installing_again_changes_nothing(node: Node, sandbox: Sandbox) -> None:
+    before = node.installed()
+    out = node.run(f"{INSTALL} --no-check")
+    assert "installed" not in out, out
+    assert "unchanged /opt/clusterctl/venv" in out
+    assert node.installed() == before
+    assert node.run("systemctl is-active clusterctl-swap.timer") == "active\n"
+
+
+def test_installing_again_keeps_an_edited_config(node: Node, sandbox: Sandbox) -> None:
+    node.run("clusterctl config set swap.max_size 8G")
+    edited = node.run("cat /etc/clusterctl/clusterctl.toml")
+    assert 'max_size = "8G"' in edited
+    out = node.run(f"{INSTALL} --no-check")
+    assert "kept your /etc/clusterctl/clusterctl.toml" in out
+    assert node.run("cat /etc/clusterctl/clusterctl.toml") == edited
+    assert node.run("cat /etc/clusterctl/clusterctl.toml.dist") == (
+        REPO / "etc/clusterctl.toml").read_text()
+
+
+def test_uninstall_removes_units_and_swap_and_keeps_the_config(node: Node,
+                                                               sandbox: Sandbox) -> None:
+    out = node.run(f"{INSTALL} --uninstall")
+    assert "removed clusterctl's swap files" in out
+    assert node.swap_files() == []
+    assert active_swaps_under(node.swap_fs) == []
+    assert node.run("swapon --show=NAME --noheadings | grep -c clusterctl || true") == "0\n"
+    for unit in UNITS:
+        assert node.run(f"systemctl show -P LoadState {unit}") == "not-found\n", unit
+        assert node.run(f"test ! -e /etc/systemd/system/{unit} && echo gone") == "gone\n"
+    assert "clusterctl" not in node.run("systemctl list-timers --all --no-legend")
+    assert node.run("test ! -e /opt/clusterctl && test ! -L /usr/local/bin/clusterctl "
+                    "&& echo gone") == "gone\n"
+    assert 'max_size = "8G"' in node.run("cat /etc/clusterctl/clusterctl.toml")
+
+
+def test_purge_leaves_nothing_of_clusterctls(node: Node, sandbox: Sandbox) -> None:
+    out = node.run(f"{INSTALL} --purge")
+    assert f"kept {SWAP_DIR}: another filesystem is mounted there" in out
+    assert node.run("test ! -e /etc/clusterctl && test ! -e /run/clusterctl && echo gone") \
+        == "gone\n"
+    # all that is left is the mount point of the operator's own swap filesystem
+    assert node.run("find /var/lib/clusterctl | sort") == (
+        f"/var/lib/clusterctl\n{SWAP_DIR}\n{SWAP_DIR}/lost+found\n")
+    assert sorted(p.name for p in node.swap_fs.iterdir()) == ["lost+found"]
+    # in the sandbox's layers, what is left of clusterctl is deletions (whiteouts) only
+    layers = sandbox.workdir / "layers"
+    var = layers / "var/upper"  # the overlay over /var
+    mount_point = {var / "lib/clusterctl", var / "lib/clusterctl/swap"}
+    left = [str(p.relative_to(layers)) for p in layers.rglob("*")
+            if "clusterctl" in str(p) and not p.is_char_device() and p not in mount_point]
+    assert left == []
