@@ -57,5 +57,6 @@ def test_exposure_does_not_rise(unit: Path) -> None:
     assert match, result.stdout + result.stderr
     score = float(match.group(1))
     MEASURED_EXPOSURE[unit.name] = score
+    assert score <= (3.0 if unit.name == "clusterctl-agent.service" else 4.0)  # the goals
     assert score <= RECORDED_EXPOSURE[unit.name], (
         f"{unit.name} exposure rose to {score}; harden it or record the new figure with a reason")
