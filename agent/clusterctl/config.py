@@ -108,6 +108,34 @@ class OptimizeConfig:
     cache_pressure_hdd: int = setting(
         100, "cache_pressure_hdd", "int", "vm.vfs_cache_pressure on HDD", minimum=0, maximum=10000
     )
+    dask_scheduler: str = setting(
+        "tcp://127.0.0.1:8786", "dask_scheduler", "str",
+        "scheduler address for clusterctl-dask-worker.service",
+    )
+    dask_memory_fraction: float = setting(
+        0.8, "dask_memory_fraction", "float", "share of RAM the Dask workers get together",
+        minimum=0.05, maximum=1.0,
+    )
+    dask_target: float = setting(
+        0.60, "dask_target", "float", "worker memory fraction where it starts spilling to disk",
+        minimum=0.0, maximum=1.0,
+    )
+    dask_spill: float = setting(
+        0.70, "dask_spill", "float", "process memory fraction where it spills harder",
+        minimum=0.0, maximum=1.0,
+    )
+    dask_pause: float = setting(
+        0.80, "dask_pause", "float", "fraction where the worker pauses new tasks",
+        minimum=0.0, maximum=1.0,
+    )
+    dask_terminate: float = setting(
+        0.95, "dask_terminate", "float", "fraction where the nanny restarts the worker",
+        minimum=0.0, maximum=1.0,
+    )
+    ollama_model_size_bytes: int = setting(
+        3 * GIB, "ollama_model_size", "size",
+        "memory one loaded model takes (a 4-bit 7B model: about 4G)", minimum=256 * MIB,
+    )
 
 
 @dataclass(frozen=True)
@@ -537,6 +565,17 @@ def _cross_checks(config: Config, path: str, locator: _LineLocator) -> list[Conf
             ("temp_normal", gpu.temp_normal_c),
             ("temp_throttle", gpu.temp_throttle_c),
             ("temp_critical", gpu.temp_critical_c),
+        ],
+    )
+    opt = config.optimize
+    _ascending(
+        fail,
+        "optimize",
+        [
+            ("dask_target", opt.dask_target),
+            ("dask_spill", opt.dask_spill),
+            ("dask_pause", opt.dask_pause),
+            ("dask_terminate", opt.dask_terminate),
         ],
     )
     _ascending(

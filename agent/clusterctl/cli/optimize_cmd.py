@@ -1,0 +1,170 @@
+"""`clusterctl optimize plan|apply|verify|revert`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from clusterctl import config as cfg
+from clusterctl.cli.common import (
+    ConfigOpt,
+    DryRunOpt,
+    JsonOpt,
+    QuietOpt,
+    VerboseOpt,
+    cli_errors,
+    emit_json,
+    start,
+)
+from clusterctl.errors import EXIT_FAILED
+
+if TYPE_CHECKING:
+    from clusterctl.optimize.plan import OptimizeFacts, OptimizePlan
+
+app = typer.Typer(help="sysctl, Dask and Ollama settings chosen from the hardware; revertible.",
+                  no_args_is_help=True)
+
+
+def plan_dict(facts: OptimizeFacts, plan: OptimizePlan) -> dict[str, Any]:
+    return {
+        "tier": plan.tier,
+        "settings": [{"group": s.group, "key": s.key, "value": s.value, "current": s.current,
+                      "changes": s.changes, "file": s.applied_by, "reason": s.reason}
+                     for s in plan.settings],
+        "files": [{"path": f.path, "changes": facts.files_now.get(f.path) != f.content,
+                   "restarts": f.restarts} for f in plan.files],
+        "skipped": list(plan.skipped),
+        "overridden": [{"key": o.key, "file": o.path, "value": o.value}
+                       for o in plan.overridden],
+    }
+
+
+def _print_plan(facts: OptimizeFacts, plan: OptimizePlan) -> None:
+    gpus = len(facts.gpu_vram_bytes)
+    print(f"{plan.tier} tier: {facts.logical_cores} cores, "
+          f"{facts.ram_bytes / 2**30:.1f}G RAM, {gpus} GPU{'s' if gpus != 1 else ''}")
+    width = max((len(s.key) for s in plan.settings), default=10)
+    for s in plan.settings:
+        now = "not set" if s.current is None else s.current
+        mark = "*" if s.changes else " "
+        advice = "" if s.applied_by else " (advice)"
+        print(f"{mark} {s.key:<{width}}  {s.value:<22} now {now:<22} {s.reason}{advice}")
+    for f in plan.files:
+        state = "to write" if facts.files_now.get(f.path) != f.content else "up to date"
+        print(f"file {f.path}: {state}")
+    for line in plan.skipped:
+        print(f"skipped {line}")
+    if not any(s.changes for s in plan.settings):
+        print("nothing to change")
+
+
+@app.command("plan")
+@cli_errors
+def plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+             quiet: QuietOpt = False) -> None:
+    """The settings for this hardware, the value of each now, and why (changes nothing).
+
+    Lines marked * would change. A sysctl set by a later file in /etc/sysctl.d
+    is reported and left to that file (it wins at boot).
+    """
+    from clusterctl import optimize
+    from clusterctl.host import Nvml
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    with Nvml() as nvml:
+        facts, plan = optimize.plan_now(loaded.config, nvml=nvml)
+    if json_out:
+        emit_json(plan_dict(facts, plan))
+    else:
+        _print_plan(facts, plan)
+
+
+@app.command("apply")
+@cli_errors
+def apply_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False, config: ConfigOpt = None,
+              verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """Write the files, set the sysctls live, restart Ollama/Dask only if they run and changed.
+
+    The first change saves every original value under the state dir;
+    `clusterctl optimize revert` puts them back.
+    """
+    from clusterctl import optimize
+    from clusterctl.host import Nvml
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    with Nvml() as nvml:
+        result = optimize.apply(loaded.config, nvml=nvml, dry_run=dry_run)
+    if json_out:
+        emit_json({"dry_run": dry_run, "written": list(result.written),
+                   "sysctl": result.set_live, "restarted": list(result.restarted),
+                   "notes": list(result.notes), "skipped": list(result.plan.skipped)})
+        return
+    verb = "would " if dry_run else ""
+    for path in result.written:
+        print(f"{verb}write {path}")
+    for key, value in result.set_live.items():
+        print(f"{verb}set {key} = {value}")
+    for unit in result.restarted:
+        print(f"restarted {unit}")
+    for note in result.notes:
+        print(note)
+    if not result.written and not result.set_live:
+        print("nothing to change")
+
+
+@app.command("verify")
+@cli_errors
+def verify_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+               quiet: QuietOpt = False) -> None:
+    """Drift between what apply set and what is live now; exit 1 if any."""
+    from clusterctl import optimize
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    drift = optimize.verify(loaded.config)
+    if json_out:
+        emit_json({"drift": [{"what": d.what, "applied": d.applied, "now": d.now}
+                             for d in drift]})
+    else:
+        for d in drift:
+            print(f"drift: {d.what}: applied {d.applied}, now {d.now or 'missing'}")
+        if not drift:
+            print("no drift: everything apply set is still in effect")
+    if drift:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("revert")
+@cli_errors
+def revert_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
+               config: ConfigOpt = None, verbose: VerboseOpt = 0,
+               quiet: QuietOpt = False) -> None:
+    """Put back every original value, remove the files apply created, restart what it touched."""
+    from clusterctl import optimize
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    result = optimize.revert(loaded.config, dry_run=dry_run)
+    if json_out:
+        emit_json({"dry_run": dry_run, "sysctl": result.restored_sysctl,
+                   "restored": list(result.restored_files),
+                   "removed": list(result.removed_files),
+                   "restarted": list(result.restarted), "notes": list(result.notes)})
+        return
+    if not (result.restored_sysctl or result.restored_files or result.removed_files):
+        print("nothing to revert: optimize apply has changed nothing here")
+        return
+    verb = "would " if dry_run else ""
+    for key, value in result.restored_sysctl.items():
+        print(f"{verb}restore {key} = {value}")
+    for path in result.restored_files:
+        print(f"{verb}restore {path}")
+    for path in result.removed_files:
+        print(f"{verb}remove {path}")
+    for unit in result.restarted:
+        print(f"restarted {unit}")
+    for note in result.notes:
+        print(note)
