@@ -22,11 +22,12 @@ from clusterctl.units import KIB, MIB
 def facts(*, cores: int, memtotal_kib: int, vram_mib: tuple[int, ...] = (),
           media: str | None = "ssd", ollama: bool = True, dask: bool = True,
           **over: Any) -> OptimizeFacts:
-    base: dict[str, Any] = dict(
-        logical_cores=cores, ram_bytes=memtotal_kib * KIB, swap_media=media,
-        gpu_vram_bytes=tuple(m * MIB for m in vram_mib), ollama_installed=ollama,
-        dask_installed=dask, sysctl_live={"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"},
-        sysctl_overrides=(), ollama_env={}, files_now={})
+    base: dict[str, Any] = {
+        "logical_cores": cores, "ram_bytes": memtotal_kib * KIB, "swap_media": media,
+        "gpu_vram_bytes": tuple(m * MIB for m in vram_mib), "ollama_installed": ollama,
+        "dask_installed": dask,
+        "sysctl_live": {"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"},
+        "sysctl_overrides": (), "ollama_env": {}, "files_now": {}}
     base.update(over)
     return OptimizeFacts(**base)
 

@@ -35,13 +35,15 @@ def exclusive(path: Path, *, what: str, wait_s: float = 10.0,
                 break
             except BlockingIOError:
                 if clock() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
                     raise TemporaryError(
                         f"busy: another {what} (pid {holder}) holds {path}",
                         fix="try again when it has finished") from None
                 sleep(0.05)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)

@@ -97,12 +97,17 @@ def apply(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None,
           dry_run: bool = False, systemd: Systemd | None = None,
           now: Callable[[], float] = time.time) -> ApplyResult:
     """Make the node match the plan; a second run with nothing changed touches nothing."""
+    if dry_run:  # reads only: no lock to take
+        facts = read_facts(config, root=root, nvml=nvml)
+        the_plan = plan(facts, config)
+        files, sysctl = _changes(facts, the_plan)
+        return ApplyResult(the_plan, tuple(p for p, _, _ in files), sysctl, (), ())
     with locks.exclusive(root / str(config.paths.run_dir).lstrip("/") / LOCK_NAME,
                          what="clusterctl optimize command"):
         facts = read_facts(config, root=root, nvml=nvml)
         the_plan = plan(facts, config)
         files, sysctl = _changes(facts, the_plan)
-        if dry_run or (not files and not sysctl):
+        if not files and not sysctl:
             return ApplyResult(the_plan, tuple(p for p, _, _ in files), sysctl, (), ())
         state_dir = root / str(config.paths.state_dir).lstrip("/")
         saved = states.load(state_dir)
@@ -110,14 +115,22 @@ def apply(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None,
         saved = saved.remembering({k: str(facts.sysctl_live[k]) for k in sysctl},
                                   {p: facts.files_now.get(p) for p, _, _ in files}, dirs)
         states.save(state_dir, saved)  # the originals are on disk before any change
-        for directory in dirs:
-            (root / directory.lstrip("/")).mkdir(mode=0o755)
-        for path, content, _ in files:
-            system.atomic_write_text(root / path.lstrip("/"), content, mode=0o644)
-            log.info("wrote %s", path)
-        for key, value in sysctl.items():
-            write_sysctl(root, key, value)
-            log.info("set %s = %s (was %s)", key, value, facts.sysctl_live[key])
+        try:
+            for directory in dirs:
+                (root / directory.lstrip("/")).mkdir(mode=0o755)
+            for path, content, _ in files:
+                system.atomic_write_text(root / path.lstrip("/"), content, mode=0o644)
+                log.info("wrote %s", path)
+            for key, value in sysctl.items():
+                write_sysctl(root, key, value)
+                log.info("set %s = %s (was %s)", key, value, facts.sysctl_live[key])
+        except (OSError, HostError) as err:
+            message = err.message if isinstance(err, HostError) else str(err)
+            fix = err.fix if isinstance(err, HostError) else None
+            raise HostError(f"optimize apply stopped half-way: {message}",
+                            fix=(f"{fix}; then " if fix else "")
+                            + "re-run apply, or `clusterctl optimize revert` to undo the part "
+                            "applied (the originals are saved)") from err
         saved = replace(saved,
                         applied_sysctl={**saved.applied_sysctl, **the_plan.sysctl},
                         applied_files={**saved.applied_files,
@@ -196,6 +209,12 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
            systemd: Systemd | None = None, now: Callable[[], float] = time.time
            ) -> RevertResult:
     """Every original value back, every file it created gone, affected units restarted."""
+    if dry_run:
+        saved = states.load(root / str(config.paths.state_dir).lstrip("/"))
+        return RevertResult(dict(saved.original_sysctl),
+                            tuple(p for p, t in saved.original_files.items() if t is not None),
+                            tuple(p for p, t in saved.original_files.items()
+                                  if t is None and _read(root, p) is not None), (), ())
     with locks.exclusive(root / str(config.paths.run_dir).lstrip("/") / LOCK_NAME,
                          what="clusterctl optimize command"):
         state_dir = root / str(config.paths.state_dir).lstrip("/")
@@ -203,7 +222,7 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
         restored = [p for p, text in saved.original_files.items() if text is not None]
         removed = [p for p, text in saved.original_files.items()
                    if text is None and _read(root, p) is not None]
-        if dry_run or saved.empty:
+        if saved.empty:
             return RevertResult(dict(saved.original_sysctl), tuple(restored), tuple(removed),
                                 (), ())
         for key, value in saved.original_sysctl.items():
@@ -212,7 +231,8 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
         for path, text in saved.original_files.items():
             target = root / path.lstrip("/")
             if text is None:
-                target.unlink(missing_ok=True)
+                if target.parent.is_dir():  # else it was never written
+                    target.unlink(missing_ok=True)
             else:
                 system.atomic_write_text(target, text)
         for directory in reversed(saved.created_dirs):

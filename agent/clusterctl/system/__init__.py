@@ -29,6 +29,9 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
         current = path.stat()
     except FileNotFoundError:
         current = None
+    except OSError as err:  # a parent that is a file, a loop of links
+        raise HostError(f"cannot write {path}: {err.strerror}",
+                        fix=f"{path.parent} must be a directory") from err
     directory = path.parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
