@@ -247,10 +247,13 @@ do_uninstall() {
       esac
     done <"$R$manifest"
   fi
-  # swap files first, while the program that made them is still here
+  # tuning and swap files first, while the program that made them is still here
   if [ $staging = 0 ] && [ -x "$venv/bin/clusterctl" ]; then
     local conf_args=()
     [ -f "$conf_dir/clusterctl.toml" ] && conf_args=(--config "$conf_dir/clusterctl.toml")
+    "$venv/bin/clusterctl" optimize revert "${conf_args[@]}" >/dev/null \
+      || die "could not revert clusterctl's tuning (see above); fix it and re-run" 1
+    say "reverted clusterctl's tuning (sysctl, Dask and Ollama settings)"
     "$venv/bin/clusterctl" swap clean "${conf_args[@]}" >/dev/null \
       || die "could not remove clusterctl's swap files (see above); free memory and re-run" 1
     say "removed clusterctl's swap files"
@@ -259,7 +262,11 @@ do_uninstall() {
     while read -r kind path; do
       case $kind in
         file|link)
-          if [ -e "$R$path" ] || [ -L "$R$path" ]; then rm -f "$R$path"; say "removed $path"; fi ;;
+          if [ -e "$R$path" ] || [ -L "$R$path" ]; then rm -f "$R$path"; say "removed $path"; fi
+          # a Persistent= timer's last-run stamp, kept by systemd
+          case $path in
+            $unit_dir/*.timer) rm -f "$R/var/lib/systemd/timers/stamp-$(basename "$path")" ;;
+          esac ;;
       esac
     done <"$R$manifest"
   fi

@@ -18,7 +18,9 @@ How it stays off the host (run as root; the kernel is shared):
   host's /tmp).
 - ``container=clusterctl-sandbox`` makes systemd run as in a container: no swap units
   (so it never swaps off the host's swap), no timesyncd, no udev. /sys and /proc/sys
-  are read-only, so neither udev rules nor systemd-sysctl can change the host.
+  are read-only, so neither udev rules nor systemd-sysctl can change the host
+  (``writable_sysctl`` makes /proc/sys writable once booted, for a test that sets
+  sysctls and restores them).
 - The host's enabled units (postgres, apt timers, getty...) are disabled inside, and
   it boots basic.target, not multi-user.target.
 - PID 1 is killed by its PID at the end; if the process that started it dies first,
@@ -94,12 +96,13 @@ class Sandbox:
 
     def __init__(self, workdir: Path, *, binds: Mapping[str, Path] | None = None,
                  sources: Mapping[str, Path] | None = None, unit: str = "basic.target",
-                 hostname: str = "clusterctl-sandbox") -> None:
+                 hostname: str = "clusterctl-sandbox", writable_sysctl: bool = False) -> None:
         self.workdir = workdir
         self.binds = dict(binds or {})
         self.sources = dict(sources if sources is not None else {"clusterctl": REPO})
         self.unit = unit
         self.hostname = hostname
+        self.writable_sysctl = writable_sysctl
         self.console_log = workdir / "console.log"
         self.pid: int | None = None
         self.boot_s: float | None = None
@@ -158,6 +161,8 @@ class Sandbox:
         try:
             self.pid = self._find_pid1(began + timeout_s)
             self._wait_running(began + timeout_s)
+            if self.writable_sysctl:  # after boot: the caller restores what it changes
+                self.run(["mount", "-o", "remount,bind,rw", "/proc/sys"])
         except BaseException:
             self.stop()
             raise

@@ -3,7 +3,7 @@
 pyfakefs gives the node its real paths (/etc/sysctl.d, /etc/systemd/system, /proc/sys,
 /var/lib/clusterctl); the laptop host tree supplies /proc and /sys. systemd is not
 running in it, so restarts are reported as left to the operator; the restarts
-themselves are tested under a real systemd (test_optimize_systemd.py).
+themselves are tested under a real systemd (test_systemd_install.py).
 """
 
 from __future__ import annotations

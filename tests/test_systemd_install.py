@@ -25,6 +25,13 @@ INSTALL = "/srv/clusterctl/install.sh"
 TIMERS = sorted(p.name for p in (REPO / "units").glob("*.timer"))
 UNITS = sorted(p.name for p in (REPO / "units").iterdir() if p.suffix in (".service", ".timer"))
 GIB = 2**30
+SYSCTLS = (Path("/proc/sys/vm/swappiness"), Path("/proc/sys/vm/vfs_cache_pressure"))
+OLLAMA_STANDIN = """[Unit]
+Description=a stand-in for Ollama that counts its starts
+[Service]
+ExecStart=/bin/sh -c 'echo "$OLLAMA_MAX_LOADED_MODELS" >> /var/lib/ollama-starts; \\
+  exec sleep infinity'
+"""
 
 
 class Node:
@@ -53,12 +60,18 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         pytest.skip(f"no systemd sandbox here: {reason}")
     require_loop("ext4")
     work = tmp_path_factory.mktemp("node")
-    # 8 GiB, sparse: min_size (2G) fallocated plus the free-space floor
-    with loop_mount(work / "disk", "ext4", size_mib=8192) as swap_fs, \
-            Sandbox(work / "sandbox", binds={SWAP_DIR: swap_fs}) as sandbox:
-        print(f"sandbox booted in {sandbox.boot_s:.2f} s")
-        yield Node(sandbox, swap_fs)
-    assert active_swaps_under(swap_fs) == []
+    sysctls = {p: p.read_text() for p in SYSCTLS}  # kernel-wide: optimize apply sets them
+    try:
+        # 8 GiB, sparse: min_size (2G) fallocated plus the free-space floor
+        with loop_mount(work / "disk", "ext4", size_mib=8192) as swap_fs, \
+                Sandbox(work / "sandbox", binds={SWAP_DIR: swap_fs},
+                        writable_sysctl=True) as sandbox:
+            print(f"sandbox booted in {sandbox.boot_s:.2f} s")
+            yield Node(sandbox, swap_fs)
+        assert active_swaps_under(swap_fs) == []
+    finally:
+        for path, value in sysctls.items():
+            path.write_text(value)
 
 
 @pytest.fixture
@@ -138,6 +151,42 @@ def test_the_hardened_unit_can_zero_fill_swap_on_and_swap_off(node: Node,
     finally:
         node.run(f"rm -rf {dropin} && systemctl daemon-reload "
                  "&& clusterctl config set swap.allocation auto")
+
+
+def test_the_optimize_unit_tunes_and_restarts_ollama_once(node: Node,
+                                                          sandbox: Sandbox) -> None:
+    node.run(f"cat > /etc/systemd/system/ollama.service <<'EOF'\n{OLLAMA_STANDIN}EOF\n"
+             "systemctl daemon-reload && systemctl start ollama.service")
+    assert node.run("cat /var/lib/ollama-starts") == "\n"  # started once, no settings yet
+    node.run("systemctl start clusterctl-optimize.service")
+    assert node.run("systemctl show -P Result clusterctl-optimize.service") == "success\n"
+    dropin = node.run("cat /etc/systemd/system/ollama.service.d/50-clusterctl.conf")
+    models = dropin.split("OLLAMA_MAX_LOADED_MODELS=")[1].split('"')[0]
+    # restarted exactly once, and with the new environment (the drop-in was loaded)
+    assert node.run("cat /var/lib/ollama-starts") == f"\n{models}\n"
+    plan = json.loads(node.run("clusterctl optimize plan --json"))
+    swappiness = next(s for s in plan["settings"] if s["key"] == "vm.swappiness")
+    assert swappiness["current"] == swappiness["value"]  # live now
+    assert node.run("cat /etc/sysctl.d/90-clusterctl.conf").endswith(
+        f"vm.swappiness = {swappiness['value']}\nvm.vfs_cache_pressure = "
+        f"{next(s for s in plan['settings'] if s['key'] == 'vm.vfs_cache_pressure')['value']}\n")
+    node.run("systemctl start clusterctl-optimize.service")  # nothing changed: no restart
+    assert node.run("cat /var/lib/ollama-starts") == f"\n{models}\n"
+    log = node.run("journalctl --no-pager -o cat -u clusterctl-optimize")
+    assert "nothing to change" in log
+    assert node.run("clusterctl optimize verify") == (
+        "no drift: everything apply set is still in effect\n")
+
+
+def test_optimize_revert_removes_the_dropin_and_restarts_ollama(node: Node,
+                                                               sandbox: Sandbox) -> None:
+    out = node.run("clusterctl optimize revert")
+    assert "remove /etc/systemd/system/ollama.service.d/50-clusterctl.conf" in out
+    assert "restarted ollama.service" in out
+    assert node.run("test ! -e /etc/systemd/system/ollama.service.d && echo gone") == "gone\n"
+    assert node.run("cat /var/lib/ollama-starts").endswith("\n\n")  # default settings again
+    assert "OLLAMA" not in node.run("systemctl show -P Environment ollama.service")
+    assert {p: p.read_text() for p in SYSCTLS} == {p: node.run(f"cat {p}") for p in SYSCTLS}
 
 
 def test_installing_again_changes_nothing(node: Node, sandbox: Sandbox) -> None:
