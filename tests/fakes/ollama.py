@@ -1,7 +1,10 @@
 """A stand-in for Ollama's HTTP API on 127.0.0.1, for machines without Ollama.
 
 Answers what clusterctl asks, in Ollama's shapes: ``GET /api/version`` ->
-``{"version": "..."}``. Anything else is a 404 like Ollama's router gives.
+``{"version": "..."}``; ``GET /api/ps`` -> the loaded ``models``; ``POST /api/generate``
+with ``keep_alive: 0`` and no prompt unloads a model (``done_reason: "unload"``), as
+Ollama does. Anything else is a 404 like Ollama's router gives; every request is
+recorded (method, path, body) so a test can check nothing was deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ class FakeOllama(ThreadingHTTPServer):
         self.version = version
         self.raw_body = body  # send this instead of the JSON (a misbehaving server)
         self.requests: list[str] = []
+        self.calls: list[tuple[str, str, dict[str, object] | None]] = []
+        self.loaded: list[dict[str, object]] = []  # /api/ps entries
 
     @property
     def url(self) -> str:
@@ -31,6 +36,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append(self.path)
+        self.server.calls.append(("GET", self.path, None))
+        if self.path == "/api/ps":
+            self._json(200, {"models": self.server.loaded})
+            return
         if self.path != "/api/version":
             self._send(404, b"404 page not found", "text/plain")
             return
@@ -38,6 +47,31 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             body = json.dumps({"version": self.server.version}).encode()
         self._send(200, body, "application/json; charset=utf-8")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        self.server.calls.append(("POST", self.path, body))
+        if self.path != "/api/generate":
+            self._send(404, b"404 page not found", "text/plain")
+            return
+        names = [m["name"] for m in self.server.loaded]
+        if body.get("model") not in names:
+            self._json(404, {"error": f"model '{body.get('model')}' not found"})
+            return
+        if body.get("keep_alive") == 0 and not body.get("prompt"):
+            self.server.loaded = [m for m in self.server.loaded if m["name"] != body["model"]]
+            self._json(200, {"model": body["model"], "created_at": "2026-11-23T00:00:00Z",
+                             "response": "", "done": True, "done_reason": "unload"})
+            return
+        self._json(400, {"error": "this stand-in only unloads"})
+
+    def do_DELETE(self) -> None:
+        self.server.calls.append(("DELETE", self.path, None))
+        self._send(405, b"", "text/plain")
+
+    def _json(self, code: int, data: object) -> None:
+        self._send(code, json.dumps(data).encode(), "application/json; charset=utf-8")
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:
         self.send_response(code)

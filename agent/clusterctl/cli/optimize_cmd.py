@@ -168,3 +168,37 @@ def revert_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
         print(f"restarted {unit}")
     for note in result.notes:
         print(note)
+
+
+@app.command("free-memory")
+@cli_errors
+def free_memory_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
+                    config: ConfigOpt = None, verbose: VerboseOpt = 0,
+                    quiet: QuietOpt = False) -> None:
+    """Drop the page cache, compact memory, unload Ollama's models; report MiB freed.
+
+    Models are unloaded from memory (keep_alive 0), never deleted from disk.
+    """
+    from clusterctl.optimize.emergency import free_memory
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    result = free_memory(loaded.config, dry_run=dry_run)
+    mib = 2**20
+    before, after = result.available_before_bytes // mib, result.available_after_bytes // mib
+    if json_out:
+        emit_json({"dry_run": dry_run, "freed_mib": after - before,
+                   "available_before_mib": before, "available_after_mib": after,
+                   "steps": list(result.steps),
+                   "unloaded": [{"name": m.name, "size_bytes": m.size_bytes,
+                                 "vram_bytes": m.vram_bytes} for m in result.unloaded],
+                   "notes": list(result.notes)})
+        return
+    for step in result.steps:
+        print(step)
+    for note in result.notes:
+        print(f"note: {note}")
+    if not dry_run:
+        vram = sum(m.vram_bytes for m in result.unloaded) // mib
+        print(f"freed {after - before} MiB of RAM (available {before} -> {after} MiB)"
+              + (f" and {vram} MiB of VRAM" if vram else ""))

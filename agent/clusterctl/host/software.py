@@ -157,3 +157,35 @@ def read_dask(root: Path) -> DaskFacts:
                 distributed = None
             return DaskFacts(version, distributed, "clusterctl's Python", worker)
     return DaskFacts(None, None, None, worker)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model Ollama holds in memory (``GET /api/ps``)."""
+
+    name: str
+    size_bytes: int
+    vram_bytes: int
+
+
+def read_loaded_models(api_url: str, *, timeout_s: float = 2.0) -> tuple[LoadedModel, ...]:
+    """What Ollama has loaded now; HostError when it does not answer like Ollama."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from clusterctl.errors import HostError
+
+    try:
+        with urllib.request.urlopen(f"{api_url}/api/ps", timeout=timeout_s) as response:  # noqa: S310
+            body = json.loads(response.read(1 << 20) or b"{}")
+        return tuple(LoadedModel(str(m["name"]), int(m.get("size") or 0),
+                                 int(m.get("size_vram") or 0)) for m in body.get("models") or ())
+    except urllib.error.HTTPError as err:
+        raise HostError(f"Ollama at {api_url} answered HTTP {err.code} to /api/ps",
+                        fix="is it Ollama 0.1.38 or newer?") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise HostError(f"no answer from Ollama at {api_url} ({getattr(err, 'reason', err)})",
+                        fix="is ollama.service running? check [ollama] url") from err
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HostError(f"{api_url}/api/ps did not answer like Ollama") from err
