@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.config import Config, OptimizeConfig
-from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_YAML_FILE, plan, parse_env
+from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_YAML_FILE, parse_env, plan
 from tests.conftest import REPO
 from tests.test_optimize_plan import facts
 
