@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import multiprocessing
 import re
 from pathlib import Path
@@ -57,3 +58,16 @@ def test_a_line_cut_by_a_crash_does_not_hide_the_others(tmp_path: Path) -> None:
         handle.write('{"id": "cut')
     log.record("b", "after", {}, now=NOW)
     assert [e["event_type"] for e in log.read()] == ["a", "b"]
+
+
+def test_a_full_log_is_rotated_and_the_next_event_starts_a_new_one(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, "node-1", rotate_bytes=400)
+    for i in range(3):
+        log.record("swap_expanded", f"event {i}", {"n": i}, now=1_700_000_000 + i)
+    rotated = sorted(p.name for p in tmp_path.glob("events.jsonl.*"))
+    assert rotated == ["events.jsonl.20231114T221322Z"]  # at the third, past 400 bytes
+    old = [json.loads(x)["n"] for x in (tmp_path / rotated[0]).read_text().splitlines()]
+    assert old == [0, 1, 2]
+    assert log.read() == []
+    log.record("swap_shrunk", "after", {"n": 3}, now=1_700_000_010)
+    assert [e["n"] for e in log.read()] == [3]

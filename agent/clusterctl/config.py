@@ -42,8 +42,8 @@ else:
 DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
 
-Kind = Literal["int", "float", "bool", "str", "size", "path", "actions", "listen", "url",
-               "choice"]
+Kind = Literal["int", "float", "bool", "str", "size", "path", "paths", "actions", "listen",
+               "url", "choice"]
 ACTIONS = ("none", "command", "control", "systemd")
 ALLOCATIONS = ("auto", "fallocate", "zeros")
 
@@ -135,6 +135,34 @@ class OptimizeConfig:
     ollama_model_size_bytes: int = setting(
         3 * GIB, "ollama_model_size", "size",
         "memory one loaded model takes (a 4-bit 7B model: about 4G)", minimum=256 * MIB,
+    )
+    cpu_threshold_percent: float = setting(
+        90, "cpu_threshold", "float", "monitor: CPU use that, sustained, halves the Dask workers",
+        minimum=1, maximum=100,
+    )
+    cpu_sustain_s: float = setting(
+        60, "cpu_sustain", "float", "monitor: seconds CPU must stay over cpu_threshold",
+        minimum=0, maximum=86400,
+    )
+    calm_s: float = setting(
+        300, "calm", "float", "monitor: seconds below cpu_threshold - 20 before workers return",
+        minimum=0, maximum=86400,
+    )
+    memory_threshold_percent: float = setting(
+        85, "memory_threshold", "float", "monitor: memory use that grows swap and frees memory",
+        minimum=1, maximum=100,
+    )
+    disk_threshold_percent: float = setting(
+        90, "disk_threshold", "float", "monitor: state dir disk use that cleans up",
+        minimum=1, maximum=100,
+    )
+    retention_days: float = setting(
+        30, "retention_days", "float", "monitor: rotated event logs older than this may go",
+        minimum=0, maximum=36500,
+    )
+    cleanup_paths: tuple[Path, ...] = setting(
+        (), "cleanup_paths", "paths",
+        "monitor: caches whose contents may be removed when the disk is full",
     )
 
 
@@ -267,6 +295,8 @@ def to_toml_value(fld: dataclasses.Field[Any], value: object) -> object:
         return format_size(cast(int, value))
     if kind == "path":
         return str(value)
+    if kind == "paths":
+        return [str(p) for p in cast(tuple[Path, ...], value)]
     if kind == "actions":
         actions = cast(tuple[str, ...], value)
         return actions[0] if len(actions) == 1 else list(actions)
@@ -457,6 +487,16 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
         if not isinstance(raw, str) or not raw.startswith("/"):
             raise ValueError(f'expected an absolute path like "/var/lib/x", got {_shown(raw)}')
         return Path(raw)
+    elif kind == "paths":
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/")
+                                                for p in raw):
+            raise ValueError(f'expected a list of absolute paths like ["/root/.cache/pip"], '
+                             f"got {_shown(raw)}")
+        if any(p.rstrip("/") in ("", "/etc", "/usr", "/var", "/home", "/root", "/boot")
+               for p in raw):
+            raise ValueError("refusing a system directory: list caches, like "
+                             '"/root/.cache/pip"')
+        return tuple(Path(p) for p in raw)
     elif kind == "actions":
         return _coerce_actions(raw)
     elif kind == "listen":
@@ -696,6 +736,8 @@ def parse_cli_value(fld: dataclasses.Field[Any], text: str) -> object:
     if kind == "actions":
         items = [part.strip() for part in text.split(",") if part.strip()]
         return items[0] if len(items) == 1 else items
+    if kind == "paths":
+        return [part.strip() for part in text.split(",") if part.strip()]
     return text
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from clusterctl.errors import HostError
 
 FILE_NAME = "events.jsonl"
+ROTATE_BYTES = 8 * 2**20  # then renamed events.jsonl.<UTC time>; monitor removes old ones
 
 
 def iso_utc(ts: float) -> str:
@@ -29,9 +30,11 @@ def iso_utc(ts: float) -> str:
 
 
 class EventLog:
-    def __init__(self, state_dir: Path, instance_id: str) -> None:
+    def __init__(self, state_dir: Path, instance_id: str, *,
+                 rotate_bytes: int = ROTATE_BYTES) -> None:
         self.path = state_dir / FILE_NAME
         self.instance_id = instance_id
+        self.rotate_bytes = rotate_bytes
 
     def record(self, event_type: str, reason: str, details: Mapping[str, Any], *,
                now: float) -> dict[str, Any]:
@@ -56,6 +59,9 @@ class EventLog:
                 line = b"\n" + line  # a crash cut the last line: start a fresh one
             os.write(fd, line)
             os.fsync(fd)
+            if size + len(line) >= self.rotate_bytes:  # still under the lock
+                stamp = datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                self.path.replace(self.path.with_name(f"{FILE_NAME}.{stamp}"))
         finally:
             os.close(fd)
         return event

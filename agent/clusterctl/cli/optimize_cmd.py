@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -202,3 +202,50 @@ def free_memory_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
         vram = sum(m.vram_bytes for m in result.unloaded) // mib
         print(f"freed {after - before} MiB of RAM (available {before} -> {after} MiB)"
               + (f" and {vram} MiB of VRAM" if vram else ""))
+
+
+@app.command("monitor")
+@cli_errors
+def monitor_cmd(
+    once: Annotated[bool, typer.Option("--once", help="One sample and its actions, then exit."
+                                       )] = False,
+    interval: Annotated[float, typer.Option("--interval", metavar="SECONDS", min=1,
+                                            help="Seconds between samples.")] = 10.0,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """The emergency measures: fewer Dask workers under sustained CPU load, more swap and
+    freed memory over memory_threshold, clusterctl's old files (and the caches you listed)
+    removed when the disk is full. Every action is an event; see [optimize] in the config.
+    """
+    import time
+
+    from clusterctl.optimize.monitor import run_once, sample_dict
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    while True:
+        sample, actions, done = run_once(loaded.config, dry_run=dry_run)
+        if json_out:
+            emit_json({"sample": sample_dict(sample),
+                       "actions": [{"action": a.kind, "reason": a.reason} for a in actions],
+                       "done": [{"action": d.action.kind, "did": list(d.did),
+                                 "notes": list(d.notes)} for d in done]})
+        else:
+            cpu, mem, disk = (f"{v:.0f}%" if v is not None else "?" for v in
+                              (sample.cpu_percent, sample.memory_percent, sample.disk_percent))
+            print(f"cpu {cpu}, memory {mem}, disk {disk}, dask workers "
+                  f"{sample.dask_workers if sample.dask_workers is not None else '-'}")
+            for action in actions:
+                print(f"{'would ' if dry_run else ''}{action.kind}: {action.reason}")
+            for item in done:
+                for line in item.did:
+                    print(f"  {line}")
+                for note in item.notes:
+                    print(f"  note: {note}")
+        if once:
+            return
+        time.sleep(interval)

@@ -138,7 +138,7 @@ def apply(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None,
                                           for f in the_plan.files}})
         states.save(state_dir, saved)
         units = sorted({unit for _, _, unit in files if unit})
-        restarted, notes = _restart(root, units, systemd,
+        restarted, notes = restart_units(root, units, systemd,
                                     reload=any(p.startswith("/etc/systemd/") for p, _, _ in files))
         EventLog(state_dir, instance_id(config)).record(
             "optimize_applied", "settings chosen from the hardware",
@@ -160,8 +160,9 @@ def _missing_dirs(root: Path, paths: list[str]) -> tuple[str, ...]:
     return tuple(missing)
 
 
-def _restart(root: Path, units: list[str], systemd: Systemd | None, *, reload: bool
-             ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def restart_units(root: Path, units: list[str], systemd: Systemd | None = None, *,
+                  reload: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """daemon-reload if asked, then restart each unit that is active; notes where none."""
     if not units and not reload:
         return (), ()
     if not systemd_running(root):
@@ -239,7 +240,7 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
             with contextlib.suppress(OSError):  # not empty (someone else's files): left
                 (root / directory.lstrip("/")).rmdir()
         units = sorted({u for u in map(_unit_of, saved.original_files) if u})
-        restarted, notes = _restart(root, units, systemd, reload=any(
+        restarted, notes = restart_units(root, units, systemd, reload=any(
             p.startswith("/etc/systemd/") for p in saved.original_files))
         states.forget(state_dir)
         EventLog(state_dir, instance_id(config)).record(

@@ -1,0 +1,285 @@
+"""`clusterctl optimize monitor`: the seed's emergency measures, with memory between runs.
+
+A sample (CPU over a short window, memory, the state dir's disk, the Dask worker
+count in our env file) and the saved ``MonitorState`` go into the pure
+``plan_monitor``; ``execute`` carries the actions out. Each action is an event.
+
+- CPU at or over ``cpu_threshold`` for ``cpu_sustain`` seconds: halve the Dask
+  workers (env file + restart of clusterctl-dask-worker.service if it runs); again
+  after another ``cpu_sustain`` if still hot. Back to the planned count once CPU
+  has stayed under ``cpu_threshold - 20`` for ``calm`` seconds.
+- Memory at or over ``memory_threshold``: grow swap by one increment (the swap
+  policy's own code, its limits included) and free memory; at most once a minute.
+- The state dir's disk at or over ``disk_threshold``: remove clusterctl's rotated
+  event logs older than ``retention_days`` and the contents of the operator's
+  ``cleanup_paths``; at most every five minutes. Nothing else is ever removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from clusterctl import swap, system
+from clusterctl.config import Config
+from clusterctl.errors import HostError
+from clusterctl.events import FILE_NAME as EVENTS_FILE
+from clusterctl.events import EventLog
+from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times, read_memory
+from clusterctl.optimize import restart_units
+from clusterctl.optimize.emergency import free_memory
+from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_UNIT, parse_env
+from clusterctl.swap import instance_id
+from clusterctl.units import format_size
+
+log = logging.getLogger("clusterctl.optimize")
+STATE_FILE = "monitor.json"
+CALM_MARGIN_PERCENT = 20
+MEMORY_COOLDOWN_S = 60
+DISK_COOLDOWN_S = 300
+
+Kind = Literal["reduce_dask", "restore_dask", "relieve_memory", "clean_disk"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    cpu_percent: float | None
+    memory_percent: float | None
+    disk_percent: float | None  # the filesystem holding the state dir
+    dask_workers: int | None  # DASK_NWORKERS in our env file; None: no env file
+
+
+@dataclass(frozen=True)
+class MonitorState:
+    cpu_high_since: float | None = None
+    cpu_calm_since: float | None = None
+    dask_planned_workers: int | None = None  # set while the workers are reduced
+    memory_acted_at: float | None = None
+    disk_acted_at: float | None = None
+
+
+@dataclass(frozen=True)
+class MonitorAction:
+    kind: Kind
+    reason: str
+    workers: int | None = None
+
+
+def plan_monitor(sample: Sample, state: MonitorState, config: Config, now: float
+                 ) -> tuple[tuple[MonitorAction, ...], MonitorState]:
+    opt = config.optimize
+    actions: list[MonitorAction] = []
+    cpu = sample.cpu_percent
+    if cpu is not None and cpu >= opt.cpu_threshold_percent:
+        since = state.cpu_high_since if state.cpu_high_since is not None else now
+        state = replace(state, cpu_high_since=since, cpu_calm_since=None)
+        workers = sample.dask_workers
+        if now - since >= opt.cpu_sustain_s and workers is not None and workers > 1:
+            target = max(1, workers // 2)
+            actions.append(MonitorAction(
+                "reduce_dask", f"CPU {cpu:.0f}% for {now - since:.0f} s (over "
+                f"{opt.cpu_threshold_percent:g}%): Dask workers {workers} -> {target}", target))
+            state = replace(state, cpu_high_since=now,
+                            dask_planned_workers=state.dask_planned_workers or workers)
+    elif cpu is not None and cpu < opt.cpu_threshold_percent - CALM_MARGIN_PERCENT:
+        since = state.cpu_calm_since if state.cpu_calm_since is not None else now
+        state = replace(state, cpu_high_since=None, cpu_calm_since=since)
+        planned = state.dask_planned_workers
+        if planned is not None and now - since >= opt.calm_s:
+            if sample.dask_workers is not None and sample.dask_workers != planned:
+                actions.append(MonitorAction(
+                    "restore_dask", f"CPU calm ({cpu:.0f}%) for {now - since:.0f} s: Dask "
+                    f"workers back to {planned}", planned))
+            state = replace(state, dask_planned_workers=None)
+    else:
+        state = replace(state, cpu_high_since=None, cpu_calm_since=None)
+    memory = sample.memory_percent
+    if (memory is not None and memory >= opt.memory_threshold_percent
+            and _cooled(state.memory_acted_at, now, MEMORY_COOLDOWN_S)):
+        actions.append(MonitorAction(
+            "relieve_memory", f"memory {memory:.0f}% in use (at or over "
+            f"{opt.memory_threshold_percent:g}%): grow swap, free memory"))
+        state = replace(state, memory_acted_at=now)
+    disk = sample.disk_percent
+    if (disk is not None and disk >= opt.disk_threshold_percent
+            and _cooled(state.disk_acted_at, now, DISK_COOLDOWN_S)):
+        actions.append(MonitorAction(
+            "clean_disk", f"the state dir's disk is {disk:.0f}% full (at or over "
+            f"{opt.disk_threshold_percent:g}%)"))
+        state = replace(state, disk_acted_at=now)
+    return tuple(actions), state
+
+
+def _cooled(last: float | None, now: float, cooldown_s: float) -> bool:
+    return last is None or now - last >= cooldown_s
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def _under(root: Path, path: Path) -> Path:
+    return root / str(path).lstrip("/")
+
+
+def read_sample(config: Config, *, root: Path = Path("/"), cpu_window_s: float = 1.0,
+                sleep: Callable[[float], None] = time.sleep) -> Sample:
+    first = read_cpu_times(root)
+    sleep(cpu_window_s)
+    second = read_cpu_times(root)
+    cpu = cpu_usage_percent(first, second) if first and second else None
+    directory = _under(root, config.paths.state_dir)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    st = os.statvfs(directory)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    avail = st.f_bavail * st.f_frsize
+    disk = 100.0 * used / (used + avail) if used + avail else None
+    env_file = _under(root, Path(DASK_ENV_FILE))
+    workers = None
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        workers = int(parse_env(env_file.read_text())["DASK_NWORKERS"])
+    return Sample(cpu, read_memory(root).used_percent, disk, workers)
+
+
+def load_state(state_dir: Path) -> MonitorState:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+        return MonitorState(**{k: data.get(k) for k in MonitorState.__dataclass_fields__})
+    except (FileNotFoundError, ValueError, TypeError):
+        return MonitorState()  # lost or damaged: start observing afresh
+
+
+def save_state(state_dir: Path, state: MonitorState) -> None:
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    system.atomic_write_text(state_dir / STATE_FILE, json.dumps(asdict(state)) + "\n",
+                             mode=0o600)
+
+
+# -- acting --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Done:
+    action: MonitorAction
+    did: tuple[str, ...]  # what was done, one line each
+    notes: tuple[str, ...]
+
+
+def execute(actions: tuple[MonitorAction, ...], config: Config, *, root: Path = Path("/"),
+            now: Callable[[], float] = time.time) -> tuple[Done, ...]:
+    state_dir = _under(root, config.paths.state_dir)
+    events = EventLog(state_dir, instance_id(config))
+    out = []
+    for action in actions:
+        if action.kind in ("reduce_dask", "restore_dask"):
+            done = _set_workers(action, root)
+        elif action.kind == "relieve_memory":
+            done = _relieve_memory(action, config, root)
+        else:
+            done = _clean_disk(action, config, root, now())
+        for line in done.did:
+            log.warning("%s", line)
+        events.record({"reduce_dask": "dask_workers_reduced",
+                       "restore_dask": "dask_workers_restored",
+                       "relieve_memory": "memory_relieved",
+                       "clean_disk": "disk_cleaned"}[action.kind], action.reason,
+                      {"done": list(done.did), "notes": list(done.notes)}, now=now())
+        out.append(done)
+    return tuple(out)
+
+
+def _set_workers(action: MonitorAction, root: Path) -> Done:
+    path = _under(root, Path(DASK_ENV_FILE))
+    text = path.read_text()
+    lines = [f"DASK_NWORKERS={action.workers}" if line.startswith("DASK_NWORKERS=") else line
+             for line in text.splitlines()]
+    system.atomic_write_text(path, "\n".join(lines) + "\n")
+    restarted, notes = restart_units(root, [DASK_UNIT])
+    did = [f"Dask workers set to {action.workers} in {DASK_ENV_FILE}"]
+    did += [f"restarted {unit}" for unit in restarted]
+    return Done(action, tuple(did), notes)
+
+
+def _relieve_memory(action: MonitorAction, config: Config, root: Path) -> Done:
+    did: list[str] = []
+    notes: list[str] = []
+    try:
+        grown = swap.run(config, "expand", lock_wait_s=5.0)
+        did += [f"swap grown: {a.name} ({format_size(a.size_bytes)})" for a in grown.applied]
+        if not grown.applied:
+            notes.append(f"swap not grown: {grown.plan.summary}")
+    except HostError as err:
+        notes.append(f"swap not grown: {err.message}")
+    freed = free_memory(config, root=root)
+    did.append(f"freed memory: {freed.freed_bytes // 2**20} MiB more available ("
+               + ", ".join(freed.steps) + ")")
+    return Done(action, tuple(did), tuple(notes) + freed.notes)
+
+
+def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -> Done:
+    opt = config.optimize
+    did: list[str] = []
+    notes: list[str] = []
+    cutoff = now - opt.retention_days * 86400
+    state_dir = _under(root, config.paths.state_dir)
+    for path in sorted(state_dir.glob(f"{EVENTS_FILE}.*")):
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+            path.unlink()
+            did.append(f"removed {path} ({format_size(st.st_size)}, older than "
+                       f"{opt.retention_days:g} days)")
+    for listed in opt.cleanup_paths:
+        directory = _under(root, listed)
+        if not directory.is_dir() or directory.is_symlink():
+            notes.append(f"{listed}: not a directory, left alone")
+            continue
+        size = 0
+        for entry in list(directory.iterdir()):
+            size += _size(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        did.append(f"emptied {listed} ({format_size(size)}; listed in cleanup_paths)")
+    if not did:
+        notes.append("nothing of clusterctl's to remove; list caches in [optimize] "
+                     "cleanup_paths to let monitor empty them")
+    return Done(action, tuple(did), tuple(notes))
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for base, _dirs, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += Path(base, name).lstat().st_size
+    return total
+
+
+def run_once(config: Config, *, root: Path = Path("/"), cpu_window_s: float = 1.0,
+             dry_run: bool = False, now: Callable[[], float] = time.time
+             ) -> tuple[Sample, tuple[MonitorAction, ...], tuple[Done, ...]]:
+    """One sample, one plan, and (unless dry_run) its actions; the state is kept."""
+    sample = read_sample(config, root=root, cpu_window_s=cpu_window_s)
+    state_dir = _under(root, config.paths.state_dir)
+    actions, state = plan_monitor(sample, load_state(state_dir), config, now())
+    if dry_run:
+        return sample, actions, ()
+    done = execute(actions, config, root=root, now=now)
+    save_state(state_dir, state)
+    return sample, actions, done
+
+
+def sample_dict(sample: Sample) -> dict[str, Any]:
+    return asdict(sample)
