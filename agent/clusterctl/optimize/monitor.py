@@ -102,25 +102,24 @@ def plan_monitor(sample: Sample, state: MonitorState, config: Config, now: float
             state = replace(state, dask_planned_workers=None)
     else:
         state = replace(state, cpu_high_since=None, cpu_calm_since=None)
-    memory = sample.memory_percent
-    if (memory is not None and memory >= opt.memory_threshold_percent
-            and _cooled(state.memory_acted_at, now, MEMORY_COOLDOWN_S)):
-        actions.append(MonitorAction(
-            "relieve_memory", f"memory {memory:.0f}% in use (at or over "
-            f"{opt.memory_threshold_percent:g}%): grow swap, free memory"))
+    if _due(sample.memory_percent, opt.memory_threshold_percent, state.memory_acted_at, now,
+            MEMORY_COOLDOWN_S):
+        actions.append(MonitorAction("relieve_memory", f"memory {sample.memory_percent:.0f}% "
+                                     f"in use (at or over {opt.memory_threshold_percent:g}%)"))
         state = replace(state, memory_acted_at=now)
-    disk = sample.disk_percent
-    if (disk is not None and disk >= opt.disk_threshold_percent
-            and _cooled(state.disk_acted_at, now, DISK_COOLDOWN_S)):
-        actions.append(MonitorAction(
-            "clean_disk", f"the state dir's disk is {disk:.0f}% full (at or over "
-            f"{opt.disk_threshold_percent:g}%)"))
+    if _due(sample.disk_percent, opt.disk_threshold_percent, state.disk_acted_at, now,
+            DISK_COOLDOWN_S):
+        actions.append(MonitorAction("clean_disk", f"the state dir's disk is "
+                                     f"{sample.disk_percent:.0f}% full (at or over "
+                                     f"{opt.disk_threshold_percent:g}%)"))
         state = replace(state, disk_acted_at=now)
     return tuple(actions), state
 
 
-def _cooled(last: float | None, now: float, cooldown_s: float) -> bool:
-    return last is None or now - last >= cooldown_s
+def _due(value: float | None, limit: float, last: float | None, now: float,
+         cooldown_s: float) -> bool:
+    """Over the limit, and the last action on it is at least cooldown_s old."""
+    return value is not None and value >= limit and (last is None or now - last >= cooldown_s)
 
 
 # -- reading -------------------------------------------------------------------------
