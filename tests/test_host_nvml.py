@@ -142,4 +142,112 @@ def test_fake_is_honest_about_pynvml_names_codes_and_classes(nv: ModuleType) -> 
         real = type(pynvml.NVMLError(getattr(pynvml, name))).__name__
         assert type(nv.NVMLError(getattr(nv, name))).__name__ == real
     for name in (n for n in dir(nv) if n.startswith("nvml")):
-        assert callable(getattr(pynvml, name, None)), f"pynvml has no {name}"
+        if callable(getattr(nv, name)):
+            assert callable(getattr(pynvml, name, None)), f"pynvml has no {name}"
+        else:
+            assert getattr(pynvml, name) == getattr(nv, name), name
+    for name in (n for n in dir(nv) if n.startswith("NVML_") and not n.startswith("NVML_ERR")):
+        assert getattr(pynvml, name) == getattr(nv, name), name
+
+
+# -- sampling ------------------------------------------------------------------
+
+
+def test_a_sample_reads_every_gauge_in_its_unit(nv: ModuleType) -> None:
+    nv.configure({"gpus": [{**H100, "utilization_gpu": 87, "utilization_memory": 41,
+                            "temperature": 71, "power_draw_mw": 512_345,
+                            "clocks_event_reasons": 0x4 | 0x20 | 0x400,
+                            "processes": [{"pid": 4242, "name": "ollama",
+                                           "used_memory": 6 * 2**30},
+                                          {"pid": 4343, "name": "python3",
+                                           "used_memory": None}]}]})
+    nvml = Nvml(module=nv)
+    gpu = nvml.sample(processes=True, now=1_700_000_000).gpus[0]
+    assert (gpu.utilization_gpu_percent, gpu.utilization_memory_percent) == (87, 41)
+    assert gpu.memory_total_mib == H100["memory_total"] // 2**20
+    assert gpu.memory_used_mib == H100["memory_used"] // 2**20
+    assert gpu.temperature_c == 71
+    assert gpu.power_draw_w == 512.345
+    assert (gpu.power_limit_w, gpu.power_default_limit_w, gpu.power_min_limit_w,
+            gpu.power_max_limit_w) == (700.0, 700.0, 200.0, 700.0)
+    assert (gpu.clock_graphics_mhz, gpu.clock_sm_mhz, gpu.clock_memory_mhz) == (1980, 1980, 2619)
+    assert gpu.performance_state == 0
+    assert gpu.fan_percent is None  # not supported: None, never a made-up 0
+    assert gpu.clock_event_reasons == ("sw_power_cap", "sw_thermal_slowdown", "other_0x400")
+    assert (gpu.ecc_uncorrected_volatile, gpu.remapped_rows_uncorrectable,
+            gpu.remapped_rows_pending) == (0, 0, False)
+    assert [(p.pid, p.name, p.used_mib) for p in gpu.processes or ()] == [
+        (4242, "ollama", 6144), (4343, "python3", None)]
+    assert gpu.error is None and not gpu.lost
+    assert nvml.sample().gpus[0].processes is None  # the slow read only when asked
+
+
+def test_static_fields_are_read_once(nv: ModuleType) -> None:
+    nv.configure({"gpus": [H100]})
+    nvml = Nvml(module=nv)
+    nvml.sample()
+    nv.machine.gpus[0].name = "renamed"  # a driver does not rename a GPU while loaded
+    nv.machine.gpus[0].temperature = 55
+    again = nvml.sample().gpus[0]
+    assert (again.name, again.temperature_c) == (H100["name"], 55)
+
+
+def test_a_gpu_lost_mid_run_is_lost_then_found_again(nv: ModuleType) -> None:
+    nv.configure({"gpus": [H100, {**A100, "uuid": "GPU-a"}]})
+    nvml = Nvml(module=nv)
+    assert [g.lost for g in nvml.sample().gpus] == [False, False]
+    nv.machine.gpus[0].lost = True
+    first, second = nvml.sample().gpus
+    assert first.lost and first.temperature_c is None and "GPU is lost" in (first.error or "")
+    assert not second.lost and second.temperature_c == 40
+    nv.machine.gpus[0].lost = False  # reset by the operator
+    assert not nvml.sample().gpus[0].lost
+
+
+def test_older_drivers_use_the_throttle_reasons_call(nv: ModuleType) -> None:
+    nv.configure({"gpus": [{**H100, "clocks_event_reasons": 0x40}],
+                  "missing_functions": ["nvmlDeviceGetCurrentClocksEventReasons"]})
+    gpu = Nvml(module=nv).sample().gpus[0]
+    assert gpu.clock_event_reasons == ("hw_thermal_slowdown",)
+    assert gpu.error is None
+
+
+def test_no_driver_is_a_snapshot_with_a_reason(nv: ModuleType) -> None:
+    nv.configure({"init_error": nv.NVML_ERROR_LIBRARY_NOT_FOUND})
+    snap = Nvml(module=nv).sample()
+    assert snap.gpus == ()
+    assert snap.reason == "no NVIDIA driver: libnvidia-ml.so.1 was not found"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_sample_agrees_with_nvidia_smi() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi is not installed")
+    fields = ("index,uuid,memory.total,memory.used,temperature.gpu,power.limit,"
+              "power.default_limit,power.min_limit,power.max_limit,pstate")
+    rows = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    with Nvml() as nvml:
+        snap = nvml.sample(processes=True)
+    assert len(snap.gpus) == len(rows)
+    for gpu, row in zip(snap.gpus, rows, strict=True):
+        smi = [x.strip() for x in row.split(",")]
+        assert gpu.uuid == smi[1]
+        assert gpu.memory_total_mib == int(smi[2])
+        assert abs((gpu.memory_used_mib or 0) - int(smi[3])) <= 64
+        assert gpu.temperature_c is not None and abs(gpu.temperature_c - int(smi[4])) <= 3
+        for ours, theirs in ((gpu.power_limit_w, smi[5]), (gpu.power_default_limit_w, smi[6]),
+                             (gpu.power_min_limit_w, smi[7]), (gpu.power_max_limit_w, smi[8])):
+            if theirs not in ("[N/A]", "N/A"):
+                assert ours is not None and abs(ours - float(theirs)) <= 1.0
+        assert f"P{gpu.performance_state}" == smi[9]
+        assert gpu.utilization_gpu_percent is not None and 0 <= gpu.utilization_gpu_percent <= 100
+        assert gpu.clock_sm_mhz and gpu.clock_memory_mhz
+        assert gpu.power_draw_w is not None and 0 < gpu.power_draw_w < 2000
+        assert gpu.clock_event_reasons is not None
+        assert gpu.processes is not None
+        assert gpu.error is None, gpu.error

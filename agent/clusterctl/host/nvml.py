@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -49,6 +50,96 @@ class GpuInventory:
     @property
     def memory_total_bytes(self) -> int:
         return sum(g.memory_total_bytes or 0 for g in self.gpus if not g.lost)
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    name: str | None
+    used_mib: int | None  # None where NVML cannot say (some vGPU and MIG setups)
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU at one moment. ``None``: the GPU or driver does not report it."""
+
+    index: int
+    name: str | None
+    uuid: str | None
+    pci_bus_id: str | None
+    lost: bool
+    error: str | None  # fields that failed, and why
+    utilization_gpu_percent: int | None = None
+    utilization_memory_percent: int | None = None
+    memory_total_mib: int | None = None
+    memory_used_mib: int | None = None
+    memory_free_mib: int | None = None
+    temperature_c: int | None = None
+    power_draw_w: float | None = None
+    power_limit_w: float | None = None
+    power_default_limit_w: float | None = None
+    power_min_limit_w: float | None = None
+    power_max_limit_w: float | None = None
+    clock_graphics_mhz: int | None = None
+    clock_sm_mhz: int | None = None
+    clock_memory_mhz: int | None = None
+    performance_state: int | None = None  # 0 (P0, fastest) .. 15
+    fan_percent: int | None = None
+    clock_event_reasons: tuple[str, ...] | None = None  # why clocks are held down now
+    ecc_uncorrected_volatile: int | None = None  # since the driver loaded
+    remapped_rows_uncorrectable: int | None = None
+    remapped_rows_pending: bool | None = None  # a remap waits for a GPU reset
+    processes: tuple[GpuProcess, ...] | None = None  # None: not read in this sample
+
+    @property
+    def memory_used_percent(self) -> float | None:
+        if self.memory_used_mib is None or not self.memory_total_mib:
+            return None
+        return 100.0 * self.memory_used_mib / self.memory_total_mib
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    gpus: tuple[GpuSample, ...]
+    driver_version: str | None
+    reason: str | None  # why there are no GPUs, when there are none
+    fix: str | None
+    sampled_at: float  # time.time()
+
+
+# nvml.h's clock event reasons (formerly "throttle reasons"), bit -> name
+CLOCK_EVENT_REASONS = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+
+
+def decode_clock_event_reasons(mask: int) -> tuple[str, ...]:
+    names = [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
+    unknown = mask & ~sum(CLOCK_EVENT_REASONS)
+    if unknown:
+        names.append(f"other_0x{unknown:x}")
+    return tuple(names)
+
+
+@dataclass
+class _Static:
+    """What does not change while the driver is loaded: read once per GPU."""
+
+    handle: Any
+    name: str | None
+    uuid: str | None
+    pci_bus_id: str | None
+    power_default_limit_w: float | None
+    power_min_limit_w: float | None
+    power_max_limit_w: float | None
 
 
 # NVML return codes (nvml.h); the same values pynvml exports as NVML_ERROR_*.
@@ -89,6 +180,10 @@ class Nvml:
         self._lock = threading.Lock()
         self._initialised = False
         self._failure: tuple[str, str | None] | None = None
+        self._static: dict[int, _Static] = {}
+        self._driver: str | None = None
+        self._count: int | None = None
+        self._reasons_fn: Any = None  # the clock-event call this driver has
 
     # -- life cycle ---------------------------------------------------------
 
@@ -123,6 +218,8 @@ class Nvml:
 
     def shutdown(self) -> None:
         with self._lock:
+            self._static.clear()
+            self._count = None
             if self._initialised:
                 nv: Any = self._module
                 try:
@@ -196,6 +293,160 @@ class Nvml:
             error="; ".join(errors) or None,
         )
 
+    # -- sampling -----------------------------------------------------------
+
+    def available(self) -> bool:
+        return self._nvml() is not None
+
+    def failure(self) -> tuple[str, str | None] | None:
+        """(reason, fix) when NVML could not be used."""
+        self._nvml()
+        return self._failure
+
+    def handle(self, index: int) -> Any:
+        """The cached NVML handle of GPU ``index`` (for clusterctl.system's writes)."""
+        nv = self._nvml()
+        if nv is None:
+            raise RuntimeError("NVML is not available")
+        return self._static_of(nv, index).handle
+
+    def module(self) -> Any:
+        return self._nvml()
+
+    def sample(self, *, processes: bool = False, now: float | None = None) -> GpuSnapshot:
+        """Every GPU's gauges now; processes too when asked (a slower read)."""
+        stamp = time.time() if now is None else now
+        nv = self._nvml()
+        if nv is None:
+            assert self._failure is not None
+            return GpuSnapshot((), None, self._failure[0], self._failure[1], stamp)
+        if self._count is None:
+            try:
+                self._count = nv.nvmlDeviceGetCount()
+            except nv.NVMLError as err:
+                return GpuSnapshot((), None, f"NVML could not count GPUs: {err}", None, stamp)
+            self._driver = _text(self._optional(nv, nv.nvmlSystemGetDriverVersion))
+        gpus = tuple(self._sample_one(nv, i, processes) for i in range(self._count))
+        reason = None if gpus else "the NVIDIA driver is loaded but reports no GPU"
+        return GpuSnapshot(gpus, self._driver, reason, None, stamp)
+
+    def _static_of(self, nv: Any, index: int) -> _Static:
+        cached = self._static.get(index)
+        if cached is not None:
+            return cached
+        handle = nv.nvmlDeviceGetHandleByIndex(index)
+
+        def quiet(fn: Any) -> Any:
+            try:
+                return fn(handle)
+            except nv.NVMLError as err:
+                if err.value in (_GPU_IS_LOST, _UNKNOWN):
+                    raise
+                return None
+
+        constraints = quiet(nv.nvmlDeviceGetPowerManagementLimitConstraints)
+        low, high = constraints if constraints else (None, None)
+        static = _Static(
+            handle=handle,
+            name=_text(quiet(nv.nvmlDeviceGetName)),
+            uuid=_text(quiet(nv.nvmlDeviceGetUUID)),
+            pci_bus_id=_text(getattr(quiet(nv.nvmlDeviceGetPciInfo), "busId", None)),
+            power_default_limit_w=_watts(quiet(nv.nvmlDeviceGetPowerManagementDefaultLimit)),
+            power_min_limit_w=_watts(low),
+            power_max_limit_w=_watts(high),
+        )
+        self._static[index] = static
+        return static
+
+    def _sample_one(self, nv: Any, index: int, processes: bool) -> GpuSample:
+        try:
+            static = self._static_of(nv, index)
+        except nv.NVMLError as err:
+            lost = err.value in (_GPU_IS_LOST, _UNKNOWN)
+            return GpuSample(index, None, None, None, lost=lost, error=_describe(err))
+        errors: list[str] = []
+        lost = False
+
+        def read(fn: Any, *args: Any) -> Any:
+            nonlocal lost
+            if lost:
+                return None
+            try:
+                return fn(static.handle, *args)
+            except nv.NVMLError as err:
+                if err.value in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
+                    return None
+                if err.value in (_GPU_IS_LOST, _UNKNOWN):
+                    lost = True
+                errors.append(f"{fn.__name__}: {_describe(err)}")
+                return None
+
+        util = read(nv.nvmlDeviceGetUtilizationRates)
+        memory = read(nv.nvmlDeviceGetMemoryInfo)
+        reasons = read(self._clock_reasons_fn(nv, static.handle))
+        remapped = read(nv.nvmlDeviceGetRemappedRows)
+        sample = GpuSample(
+            index=index, name=static.name, uuid=static.uuid, pci_bus_id=static.pci_bus_id,
+            lost=False, error=None,
+            utilization_gpu_percent=_int(getattr(util, "gpu", None)),
+            utilization_memory_percent=_int(getattr(util, "memory", None)),
+            memory_total_mib=_mib(getattr(memory, "total", None)),
+            memory_used_mib=_mib(getattr(memory, "used", None)),
+            memory_free_mib=_mib(getattr(memory, "free", None)),
+            temperature_c=_int(read(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU)),
+            power_draw_w=_watts(read(nv.nvmlDeviceGetPowerUsage)),
+            power_limit_w=_watts(read(nv.nvmlDeviceGetPowerManagementLimit)),
+            power_default_limit_w=static.power_default_limit_w,
+            power_min_limit_w=static.power_min_limit_w,
+            power_max_limit_w=static.power_max_limit_w,
+            clock_graphics_mhz=_int(read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_GRAPHICS)),
+            clock_sm_mhz=_int(read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM)),
+            clock_memory_mhz=_int(read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_MEM)),
+            performance_state=_int(read(nv.nvmlDeviceGetPerformanceState)),
+            fan_percent=_int(read(nv.nvmlDeviceGetFanSpeed)),
+            clock_event_reasons=(decode_clock_event_reasons(int(reasons))
+                                 if reasons is not None else None),
+            ecc_uncorrected_volatile=_int(read(nv.nvmlDeviceGetTotalEccErrors,
+                                               nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                                               nv.NVML_VOLATILE_ECC)),
+            remapped_rows_uncorrectable=_int(remapped[1]) if remapped else None,
+            remapped_rows_pending=bool(remapped[2]) if remapped else None,
+            processes=self._processes(nv, static.handle, read) if processes else None,
+        )
+        if lost:
+            self._static.pop(index, None)  # look the handle up again next time
+            return GpuSample(index, static.name, static.uuid, static.pci_bus_id, lost=True,
+                             error="; ".join(errors))
+        return replace(sample, error="; ".join(errors) or None)
+
+    def _clock_reasons_fn(self, nv: Any, handle: Any) -> Any:
+        """nvmlDeviceGetCurrentClocksEventReasons, or the older throttle-reasons call."""
+        if self._reasons_fn is None:
+            self._reasons_fn = nv.nvmlDeviceGetCurrentClocksEventReasons
+            try:
+                self._reasons_fn(handle)
+            except nv.NVMLError as err:
+                if err.value == _FUNCTION_NOT_FOUND:
+                    self._reasons_fn = nv.nvmlDeviceGetCurrentClocksThrottleReasons
+            except AttributeError:
+                self._reasons_fn = nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        return self._reasons_fn
+
+    @staticmethod
+    def _processes(nv: Any, handle: Any, read: Any) -> tuple[GpuProcess, ...] | None:
+        found = read(nv.nvmlDeviceGetComputeRunningProcesses)
+        if found is None:
+            return None
+        out = []
+        for proc in found:
+            try:
+                name = _text(nv.nvmlSystemGetProcessName(proc.pid))
+            except nv.NVMLError:
+                name = None
+            used = getattr(proc, "usedGpuMemory", None)
+            out.append(GpuProcess(int(proc.pid), name or None, _mib(used)))
+        return tuple(out)
+
     @staticmethod
     def _optional(nv: Any, fn: Any) -> Any:
         try:
@@ -208,6 +459,18 @@ def _describe(err: Any) -> str:
     if err.value == _GPU_IS_LOST:
         return "GPU is lost (fell off the bus; needs a reset or reboot)"
     return str(err)
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _mib(value: object) -> int | None:
+    return None if value is None else int(value) // 2**20  # type: ignore[call-overload]
+
+
+def _watts(milliwatts: object) -> float | None:
+    return None if milliwatts is None else int(milliwatts) / 1000  # type: ignore[call-overload]
 
 
 def _text(value: object) -> str | None:

@@ -114,13 +114,42 @@ _make_error_classes()
 
 @dataclass
 class FakeGpu:
+    """One GPU. A gauge given as a list is a timeline: each read takes the next value
+    and the last one stays. ``None`` means the GPU does not support that field."""
+
     name: str = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
     pci_bus_id: str = "00000000:01:00.0"
     memory_total: int = 85_520_809_984
-    memory_used: int = 0
+    memory_used: Any = 0  # bytes
+    utilization_gpu: Any = 0  # percent
+    utilization_memory: Any = 0
+    temperature: Any = 40  # degrees C
+    power_draw_mw: Any = 70_000
+    power_limit_mw: int = 700_000
+    power_default_limit_mw: int | None = 700_000
+    power_min_limit_mw: int | None = 200_000
+    power_max_limit_mw: int | None = 700_000
+    clock_graphics_mhz: Any = 1980
+    clock_sm_mhz: Any = 1980
+    clock_memory_mhz: Any = 2619
+    performance_state: Any = 0
+    fan_percent: Any = None  # data-centre GPUs have no fan to report
+    clocks_event_reasons: Any = 0  # a bit mask, as nvml.h defines it
+    ecc_uncorrected_volatile: Any = 0
+    remapped_rows: Any = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failure
+    processes: list[dict[str, Any]] = field(default_factory=list)  # pid, name, used_memory
     lost: bool = False
     errors: dict[str, int] = field(default_factory=dict)
+    set_limit_calls: list[int] = field(default_factory=list)
+
+    def read(self, attribute: str) -> Any:
+        value = getattr(self, attribute)
+        if isinstance(value, list):
+            value = value.pop(0) if len(value) > 1 else value[0]
+        if value is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return value
 
 
 @dataclass
@@ -255,4 +284,129 @@ def nvmlDeviceGetPciInfo(handle: c_nvmlDevice_t) -> nvmlPciInfo_t:
 
 def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None) -> c_nvmlMemory_t:
     gpu = _gpu(handle, "nvmlDeviceGetMemoryInfo")
-    return c_nvmlMemory_t(gpu.memory_total, gpu.memory_used)
+    return c_nvmlMemory_t(gpu.memory_total, gpu.read("memory_used"))
+
+
+# constants the gauges take (nvml.h)
+NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_GRAPHICS = 0
+NVML_CLOCK_SM = 1
+NVML_CLOCK_MEM = 2
+NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_VOLATILE_ECC = 0
+NVML_AGGREGATE_ECC = 1
+nvmlClocksEventReasonGpuIdle = 0x1
+nvmlClocksEventReasonApplicationsClocksSetting = 0x2
+nvmlClocksEventReasonSwPowerCap = 0x4
+nvmlClocksEventReasonHwSlowdown = 0x8
+nvmlClocksEventReasonSyncBoost = 0x10
+nvmlClocksEventReasonSwThermalSlowdown = 0x20
+nvmlClocksEventReasonHwThermalSlowdown = 0x40
+nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
+nvmlClocksEventReasonDisplayClockSetting = 0x100
+
+
+class c_nvmlUtilization_t:
+    def __init__(self, gpu: int, memory: int) -> None:
+        self.gpu = gpu
+        self.memory = memory
+
+
+class c_nvmlProcessInfo_t:
+    def __init__(self, pid: int, used_memory: int | None) -> None:
+        self.pid = pid
+        self.usedGpuMemory = used_memory  # None where NVML cannot say (as pynvml gives)
+        self.gpuInstanceId = 0xFFFFFFFF
+        self.computeInstanceId = 0xFFFFFFFF
+
+
+def nvmlDeviceGetUtilizationRates(handle: c_nvmlDevice_t) -> c_nvmlUtilization_t:
+    gpu = _gpu(handle, "nvmlDeviceGetUtilizationRates")
+    return c_nvmlUtilization_t(gpu.read("utilization_gpu"), gpu.read("utilization_memory"))
+
+
+def nvmlDeviceGetTemperature(handle: c_nvmlDevice_t, sensor: int) -> int:
+    if sensor != NVML_TEMPERATURE_GPU:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return int(_gpu(handle, "nvmlDeviceGetTemperature").read("temperature"))
+
+
+def nvmlDeviceGetPowerUsage(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetPowerUsage").read("power_draw_mw"))
+
+
+def nvmlDeviceGetPowerManagementLimit(handle: c_nvmlDevice_t) -> int:
+    return _gpu(handle, "nvmlDeviceGetPowerManagementLimit").power_limit_mw
+
+
+def nvmlDeviceGetEnforcedPowerLimit(handle: c_nvmlDevice_t) -> int:
+    return _gpu(handle, "nvmlDeviceGetEnforcedPowerLimit").power_limit_mw
+
+
+def nvmlDeviceGetPowerManagementDefaultLimit(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetPowerManagementDefaultLimit")
+               .read("power_default_limit_mw"))
+
+
+def nvmlDeviceGetPowerManagementLimitConstraints(handle: c_nvmlDevice_t) -> list[int]:
+    gpu = _gpu(handle, "nvmlDeviceGetPowerManagementLimitConstraints")
+    return [gpu.read("power_min_limit_mw"), gpu.read("power_max_limit_mw")]
+
+
+def nvmlDeviceSetPowerManagementLimit(handle: c_nvmlDevice_t, limit: int) -> None:
+    gpu = _gpu(handle, "nvmlDeviceSetPowerManagementLimit")
+    low, high = gpu.read("power_min_limit_mw"), gpu.read("power_max_limit_mw")
+    if not low <= limit <= high:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    gpu.set_limit_calls.append(limit)
+    gpu.power_limit_mw = limit
+
+
+def nvmlDeviceGetClockInfo(handle: c_nvmlDevice_t, clock_type: int) -> int:
+    gpu = _gpu(handle, "nvmlDeviceGetClockInfo")
+    names = {NVML_CLOCK_GRAPHICS: "clock_graphics_mhz", NVML_CLOCK_SM: "clock_sm_mhz",
+             NVML_CLOCK_MEM: "clock_memory_mhz"}
+    if clock_type not in names:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return int(gpu.read(names[clock_type]))
+
+
+def nvmlDeviceGetPerformanceState(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetPerformanceState").read("performance_state"))
+
+
+def nvmlDeviceGetFanSpeed(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetFanSpeed").read("fan_percent"))
+
+
+def nvmlDeviceGetCurrentClocksEventReasons(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetCurrentClocksEventReasons")
+               .read("clocks_event_reasons"))
+
+
+def nvmlDeviceGetCurrentClocksThrottleReasons(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetCurrentClocksThrottleReasons")
+               .read("clocks_event_reasons"))
+
+
+def nvmlDeviceGetTotalEccErrors(handle: c_nvmlDevice_t, error_type: int, counter: int) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetTotalEccErrors").read("ecc_uncorrected_volatile"))
+
+
+def nvmlDeviceGetRemappedRows(handle: c_nvmlDevice_t) -> tuple[int, int, int, int]:
+    return tuple(_gpu(handle, "nvmlDeviceGetRemappedRows").read("remapped_rows"))  # type: ignore[return-value]
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: c_nvmlDevice_t) -> list[c_nvmlProcessInfo_t]:
+    gpu = _gpu(handle, "nvmlDeviceGetComputeRunningProcesses")
+    return [c_nvmlProcessInfo_t(p["pid"], p.get("used_memory")) for p in gpu.processes]
+
+
+def nvmlSystemGetProcessName(pid: int) -> str:
+    _initialised("nvmlSystemGetProcessName")
+    for gpu in machine.gpus:
+        for process in gpu.processes:
+            if process["pid"] == pid:
+                return str(process.get("name", ""))
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
