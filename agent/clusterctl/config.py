@@ -181,10 +181,12 @@ class GpuConfig:
         75, "temp_normal", "int", "below this: NORMAL", minimum=0, maximum=150
     )
     temp_throttle_c: int = setting(
-        85, "temp_throttle", "int", "below this: THROTTLED", minimum=0, maximum=150
+        85, "temp_throttle", "int", "THROTTLED from temp_normal; from this, power limits step down",
+        minimum=0, maximum=150
     )
     temp_critical_c: int = setting(
-        90, "temp_critical", "int", "at or above: CRITICAL", minimum=0, maximum=150
+        90, "temp_critical", "int", "at or above: CRITICAL (power at the floor; unhealthy)",
+        minimum=0, maximum=150
     )
     memory_optimal_percent: int = setting(
         70, "memory_optimal", "int", "VRAM use below this: OPTIMAL", minimum=0, maximum=100
@@ -198,8 +200,34 @@ class GpuConfig:
     memory_reserve_mb: int = setting(
         512, "memory_reserve_mb", "int", "VRAM never handed out by placement", minimum=0
     )
+    hysteresis_c: float = setting(
+        2, "hysteresis", "float", "degrees past a state's edge before the state is left",
+        minimum=0, maximum=50
+    )
+    hysteresis_percent: float = setting(
+        2, "memory_hysteresis", "float", "VRAM percent past an edge before a state is left",
+        minimum=0, maximum=50
+    )
     throttle_enabled: bool = setting(
         False, "throttle_enabled", "bool", "lower power limits when hot (opt-in)"
+    )
+    throttle_step_percent: float = setting(
+        10, "throttle_step", "float", "each step, as a percentage of the default power limit",
+        minimum=1, maximum=100
+    )
+    throttle_floor_percent: float = setting(
+        50, "throttle_floor", "float",
+        "lowest limit, as a percentage of the default (never below the GPU's minimum)",
+        minimum=1, maximum=100
+    )
+    throttle_step_interval_s: float = setting(
+        15, "throttle_step_interval", "float", "seconds between steps down while hot",
+        minimum=0, maximum=3600
+    )
+    throttle_cooldown_s: float = setting(
+        60, "throttle_cooldown_seconds", "float",
+        "seconds cool before each step back up towards the original limit",
+        minimum=0, maximum=86400
     )
 
 

@@ -1,0 +1,1 @@
+"""`clusterctl gpu`: NVML metrics, states, trends, throttling and VRAM-aware placement."""
