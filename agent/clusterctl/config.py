@@ -673,6 +673,22 @@ def _ascending(
             return
 
 
+def with_changes(config: Config, section: str, changes: Mapping[str, object],
+                 *, source: str = "update") -> Config:
+    """``config`` with ``[section]`` keys changed (values as TOML gives them), validated
+    like a file: the first problem is raised as a ConfigError and nothing changes."""
+    if section not in sections():
+        raise ConfigError(f"unknown section [{section}]", path=source)
+    values = {**as_toml_dict(config)[section], **changes}
+    built, errors = _build_section(section, values, source, _LineLocator(""))
+    if not errors:
+        candidate = dataclasses.replace(config, **{section: built})
+        errors = _cross_checks(candidate, source, _LineLocator(""))
+        if not errors:
+            return candidate
+    raise errors[0]
+
+
 # ---------------------------------------------------------------------------
 # editing
 

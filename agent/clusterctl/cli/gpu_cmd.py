@@ -1,0 +1,366 @@
+"""`clusterctl gpu status|watch|place|release|allocations|trend|health|throttle`."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from clusterctl import config as cfg
+from clusterctl.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    QuietOpt,
+    VerboseOpt,
+    cli_errors,
+    emit_json,
+    start,
+)
+from clusterctl.errors import EXIT_FAILED
+
+if TYPE_CHECKING:
+    from clusterctl.gpu.monitor import GpuView
+    from clusterctl.host.nvml import GpuSnapshot
+
+app = typer.Typer(help="NVIDIA GPUs through NVML: metrics, states, trends, VRAM placement, "
+                  "throttling.", no_args_is_help=True)
+throttle_app = typer.Typer(help="The power-limit controller ([gpu] throttle_enabled).",
+                           no_args_is_help=True)
+app.add_typer(throttle_app, name="throttle")
+
+GpuOpt = Annotated[int | None, typer.Option("--gpu", metavar="N", help="Only GPU N.")]
+
+
+def _views(config: cfg.Config, *, processes: bool = True
+           ) -> tuple[GpuSnapshot, tuple[GpuView, ...]]:
+    from clusterctl.gpu import power
+    from clusterctl.gpu.monitor import view_now
+    from clusterctl.host.nvml import Nvml
+
+    records = power.load(config.paths.state_dir)
+    with Nvml() as nvml:
+        snapshot = nvml.sample(processes=processes)
+    views = tuple(view_now(g, config, records.get(g.uuid or ""), snapshot.sampled_at)
+                  for g in snapshot.gpus)
+    return snapshot, views
+
+
+def _no_gpu(snapshot: GpuSnapshot) -> None:
+    print(f"no GPU: {snapshot.reason}" + (f"; {snapshot.fix}" if snapshot.fix else ""))
+
+
+def _fmt(value: object, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def _rows(views: tuple[GpuView, ...]) -> list[list[str]]:
+    rows = []
+    for v in views:
+        g = v.sample
+        if g.lost:
+            rows.append([str(g.index), g.name or "?", "LOST", "", "", "", "", g.error or ""])
+            continue
+        mem = (f"{g.memory_used_mib}/{g.memory_total_mib} MiB"
+               if g.memory_total_mib is not None else "-")
+        watts = (f"{g.power_draw_w:.0f}/{g.power_limit_w:.0f} W"
+                 if g.power_draw_w is not None and g.power_limit_w is not None else "-")
+        reasons = ",".join(r for r in (g.clock_event_reasons or ()) if r != "gpu_idle")
+        rows.append([str(g.index), g.name or "?", _fmt(g.temperature_c, " C"),
+                     _fmt(g.utilization_gpu_percent, "%"), mem, watts,
+                     v.state.value + (" (power limited)" if v.throttled else ""),
+                     reasons])
+    return rows
+
+
+HEADER = ["gpu", "name", "temp", "util", "memory", "power", "state", "clocks held by"]
+
+
+def _print_table(views: tuple[GpuView, ...]) -> None:
+    rows = [HEADER, *_rows(views)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command("status")
+@cli_errors
+def status_cmd(gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt = None,
+               verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """Every GPU now: utilization, memory, temperature, power, clocks, state, processes.
+
+    --json gives the fleet-manager seed's /api/v1/monitoring/gpu-metrics shape with
+    clusterctl's extra fields; a field the GPU does not report is null.
+    """
+    from clusterctl.gpu.shapes import fleet_metrics
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    snapshot, views = _views(loaded.config)
+    views = tuple(v for v in views if gpu is None or v.sample.index == gpu)
+    if json_out:
+        emit_json(fleet_metrics(snapshot, views))
+        return
+    if not snapshot.gpus:
+        _no_gpu(snapshot)
+        return
+    print(f"driver {snapshot.driver_version}")
+    _print_table(views)
+    for v in views:
+        for p in v.sample.processes or ():
+            print(f"  gpu {v.sample.index}: pid {p.pid} {p.name or '?'} "
+                  f"{_fmt(p.used_mib, ' MiB')}")
+
+
+@app.command("watch")
+@cli_errors
+def watch_cmd(interval: Annotated[float | None, typer.Option(
+                  "--interval", metavar="SECONDS", min=0.1,
+                  help="Seconds between samples (default [gpu] monitor_interval).")] = None,
+              count: Annotated[int | None, typer.Option(
+                  "--count", metavar="N", min=1, help="Stop after N samples.")] = None,
+              config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
+              ) -> None:
+    """A live table refreshed in place (Ctrl-C to stop); keeps the history `trend` reads."""
+    from clusterctl.gpu.monitor import GpuMonitor
+    from clusterctl.host.nvml import Nvml
+
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    every = interval if interval is not None else loaded.config.gpu.monitor_interval_s
+    with Nvml() as nvml:
+        monitor = GpuMonitor(loaded.config, nvml, plan_only=True, write_history=True)
+        _live(monitor, every, count)
+
+
+def _live(monitor: Any, every: float, count: int | None) -> None:
+    import sys
+
+    from rich.live import Live
+    from rich.table import Table
+
+    def table() -> Table:
+        t = Table(*HEADER, title=time.strftime("%H:%M:%S"))
+        for row in _rows(monitor.views):
+            t.add_row(*row)
+        return t
+
+    done = 0
+    try:
+        monitor.step()
+        with Live(table(), auto_refresh=False, transient=False,
+                  redirect_stdout=False) as live:
+            while count is None or done + 1 < count:
+                time.sleep(every)
+                monitor.step()
+                done += 1
+                live.update(table(), refresh=True)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+
+
+@app.command("place")
+@cli_errors
+def place_cmd(name: Annotated[str, typer.Argument(help="What the VRAM is for.")],
+              vram: Annotated[int, typer.Option("--vram", metavar="MiB",
+                                                help="VRAM to hand out, in MiB.")],
+              gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt = None,
+              verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """Hand NAME the VRAM on the least busy GPU that can give it (exit 1 if none can).
+
+    Placing a name again returns its GPU. Concurrent calls never oversubscribe a GPU.
+    """
+    from clusterctl.gpu import placement
+    from clusterctl.host.nvml import Nvml
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    with Nvml() as nvml:
+        placed = placement.place(c.paths.state_dir, c.paths.run_dir, nvml.sample, name, vram,
+                                 c.gpu.memory_reserve_mb, gpu_index=gpu, now=time.time())
+    a, r = placed.allocation, placed.room
+    if json_out:
+        emit_json({"name": a.name, "gpu": r.index, "uuid": a.gpu_uuid, "vram_mib": a.vram_mib,
+                   "already_placed": placed.existing, "available_mib": r.available_mib})
+        return
+    again = " (already placed)" if placed.existing else ""
+    print(f"{a.name} -> GPU {r.index} ({a.gpu_uuid}), {a.vram_mib} MiB{again}; "
+          f"{r.explain()}")
+
+
+@app.command("release")
+@cli_errors
+def release_cmd(name: Annotated[str, typer.Argument(help="A placed name.")],
+                config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
+                ) -> None:
+    """Give NAME's VRAM back to the ledger."""
+    from clusterctl.gpu import placement
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    released = placement.release(c.paths.state_dir, c.paths.run_dir, name)
+    if released is None:
+        print(f"{name} was not placed")
+    else:
+        print(f"released {name}: {released.vram_mib} MiB on GPU {released.gpu_index}")
+
+
+@app.command("allocations")
+@cli_errors
+def allocations_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
+                    verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """The placement ledger, and what each GPU can still give."""
+    from clusterctl.gpu import placement
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    allocations = placement.load(c.paths.state_dir)
+    snapshot, _ = _views(c, processes=False)
+    rooms = [placement.room(g, allocations, c.gpu.memory_reserve_mb) for g in snapshot.gpus]
+    if json_out:
+        emit_json({"allocations": [{"name": a.name, "gpu": a.gpu_index, "uuid": a.gpu_uuid,
+                                    "vram_mib": a.vram_mib, "placed_at": a.placed_at}
+                                   for a in allocations],
+                   "gpus": [{"gpu": r.index, "uuid": r.uuid, "free_mib": r.free_mib,
+                             "pending_mib": r.pending_mib, "reserve_mib": r.reserve_mib,
+                             "available_mib": r.available_mib} for r in rooms if r]})
+        return
+    for a in allocations:
+        print(f"{a.name}: {a.vram_mib} MiB on GPU {a.gpu_index} ({a.gpu_uuid})")
+    if not allocations:
+        print("no allocations")
+    for r in rooms:
+        if r:
+            print(r.explain())
+
+
+@app.command("trend")
+@cli_errors
+def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
+              minutes: Annotated[float, typer.Option("--minutes", min=0.05)] = 5.0,
+              sample: Annotated[float | None, typer.Option(
+                  "--sample", metavar="SECONDS", min=1,
+                  help="Sample now for this long instead of reading the running monitor's "
+                  "history.")] = None,
+              json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+              quiet: QuietOpt = False) -> None:
+    """Temperature over the last minutes: current, average, min, max, rising/falling/stable."""
+    from clusterctl.gpu.history import History
+    from clusterctl.gpu.monitor import GpuMonitor, load_history
+    from clusterctl.gpu.shapes import trend_dict
+    from clusterctl.host.nvml import Nvml
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    with Nvml() as nvml:
+        if sample:
+            monitor = GpuMonitor(c, nvml, plan_only=True)
+            deadline = time.monotonic() + sample
+            while True:
+                monitor.step()
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(min(c.gpu.monitor_interval_s, sample))
+            histories = monitor.histories
+        else:
+            histories = load_history(c.paths.run_dir, c.gpu.history_size)
+        uuid = next((g.uuid for g in nvml.sample().gpus if g.index == gpu), None)
+    history = histories.get(uuid or f"index-{gpu}") or History(1)
+    data = trend_dict(history.trend(minutes, time.time()), gpu)
+    if json_out:
+        emit_json(data)
+    elif data["samples"] == 0:
+        print(f"no samples of GPU {gpu} in the last {minutes:g} min: run the agent or "
+              "`clusterctl gpu watch`, or use --sample SECONDS")
+    else:
+        print(f"GPU {gpu}: {data['current_temp']} C now, {data['avg_temp']} C average "
+              f"({data['min_temp']}-{data['max_temp']}) over {minutes:g} min: {data['trend']} "
+              f"({data['slope_c_per_min']:+} C/min, {data['samples']} samples)")
+
+
+@app.command("health")
+@cli_errors
+def health_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+               quiet: QuietOpt = False) -> None:
+    """Healthy when every GPU answers and is below [gpu] temp_critical; exit 1 if not."""
+    from clusterctl.gpu.shapes import health
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    snapshot, views = _views(c, processes=False)
+    result = health(views, c.gpu.temp_critical_c, snapshot.reason)
+    if json_out:
+        emit_json(result)
+    else:
+        print(f"gpu_status: {result['status']}")
+        for problem in result["problems"]:
+            print(f"  {problem}")
+    if result["status"] == "unhealthy":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@throttle_app.command("status")
+@cli_errors
+def throttle_status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
+                        verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """Whether throttling is on, and every GPU whose limit clusterctl holds lowered."""
+    from clusterctl.gpu import power
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    records = power.load(c.paths.state_dir)
+    if json_out:
+        emit_json({"enabled": c.gpu.throttle_enabled,
+                   "lowered": [{"uuid": r.uuid, "original_limit_w": r.original_limit_w,
+                                "limit_w": r.limit_w, "changed_at": r.changed_at}
+                               for r in records.values()]})
+        return
+    print(f"throttling {'on' if c.gpu.throttle_enabled else 'off'} ([gpu] throttle_enabled)")
+    for r in records.values():
+        print(f"  {r.uuid}: {r.limit_w:.0f} W (original {r.original_limit_w:.0f} W)")
+    if not records:
+        print("  no power limit lowered by clusterctl")
+
+
+@throttle_app.command("plan")
+@cli_errors
+def throttle_plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
+                      verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """What the controller would do with each GPU now; changes nothing on any GPU."""
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    _, views = _views(c, processes=False)
+    plans = [{"gpu": v.sample.index, "uuid": v.sample.uuid, "state": v.state.value,
+              "temperature_c": v.sample.temperature_c, "power_limit_w": v.sample.power_limit_w,
+              "move": v.decision.move if v.decision else "hold",
+              "limit_w": v.decision.limit_w if v.decision else None,
+              "reason": v.decision.reason if v.decision else "lost"} for v in views]
+    if json_out:
+        emit_json({"enabled": c.gpu.throttle_enabled, "plan": plans})
+        return
+    for p in plans:
+        target = f" -> {p['limit_w']:.0f} W" if p["limit_w"] is not None else ""
+        print(f"GPU {p['gpu']}: {p['state']}, {_fmt(p['temperature_c'], ' C')}, "
+              f"{_fmt(p['power_limit_w'], ' W')}: {p['move']}{target} ({p['reason']})")
+    if not c.gpu.throttle_enabled:
+        print("throttling is off: nothing would be applied ([gpu] throttle_enabled = false)")
+
+
+@throttle_app.command("reset")
+@cli_errors
+def throttle_reset_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0,
+                       quiet: QuietOpt = False) -> None:
+    """Give every GPU whose limit clusterctl lowered its original limit back now."""
+    from clusterctl.gpu import power
+    from clusterctl.host.nvml import Nvml
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    if not power.load(c.paths.state_dir):
+        print("no power limit lowered by clusterctl: nothing to reset")
+        return
+    with Nvml() as nvml:
+        snapshot = nvml.sample()
+        for line in power.restore_all(nvml, c.paths.state_dir,
+                                      {g.uuid: g.index for g in snapshot.gpus if g.uuid}):
+            print(line)

@@ -1,0 +1,236 @@
+"""The GPU monitor: sample, state (with hysteresis), history, callbacks, throttle.
+
+One ``step()`` is one sampling cycle; ``start()`` runs it every ``monitor_interval``
+on a background thread (the seeds' monitoring thread); ``stop()`` ends the thread
+and gives back every power limit it changed. The agent and `gpu watch` drive it;
+the Python API (``clusterctl.gpu.manager``) wraps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from clusterctl import system
+from clusterctl.config import Config
+from clusterctl.errors import ClusterctlError
+from clusterctl.events import EventLog
+from clusterctl.gpu import power
+from clusterctl.gpu.history import History, Point
+from clusterctl.gpu.states import GpuState, next_state
+from clusterctl.gpu.throttle import Decision, Throttled, decide
+from clusterctl.host.nvml import GpuSample, GpuSnapshot, Nvml
+from clusterctl.swap import instance_id
+
+log = logging.getLogger("clusterctl.gpu")
+PROCESSES_EVERY = 10  # process lists are a slow read: every 10th sample
+HISTORY_FILE = "gpu-history.json"
+CallbackKind = Literal["normal", "throttle", "critical"]
+_KIND = {GpuState.OPTIMAL: "normal", GpuState.NORMAL: "normal",
+         GpuState.THROTTLED: "throttle", GpuState.CRITICAL: "critical"}
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """One GPU as the monitor sees it: the sample, its state and the throttle's view."""
+
+    sample: GpuSample
+    state: GpuState
+    decision: Decision | None
+    throttled: bool  # clusterctl holds its power limit below the original
+
+    @property
+    def temperature_celsius(self) -> int | None:  # the seed's callback argument names
+        return self.sample.temperature_c
+
+    @property
+    def memory_percent(self) -> float | None:
+        return self.sample.memory_used_percent
+
+    @property
+    def gpu_id(self) -> int:
+        return self.sample.index
+
+
+class GpuMonitor:
+    def __init__(self, config: Config, nvml: Nvml, *, plan_only: bool = False,
+                 clock: Callable[[], float] = time.time, write_history: bool = False) -> None:
+        self.config = config
+        self.nvml = nvml
+        self.plan_only = plan_only
+        self.clock = clock
+        self.write_history = write_history
+        self.state_dir = config.paths.state_dir
+        self.histories: dict[str, History] = {}
+        self.states: dict[str, GpuState] = {}
+        self.snapshot: GpuSnapshot | None = None
+        self.views: tuple[GpuView, ...] = ()
+        self.callbacks: dict[str, list[Callable[[GpuView], None]]] = {
+            "normal": [], "throttle": [], "critical": []}
+        self._records: dict[str, Throttled] | None = None
+        self._count = 0
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- one cycle -------------------------------------------------------------------
+
+    def records(self) -> dict[str, Throttled]:
+        if self._records is None:
+            self._records = power.load(self.state_dir)
+        return self._records
+
+    def step(self) -> tuple[GpuView, ...]:
+        with self._lock:
+            now = self.clock()
+            snapshot = self.nvml.sample(processes=self._count % PROCESSES_EVERY == 0, now=now)
+            self._count += 1
+            self.snapshot = snapshot
+            views = []
+            for gpu in snapshot.gpus:
+                views.append(self._one(gpu, now))
+            self.views = tuple(views)
+            if self.write_history:
+                self._save_history()
+            return self.views
+
+    def _one(self, gpu: GpuSample, now: float) -> GpuView:
+        key = gpu.uuid or f"index-{gpu.index}"
+        history = self.histories.setdefault(key, History(self.config.gpu.history_size))
+        previous = self.states.get(key)
+        if gpu.lost:
+            state = GpuState.CRITICAL
+        else:
+            state = next_state(previous, gpu.temperature_c, gpu.memory_used_percent,
+                               self.config.gpu)
+            history.add(Point(now, gpu.temperature_c, gpu.utilization_gpu_percent,
+                              gpu.memory_used_percent))
+        self.states[key] = state
+        if state is not previous and previous is not None:
+            self._changed(gpu, previous, state, now)
+        decision = None
+        records = self.records()
+        if not gpu.lost:
+            decision = decide(gpu, state, records.get(key), self.config.gpu, now)
+            if self.config.gpu.throttle_enabled and not self.plan_only:
+                try:
+                    self._records = power.apply(decision, self.nvml, self.state_dir, records)
+                except ClusterctlError as err:
+                    log.error("GPU %d: %s", gpu.index, err.one_line())
+                if decision.move != "hold":
+                    self._event("gpu_power_limited", decision.reason, gpu, now,
+                                move=decision.move, limit_w=decision.limit_w)
+        view = GpuView(gpu, state, decision, key in self.records())
+        if state is not previous:
+            for fn in self.callbacks[_KIND[state]]:
+                try:
+                    fn(view)
+                except Exception:  # a caller's callback must not stop the monitor
+                    log.exception("a GPU %s callback failed", _KIND[state])
+        return view
+
+    def _changed(self, gpu: GpuSample, before: GpuState, after: GpuState, now: float) -> None:
+        level = logging.WARNING if after.rank > before.rank else logging.INFO
+        log.log(level, "GPU %d: %s -> %s (%s C, VRAM %s%%)", gpu.index, before.value,
+                after.value, gpu.temperature_c,
+                None if gpu.memory_used_percent is None else round(gpu.memory_used_percent))
+        self._event("gpu_state_changed", f"{before.value} -> {after.value}", gpu, now,
+                    state_from=before.value, state_to=after.value,
+                    speed_multiplier=after.speed_multiplier)
+
+    def _event(self, kind: str, reason: str, gpu: GpuSample, now: float, **extra: object
+               ) -> None:
+        with contextlib.suppress(ClusterctlError):  # an unwritable log must not stop sampling
+            EventLog(self.state_dir, instance_id(self.config)).record(
+                kind, reason, {"gpu": gpu.index, "uuid": gpu.uuid,
+                               "temperature_c": gpu.temperature_c,
+                               "memory_used_percent": gpu.memory_used_percent, **extra},
+                now=now)
+
+    def _save_history(self) -> None:
+        data = {key: [[p.at, p.temperature_c, p.utilization_percent, p.memory_used_percent]
+                      for p in h.points()] for key, h in self.histories.items()}
+        with contextlib.suppress(ClusterctlError, OSError):
+            self.config.paths.run_dir.mkdir(parents=True, exist_ok=True)
+            system.atomic_write_text(self.config.paths.run_dir / HISTORY_FILE,
+                                     json.dumps(data), mode=0o644)
+
+    # -- the thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Give back limits a crashed run left lowered, then sample in the background."""
+        if self._thread is not None:
+            return
+        self.restore()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # keep monitoring through a bad sample
+                log.exception("GPU sampling failed")
+            self._stop.wait(self.config.gpu.monitor_interval_s)
+
+    def stop(self) -> None:
+        """End the thread and give back every power limit clusterctl lowered."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.restore()
+
+    def restore(self) -> list[str]:
+        with self._lock:
+            records = self.records()
+            if not records or self.plan_only:
+                return []
+            snapshot = self.nvml.sample()
+            done = power.restore_all(self.nvml, self.state_dir,
+                                     {g.uuid: g.index for g in snapshot.gpus if g.uuid})
+            self._records = power.load(self.state_dir)
+            for line in done:
+                log.warning("%s", line)
+            return done
+
+    def with_config(self, config: Config) -> None:
+        with self._lock:
+            self.config = config
+            for key, history in list(self.histories.items()):
+                fresh = History(config.gpu.history_size)
+                for point in history.points():
+                    fresh.add(point)
+                self.histories[key] = fresh
+
+
+def load_history(run_dir: Path, size: int) -> dict[str, History]:
+    """The ring a running monitor keeps in ``<run_dir>/gpu-history.json``."""
+    try:
+        data = json.loads((run_dir / HISTORY_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    out = {}
+    for key, points in data.items():
+        history = History(size)
+        for at, temp, util, mem in points:
+            history.add(Point(at, temp, util, mem))
+        out[key] = history
+    return out
+
+
+def view_now(sample: GpuSample, config: Config, record: Throttled | None, now: float
+             ) -> GpuView:
+    """A one-off view (no history): the table's state, and what the throttle would do."""
+    state = GpuState.CRITICAL if sample.lost else next_state(
+        None, sample.temperature_c, sample.memory_used_percent, config.gpu)
+    decision = None if sample.lost else decide(sample, state, record, config.gpu, now)
+    return GpuView(sample, state, decision, record is not None)

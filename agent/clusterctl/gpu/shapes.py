@@ -1,0 +1,105 @@
+"""The seeds' JSON shapes, built from monitor views (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clusterctl.events import iso_utc
+from clusterctl.gpu.history import Trend
+from clusterctl.gpu.monitor import GpuView
+from clusterctl.host.nvml import GpuSnapshot
+
+
+def fleet_metrics(snapshot: GpuSnapshot, views: tuple[GpuView, ...]) -> dict[str, Any]:
+    """gpu-fleet-manager's ``GET /api/v1/monitoring/gpu-metrics``, plus clusterctl's fields.
+
+    Where a GPU does not report a field, it is null: never a made-up zero.
+    """
+    return {
+        "timestamp": iso_utc(snapshot.sampled_at),
+        "driver_version": snapshot.driver_version,
+        "reason": snapshot.reason,
+        "gpus": [_fleet_gpu(v) for v in views],
+    }
+
+
+def _fleet_gpu(view: GpuView) -> dict[str, Any]:
+    g = view.sample
+    return {
+        "id": f"gpu-{g.index}",
+        "index": g.index,
+        "name": g.name,
+        "uuid": g.uuid,
+        "pci_bus_id": g.pci_bus_id,
+        "lost": g.lost,
+        "utilization": g.utilization_gpu_percent,
+        "memory_utilization": g.utilization_memory_percent,
+        "memory": {"total": g.memory_total_mib, "used": g.memory_used_mib,
+                   "free": g.memory_free_mib},
+        "temperature": g.temperature_c,
+        "power_usage": g.power_draw_w,
+        "power_limit": {"current": g.power_limit_w, "default": g.power_default_limit_w,
+                        "min": g.power_min_limit_w, "max": g.power_max_limit_w},
+        "clock_speeds": {"graphics": g.clock_graphics_mhz, "sm": g.clock_sm_mhz,
+                         "memory": g.clock_memory_mhz},
+        "performance_state": None if g.performance_state is None else f"P{g.performance_state}",
+        "fan": g.fan_percent,
+        "clock_event_reasons": None if g.clock_event_reasons is None
+        else list(g.clock_event_reasons),
+        "ecc_uncorrected_volatile": g.ecc_uncorrected_volatile,
+        "remapped_rows": {"uncorrectable": g.remapped_rows_uncorrectable,
+                          "pending": g.remapped_rows_pending},
+        "processes": None if g.processes is None else [
+            {"pid": p.pid, "name": p.name, "used_memory": p.used_mib} for p in g.processes],
+        "state": view.state.value,
+        "speed_multiplier": view.state.speed_multiplier,
+        "should_throttle": view.state.should_throttle,
+        "power_limited_by_clusterctl": view.throttled,
+        "error": g.error,
+    }
+
+
+def manager_status(view: GpuView) -> dict[str, Any]:
+    """junmai's ``GET /api/gpu/status`` ``data``."""
+    g = view.sample
+    return {
+        "available": not g.lost,
+        "gpu_id": g.index,
+        "name": g.name,
+        "state": view.state.value,
+        "temperature_celsius": g.temperature_c,
+        "load_percent": g.utilization_gpu_percent,
+        "memory": {"used_mb": g.memory_used_mib, "total_mb": g.memory_total_mib,
+                   "percent": None if g.memory_used_percent is None
+                   else round(g.memory_used_percent, 1)},
+        "throttling": {"is_throttled": view.throttled,
+                       "should_throttle": view.state.should_throttle,
+                       "speed_multiplier": view.state.speed_multiplier},
+    }
+
+
+def trend_dict(trend: Trend | None, gpu_id: int) -> dict[str, Any]:
+    """junmai's ``get_temperature_trend``: current_temp, avg_temp, min, max, trend."""
+    if trend is None:
+        return {"gpu_id": gpu_id, "samples": 0, "trend": "unknown"}
+    return {"gpu_id": gpu_id, "current_temp": trend.current_c, "avg_temp": trend.average_c,
+            "min_temp": trend.min_c, "max_temp": trend.max_c, "trend": trend.trend,
+            "slope_c_per_min": trend.slope_c_per_min, "samples": trend.samples,
+            "duration_minutes": trend.minutes}
+
+
+def health(views: tuple[GpuView, ...], limit_c: int, reason: str | None) -> dict[str, Any]:
+    """superezio's ``gpu_status`` check: every GPU answers and is below ``limit_c``."""
+    problems = []
+    for v in views:
+        g = v.sample
+        if g.lost:
+            problems.append(f"GPU {g.index} is lost")
+        elif g.temperature_c is None:
+            problems.append(f"GPU {g.index} does not report its temperature")
+        elif g.temperature_c >= limit_c:
+            problems.append(f"GPU {g.index} is at {g.temperature_c} C (limit {limit_c} C)")
+    if not views:
+        return {"check": "gpu_status", "status": "degraded", "problems": [reason or "no GPU"]}
+    return {"check": "gpu_status", "status": "unhealthy" if problems else "healthy",
+            "problems": problems}

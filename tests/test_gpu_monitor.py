@@ -1,0 +1,185 @@
+"""The GPU monitor and the seeds' Python API, on the fake NVML (in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from clusterctl import config as cfg
+from clusterctl.errors import ConfigError, UsageError
+from clusterctl.gpu.manager import GpuManager
+from clusterctl.gpu.monitor import GpuMonitor, GpuView
+from clusterctl.host.nvml import Nvml
+from tests.conftest import H100, load_fake_nvml
+
+GIB = 2**30
+
+
+@pytest.fixture
+def nv(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    fake = load_fake_nvml(monkeypatch)
+    fake.configure({"gpus": [{**H100, "uuid": "GPU-0", "memory_used": 8 * GIB}]})
+    return fake
+
+
+def config(tmp_path: Path, **gpu: object) -> cfg.Config:
+    base = cfg.Config(paths=cfg.PathsConfig(state_dir=tmp_path / "state",
+                                            run_dir=tmp_path / "run"))
+    return cfg.with_changes(base, "gpu", gpu) if gpu else base
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def events(tmp_path: Path) -> list[dict[str, object]]:
+    path = tmp_path / "state/events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_state_changes_fire_callbacks_and_events_once(nv: ModuleType, tmp_path: Path) -> None:
+    nv.machine.gpus[0].temperature = [60, 70, 76, 76, 74, 72, 91]
+    seen: list[tuple[str, int | None]] = []
+    monitor = GpuMonitor(config(tmp_path), Nvml(module=nv), clock=Clock())
+    for kind in ("normal", "throttle", "critical"):
+        monitor.callbacks[kind].append(lambda v, k=kind: seen.append((k, v.temperature_celsius)))
+    states = [monitor.step()[0].state.value for _ in range(7)]
+    assert states == ["optimal", "normal", "throttled", "throttled", "throttled", "normal",
+                      "critical"]  # 74 keeps THROTTLED (hysteresis), 72 leaves it
+    assert seen == [("normal", 60), ("normal", 70), ("throttle", 76), ("normal", 72),
+                    ("critical", 91)]
+    changes = [(e["state_from"], e["state_to"]) for e in events(tmp_path)
+               if e["event_type"] == "gpu_state_changed"]
+    assert changes == [("optimal", "normal"), ("normal", "throttled"), ("throttled", "normal"),
+                       ("normal", "critical")]
+
+
+def test_a_failing_callback_does_not_stop_monitoring(nv: ModuleType, tmp_path: Path) -> None:
+    monitor = GpuMonitor(config(tmp_path), Nvml(module=nv))
+    monitor.callbacks["normal"].append(lambda v: 1 / 0)  # type: ignore[func-returns-value]
+    assert monitor.step()[0].state.value == "optimal"
+    assert monitor.step()
+
+
+def test_throttling_lowers_saves_the_original_first_and_gives_it_back_on_stop(
+        nv: ModuleType, tmp_path: Path) -> None:
+    gpu = nv.machine.gpus[0]
+    gpu.temperature = 88
+    clock = Clock()
+    monitor = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv), clock=clock)
+    monitor.step()
+    assert gpu.set_limit_calls == [630_000]
+    saved = json.loads((tmp_path / "state/gpu-power.json").read_text())
+    assert saved["gpus"]["GPU-0"]["original_limit_w"] == 700.0
+    clock.now += 15
+    monitor.step()
+    assert gpu.set_limit_calls == [630_000, 560_000]
+    gpu.temperature = 95
+    clock.now += 1
+    monitor.step()
+    assert gpu.set_limit_calls[-1] == 350_000  # CRITICAL: the floor at once
+    assert [e["move"] for e in events(tmp_path) if e["event_type"] == "gpu_power_limited"] == [
+        "lower", "lower", "floor"]
+    monitor.stop()
+    assert gpu.power_limit_mw == 700_000
+    assert not (tmp_path / "state/gpu-power.json").exists()
+
+
+def test_after_a_crash_the_next_start_gives_the_limit_back(nv: ModuleType, tmp_path: Path
+                                                           ) -> None:
+    gpu = nv.machine.gpus[0]
+    gpu.temperature = 88
+    crashed = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv))
+    crashed.step()  # ... and the process dies here: no stop()
+    assert gpu.power_limit_mw == 630_000
+    gpu.temperature = 50
+    monitor = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv))
+    monitor.start()
+    monitor.stop()
+    assert gpu.power_limit_mw == 700_000
+    assert gpu.set_limit_calls[-1] == 700_000
+
+
+def test_plan_only_and_disabled_never_touch_the_gpu(nv: ModuleType, tmp_path: Path) -> None:
+    gpu = nv.machine.gpus[0]
+    gpu.temperature = 95
+    for monitor in (GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv),
+                               plan_only=True),
+                    GpuMonitor(config(tmp_path), Nvml(module=nv))):
+        view = monitor.step()[0]
+        assert view.decision is not None and view.decision.move == "floor"
+        monitor.stop()
+    assert gpu.set_limit_calls == []
+
+
+def test_a_gpu_refusing_the_limit_is_logged_and_sampling_goes_on(
+        nv: ModuleType, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    gpu = nv.machine.gpus[0]
+    gpu.temperature = 88
+    gpu.errors["nvmlDeviceSetPowerManagementLimit"] = nv.NVML_ERROR_NO_PERMISSION
+    monitor = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv))
+    assert monitor.step()[0].state.value == "throttled"
+    assert "GPU 0: no permission to set its power limit; run as root" in caplog.text
+
+
+# -- the seeds' Python API --------------------------------------------------------------
+
+
+def test_the_junmai_quick_start_works(nv: ModuleType, tmp_path: Path) -> None:
+    gpu_manager = GpuManager(config(tmp_path), nvml=Nvml(module=nv))
+    assert gpu_manager.is_available()
+    status = gpu_manager.get_gpu_status()
+    assert status["name"] == H100["name"] and status["state"] == "optimal"
+    assert status["memory"]["percent"] == round(100 * 8 * GIB / H100["memory_total"], 1)
+    assert status["throttling"] == {"is_throttled": False, "should_throttle": False,
+                                    "speed_multiplier": 1.0}
+    before = gpu_manager.get_available_memory()
+    assert gpu_manager.allocate_memory("llm_model", 2048)
+    assert gpu_manager.get_available_memory() == before - 2048
+    assert gpu_manager.get_gpu_status()["memory"]["allocation_stats"] == {
+        "allocations": {"llm_model": 2048}, "allocated_mb": 2048}
+    assert gpu_manager.deallocate_memory("llm_model")
+    assert not gpu_manager.deallocate_memory("llm_model")
+    assert not gpu_manager.allocate_memory("too_big", 10**6)
+    assert gpu_manager.assign_model_to_gpu("embedder", 1024) == 0
+    assert gpu_manager.release_model("embedder")
+    nv.machine.gpus[0].temperature = 80
+    assert gpu_manager.should_throttle_processing()
+    assert gpu_manager.get_processing_speed_multiplier() == 0.5
+    gpu_manager.shutdown()
+
+
+def test_monitoring_trend_callbacks_and_config_updates(nv: ModuleType, tmp_path: Path) -> None:
+    nv.machine.gpus[0].temperature = [60, 62, 64, 66, 68, 70, 72, 74, 76]
+    gpu_manager = GpuManager(config(tmp_path, monitor_interval=0.1), nvml=Nvml(module=nv))
+    hot: list[GpuView] = []
+    gpu_manager.register_callback("throttle", hot.append)
+    with pytest.raises(UsageError):
+        gpu_manager.register_callback("meltdown", hot.append)
+    gpu_manager.start_monitoring()
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not hot and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        gpu_manager.stop_monitoring()
+    assert hot and hot[0].temperature_celsius == 76
+    trend = gpu_manager.get_temperature_trend(duration_minutes=5)
+    assert trend["trend"] == "rising" and trend["max_temp"] == 76 and trend["min_temp"] == 60
+    gpu_manager.update_config({"temp_normal": 80, "throttle_cooldown_seconds": 60})
+    assert gpu_manager.config.gpu.temp_normal_c == 80
+    with pytest.raises(ConfigError):
+        gpu_manager.update_config({"temp_normal": 99})  # above temp_throttle
+    assert gpu_manager.config.gpu.temp_normal_c == 80  # unchanged
+    with pytest.raises(UsageError):
+        gpu_manager.update_config({"memory_limit_mb": 7168})
+    gpu_manager.shutdown()
