@@ -251,3 +251,30 @@ def test_real_sample_agrees_with_nvidia_smi() -> None:
         assert gpu.clock_event_reasons is not None
         assert gpu.processes is not None
         assert gpu.error is None, gpu.error
+
+
+def test_used_memory_leaves_out_the_drivers_reserve_like_nvidia_smi(nv: ModuleType) -> None:
+    nv.configure({"gpus": [{**H100, "memory_used": 0, "memory_reserved": 480 * 2**20}]})
+    gpu = Nvml(module=nv).sample().gpus[0]
+    assert gpu.memory_used_mib == 0
+    assert gpu.memory_free_mib == (H100["memory_total"] - 480 * 2**20) // 2**20
+    nv.configure({"gpus": [{**H100, "memory_used": 0, "memory_reserved": 480 * 2**20}],
+                  "missing_functions": ["nvmlDeviceGetMemoryInfo_v2"]})  # an older driver
+    assert Nvml(module=nv).sample().gpus[0].memory_used_mib == 480
+
+
+def test_a_field_the_gpu_lacks_is_asked_once(nv: ModuleType) -> None:
+    nv.configure({"gpus": [{**H100, "fan_percent": None}]})
+    calls = []
+    real = nv.nvmlDeviceGetFanSpeed
+
+    def counting(handle: object) -> int:
+        calls.append(handle)
+        return int(real(handle))
+
+    nv.nvmlDeviceGetFanSpeed = counting
+    counting.__name__ = "nvmlDeviceGetFanSpeed"
+    nvml = Nvml(module=nv)
+    for _ in range(5):
+        assert nvml.sample().gpus[0].fan_percent is None
+    assert len(calls) == 1

@@ -13,11 +13,12 @@ and error classes (tests/fakes); production code never passes it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -121,6 +122,14 @@ CLOCK_EVENT_REASONS = {
 }
 
 
+MIB = 2**20
+
+
+@functools.lru_cache(maxsize=64)
+def _reasons(mask: int) -> tuple[str, ...]:
+    return decode_clock_event_reasons(mask)
+
+
 def decode_clock_event_reasons(mask: int) -> tuple[str, ...]:
     names = [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
     unknown = mask & ~sum(CLOCK_EVENT_REASONS)
@@ -140,6 +149,8 @@ class _Static:
     power_default_limit_w: float | None
     power_min_limit_w: float | None
     power_max_limit_w: float | None
+    unsupported: set[tuple[Any, ...]]  # calls answered NotSupported: not asked again
+    memory_version: int | None  # nvmlMemory_v2 where the driver has it (used w/o reserved)
 
 
 # NVML return codes (nvml.h); the same values pynvml exports as NVML_ERROR_*.
@@ -354,6 +365,8 @@ class Nvml:
             power_default_limit_w=_watts(quiet(nv.nvmlDeviceGetPowerManagementDefaultLimit)),
             power_min_limit_w=_watts(low),
             power_max_limit_w=_watts(high),
+            unsupported=set(),
+            memory_version=self._memory_version(nv, handle),
         )
         self._static[index] = static
         return static
@@ -366,15 +379,18 @@ class Nvml:
             return GpuSample(index, None, None, None, lost=lost, error=_describe(err))
         errors: list[str] = []
         lost = False
+        handle, unsupported = static.handle, static.unsupported
 
         def read(fn: Any, *args: Any) -> Any:
             nonlocal lost
-            if lost:
+            key = (fn.__name__, *args)
+            if lost or key in unsupported:
                 return None
             try:
-                return fn(static.handle, *args)
+                return fn(handle, *args)
             except nv.NVMLError as err:
                 if err.value in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
+                    unsupported.add(key)  # a capability of this GPU: not asked again
                     return None
                 if err.value in (_GPU_IS_LOST, _UNKNOWN):
                     lost = True
@@ -382,42 +398,63 @@ class Nvml:
                 return None
 
         util = read(nv.nvmlDeviceGetUtilizationRates)
-        memory = read(nv.nvmlDeviceGetMemoryInfo)
-        reasons = read(self._clock_reasons_fn(nv, static.handle))
+        memory = (read(nv.nvmlDeviceGetMemoryInfo, static.memory_version)
+                  if static.memory_version else read(nv.nvmlDeviceGetMemoryInfo))
+        temperature = read(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU)
+        power_draw = read(nv.nvmlDeviceGetPowerUsage)
+        power_limit = read(nv.nvmlDeviceGetPowerManagementLimit)
+        clock_graphics = read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_GRAPHICS)
+        clock_sm = read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM)
+        clock_memory = read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_MEM)
+        pstate = read(nv.nvmlDeviceGetPerformanceState)
+        fan = read(nv.nvmlDeviceGetFanSpeed)
+        reasons = read(self._clock_reasons_fn(nv, handle))
+        ecc = read(nv.nvmlDeviceGetTotalEccErrors, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                   nv.NVML_VOLATILE_ECC)
         remapped = read(nv.nvmlDeviceGetRemappedRows)
-        sample = GpuSample(
-            index=index, name=static.name, uuid=static.uuid, pci_bus_id=static.pci_bus_id,
-            lost=False, error=None,
-            utilization_gpu_percent=_int(getattr(util, "gpu", None)),
-            utilization_memory_percent=_int(getattr(util, "memory", None)),
-            memory_total_mib=_mib(getattr(memory, "total", None)),
-            memory_used_mib=_mib(getattr(memory, "used", None)),
-            memory_free_mib=_mib(getattr(memory, "free", None)),
-            temperature_c=_int(read(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU)),
-            power_draw_w=_watts(read(nv.nvmlDeviceGetPowerUsage)),
-            power_limit_w=_watts(read(nv.nvmlDeviceGetPowerManagementLimit)),
-            power_default_limit_w=static.power_default_limit_w,
-            power_min_limit_w=static.power_min_limit_w,
-            power_max_limit_w=static.power_max_limit_w,
-            clock_graphics_mhz=_int(read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_GRAPHICS)),
-            clock_sm_mhz=_int(read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM)),
-            clock_memory_mhz=_int(read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_MEM)),
-            performance_state=_int(read(nv.nvmlDeviceGetPerformanceState)),
-            fan_percent=_int(read(nv.nvmlDeviceGetFanSpeed)),
-            clock_event_reasons=(decode_clock_event_reasons(int(reasons))
-                                 if reasons is not None else None),
-            ecc_uncorrected_volatile=_int(read(nv.nvmlDeviceGetTotalEccErrors,
-                                               nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
-                                               nv.NVML_VOLATILE_ECC)),
-            remapped_rows_uncorrectable=_int(remapped[1]) if remapped else None,
-            remapped_rows_pending=bool(remapped[2]) if remapped else None,
-            processes=self._processes(nv, static.handle, read) if processes else None,
-        )
+        processes_now = self._processes(nv, handle, read) if processes else None
         if lost:
             self._static.pop(index, None)  # look the handle up again next time
             return GpuSample(index, static.name, static.uuid, static.pci_bus_id, lost=True,
                              error="; ".join(errors))
-        return replace(sample, error="; ".join(errors) or None)
+        return GpuSample(
+            index=index, name=static.name, uuid=static.uuid, pci_bus_id=static.pci_bus_id,
+            lost=False, error="; ".join(errors) or None,
+            utilization_gpu_percent=None if util is None else int(util.gpu),
+            utilization_memory_percent=None if util is None else int(util.memory),
+            memory_total_mib=None if memory is None else int(memory.total) // MIB,
+            memory_used_mib=None if memory is None else int(memory.used) // MIB,
+            memory_free_mib=None if memory is None else int(memory.free) // MIB,
+            temperature_c=_int(temperature),
+            power_draw_w=_watts(power_draw),
+            power_limit_w=_watts(power_limit),
+            power_default_limit_w=static.power_default_limit_w,
+            power_min_limit_w=static.power_min_limit_w,
+            power_max_limit_w=static.power_max_limit_w,
+            clock_graphics_mhz=_int(clock_graphics),
+            clock_sm_mhz=_int(clock_sm),
+            clock_memory_mhz=_int(clock_memory),
+            performance_state=_int(pstate),
+            fan_percent=_int(fan),
+            clock_event_reasons=None if reasons is None else _reasons(int(reasons)),
+            ecc_uncorrected_volatile=_int(ecc),
+            remapped_rows_uncorrectable=None if remapped is None else int(remapped[1]),
+            remapped_rows_pending=None if remapped is None else bool(remapped[2]),
+            processes=processes_now,
+        )
+
+    @staticmethod
+    def _memory_version(nv: Any, handle: Any) -> int | None:
+        """nvmlMemory_v2 when this driver has it: its "used" leaves out what the driver
+        reserves, as nvidia-smi shows it."""
+        version = getattr(nv, "nvmlMemory_v2", None)
+        if version is None:
+            return None
+        try:
+            nv.nvmlDeviceGetMemoryInfo(handle, version)
+        except nv.NVMLError:
+            return None
+        return int(version)
 
     def _clock_reasons_fn(self, nv: Any, handle: Any) -> Any:
         """nvmlDeviceGetCurrentClocksEventReasons, or the older throttle-reasons call."""

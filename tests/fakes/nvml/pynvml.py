@@ -122,6 +122,7 @@ class FakeGpu:
     pci_bus_id: str = "00000000:01:00.0"
     memory_total: int = 85_520_809_984
     memory_used: Any = 0  # bytes
+    memory_reserved: int = 0  # what the driver keeps: in "used" for the v1 call only
     utilization_gpu: Any = 0  # percent
     utilization_memory: Any = 0
     temperature: Any = 40  # degrees C
@@ -184,10 +185,14 @@ class c_nvmlDevice_t:
 
 
 class c_nvmlMemory_t:
-    def __init__(self, total: int, used: int) -> None:
+    def __init__(self, total: int, used: int, reserved: int = 0) -> None:
         self.total = total
+        self.reserved = reserved
         self.used = used
-        self.free = total - used
+        self.free = total - used - reserved
+
+
+nvmlMemory_v2 = 0x2000028  # sizeof(c_nvmlMemory_v2_t) | 2 << 24, as pynvml defines it
 
 
 class nvmlPciInfo_t:
@@ -284,7 +289,11 @@ def nvmlDeviceGetPciInfo(handle: c_nvmlDevice_t) -> nvmlPciInfo_t:
 
 def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None) -> c_nvmlMemory_t:
     gpu = _gpu(handle, "nvmlDeviceGetMemoryInfo")
-    return c_nvmlMemory_t(gpu.memory_total, gpu.read("memory_used"))
+    used = gpu.read("memory_used")
+    if version:
+        _check_function("nvmlDeviceGetMemoryInfo_v2")
+        return c_nvmlMemory_t(gpu.memory_total, used, gpu.memory_reserved)
+    return c_nvmlMemory_t(gpu.memory_total, used + gpu.memory_reserved)
 
 
 # constants the gauges take (nvml.h)
