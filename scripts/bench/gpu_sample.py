@@ -109,6 +109,12 @@ def main() -> int:
     if gpustat:
         tools["gpustat --json (subprocess)"] = lambda: subprocess.run(
             [gpustat, "--json"], capture_output=True, check=True)
+    for name, fn in list(tools.items()):
+        try:
+            fn()
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"{name}: skipped ({err})", file=sys.stderr)
+            del tools[name]
     if tools:
         results.update(interleaved(tools, args.smi_runs))
     floor = results["floor (bare pynvml calls)"]
