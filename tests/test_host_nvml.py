@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ctypes.util
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -278,3 +279,32 @@ def test_a_field_the_gpu_lacks_is_asked_once(nv: ModuleType) -> None:
     for _ in range(5):
         assert nvml.sample().gpus[0].fan_percent is None
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_gpu_placement_and_throttle_plan_change_no_setting(tmp_path: Path) -> None:
+    """Placement on the real GPU's numbers; the controller in plan-only mode."""
+    from clusterctl import config as cfg
+    from clusterctl.gpu import placement
+    from clusterctl.gpu.monitor import GpuMonitor
+
+    config = cfg.with_changes(cfg.Config(paths=cfg.PathsConfig(
+        state_dir=tmp_path / "state", run_dir=tmp_path / "run")), "gpu",
+        {"throttle_enabled": True, "temp_optimal": 1, "temp_normal": 2,
+         "temp_throttle": 3})  # so any GPU is "hot": the plan must lower, and never act
+    with Nvml() as nvml:
+        before = nvml.sample().gpus[0]
+        free = before.memory_free_mib or 0
+        first = placement.place(config.paths.state_dir, config.paths.run_dir, nvml.sample,
+                                "a", free // 2, 512, now=0)
+        with pytest.raises(placement.NoFit):
+            placement.place(config.paths.state_dir, config.paths.run_dir, nvml.sample, "b",
+                            free // 2, 512, gpu_index=first.room.index, now=1)
+        monitor = GpuMonitor(config, nvml, plan_only=True)
+        view = monitor.step()[0]
+        monitor.stop()
+        after = nvml.sample().gpus[0]
+    assert view.decision is not None and view.decision.move in ("lower", "floor")
+    assert after.power_limit_w == before.power_limit_w  # nothing was set
+    assert not (tmp_path / "state/gpu-power.json").exists()

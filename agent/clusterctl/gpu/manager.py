@@ -126,7 +126,8 @@ class GpuManager:
         self._monitoring = False
 
     def register_callback(self, kind: str, fn: Callable[[GpuView], None]) -> None:
-        """``fn(view)`` when a GPU enters 'normal' (or optimal), 'throttle' or 'critical'."""
+        """``fn(view)`` when a GPU enters 'normal' (or optimal), 'throttle' or 'critical';
+        at the first sample after start_monitoring, for the state each GPU is in."""
         if kind not in self.monitor.callbacks:
             raise UsageError(f"unknown callback kind {kind!r}: normal, throttle or critical")
         self.monitor.callbacks[kind].append(fn)

@@ -70,6 +70,7 @@ class GpuMonitor:
         self.state_dir = config.paths.state_dir
         self.histories: dict[str, History] = {}
         self.states: dict[str, GpuState] = {}
+        self._notified: dict[str, GpuState] = {}  # the state callbacks last heard of
         self.snapshot: GpuSnapshot | None = None
         self.views: tuple[GpuView, ...] = ()
         self.callbacks: dict[str, list[Callable[[GpuView], None]]] = {
@@ -128,7 +129,8 @@ class GpuMonitor:
                     self._event("gpu_power_limited", decision.reason, gpu, now,
                                 move=decision.move, limit_w=decision.limit_w)
         view = GpuView(gpu, state, decision, key in self.records())
-        if state is not previous:
+        if state is not self._notified.get(key):
+            self._notified[key] = state
             for fn in self.callbacks[_KIND[state]]:
                 try:
                     fn(view)
@@ -168,6 +170,7 @@ class GpuMonitor:
         """Give back limits a crashed run left lowered, then sample in the background."""
         if self._thread is not None:
             return
+        self._notified.clear()  # callbacks hear every GPU's state at the first sample
         self.restore()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
