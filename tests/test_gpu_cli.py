@@ -151,3 +151,19 @@ def test_no_driver_is_one_clear_line(node: Path, tmp_path: Path) -> None:
     placed = cli(node, env, "place", "x", "--vram", "10")
     assert placed.returncode == 1
     assert placed.stderr.startswith("clusterctl: no GPU to place x on: no NVIDIA driver")
+
+
+def test_watch_keeps_the_history_that_trend_reads(node: Path, tmp_path: Path) -> None:
+    env = gpus(tmp_path, {**CARD0, "temperature": [60, 63, 66, 69]})
+    watched = cli(node, env, "watch", "--count", "4", "--interval", "0.2")
+    assert watched.returncode == 0, watched.stderr
+    assert "H100" in watched.stdout and watched.stderr == ""
+    assert not (tmp_path / "state/events.jsonl").exists()  # a viewer records nothing
+    trend = json.loads(cli(node, env, "trend", "--json").stdout)
+    assert (trend["min_temp"], trend["max_temp"], trend["samples"]) == (60, 69, 4)
+    assert trend["trend"] == "rising"
+    fresh = cli(node, env, "trend", "--gpu", "0", "--sample", "1")
+    assert fresh.stdout.startswith("GPU 0: 63 C now")  # a new process: the timeline anew
+    assert "2 samples" in fresh.stdout
+    nothing = cli(node, gpus(tmp_path, CARD1), "trend", "--gpu", "0")
+    assert "no samples of GPU 0" in nothing.stdout  # GPU-1 was never watched

@@ -129,7 +129,8 @@ def watch_cmd(interval: Annotated[float | None, typer.Option(
     loaded = cfg.load(config)
     every = interval if interval is not None else loaded.config.gpu.monitor_interval_s
     with Nvml() as nvml:
-        monitor = GpuMonitor(loaded.config, nvml, plan_only=True, write_history=True)
+        monitor = GpuMonitor(loaded.config, nvml, plan_only=True, write_history=True,
+                             record_events=False)
         _live(monitor, every, count)
 
 
@@ -254,7 +255,7 @@ def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
     c = cfg.load(config).config
     with Nvml() as nvml:
         if sample:
-            monitor = GpuMonitor(c, nvml, plan_only=True)
+            monitor = GpuMonitor(c, nvml, plan_only=True, record_events=False)
             deadline = time.monotonic() + sample
             while True:
                 monitor.step()

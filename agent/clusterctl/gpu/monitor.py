@@ -61,12 +61,14 @@ class GpuView:
 
 class GpuMonitor:
     def __init__(self, config: Config, nvml: Nvml, *, plan_only: bool = False,
-                 clock: Callable[[], float] = time.time, write_history: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, write_history: bool = False,
+                 record_events: bool = True) -> None:
         self.config = config
         self.nvml = nvml
         self.plan_only = plan_only
         self.clock = clock
         self.write_history = write_history
+        self.record_events = record_events  # False for viewers: the agent records them
         self.state_dir = config.paths.state_dir
         self.histories: dict[str, History] = {}
         self.states: dict[str, GpuState] = {}
@@ -139,6 +141,8 @@ class GpuMonitor:
         return view
 
     def _changed(self, gpu: GpuSample, before: GpuState, after: GpuState, now: float) -> None:
+        if not self.record_events:
+            return
         level = logging.WARNING if after.rank > before.rank else logging.INFO
         log.log(level, "GPU %d: %s -> %s (%s C, VRAM %s%%)", gpu.index, before.value,
                 after.value, gpu.temperature_c,
@@ -149,6 +153,8 @@ class GpuMonitor:
 
     def _event(self, kind: str, reason: str, gpu: GpuSample, now: float, **extra: object
                ) -> None:
+        if not self.record_events:
+            return
         with contextlib.suppress(ClusterctlError):  # an unwritable log must not stop sampling
             EventLog(self.state_dir, instance_id(self.config)).record(
                 kind, reason, {"gpu": gpu.index, "uuid": gpu.uuid,
