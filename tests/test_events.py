@@ -65,7 +65,7 @@ def test_a_full_log_is_rotated_and_the_next_event_starts_a_new_one(tmp_path: Pat
     for i in range(3):
         log.record("swap_expanded", f"event {i}", {"n": i}, now=1_700_000_000 + i)
     rotated = sorted(p.name for p in tmp_path.glob("events.jsonl.*"))
-    assert rotated == ["events.jsonl.20231114T221322Z"]  # at the third, past 400 bytes
+    assert rotated == ["events.jsonl.20231114T221322.000000Z"]  # the third passed 400 bytes
     old = [json.loads(x)["n"] for x in (tmp_path / rotated[0]).read_text().splitlines()]
     assert old == [0, 1, 2]
     assert log.read() == []

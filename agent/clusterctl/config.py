@@ -256,11 +256,23 @@ class HeartbeatConfig:
     token_file: Path = setting(
         Path("/etc/clusterctl/token"), "token_file", "path", "root-only file with the bearer token"
     )
+    allow_insecure_http: bool = setting(
+        False, "allow_insecure_http", "bool",
+        "allow a plain http:// control_url that is not loopback (the token travels in clear)"
+    )
 
 
 @dataclass(frozen=True)
 class ApiConfig:
     listen: str = setting("127.0.0.1:9408", "listen", "listen", "address:port of the local API")
+    token_file: Path = setting(
+        Path("/etc/clusterctl/api-token"), "token_file", "path",
+        "root-only file with the bearer token the changing endpoints require"
+    )
+    textfile_dir: str = setting(
+        "", "textfile_dir", "str",
+        "node_exporter textfile-collector directory for the metrics; empty: none"
+    )
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class EventLog:
             os.write(fd, line)
             os.fsync(fd)
             if size + len(line) >= self.rotate_bytes:  # still under the lock
-                stamp = datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                moment = datetime.fromtimestamp(now, tz=timezone.utc)
+                stamp = moment.strftime("%Y%m%dT%H%M%S.%fZ")  # sorts in time order
                 self.path.replace(self.path.with_name(f"{FILE_NAME}.{stamp}"))
         finally:
             os.close(fd)

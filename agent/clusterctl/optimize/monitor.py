@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clusterctl import swap, system
+from clusterctl.agent.outbox import Outbox
 from clusterctl.config import Config
 from clusterctl.errors import HostError
 from clusterctl.events import FILE_NAME as EVENTS_FILE
@@ -230,8 +231,12 @@ def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -
     notes: list[str] = []
     cutoff = now - opt.retention_days * 86400
     state_dir = _under(root, config.paths.state_dir)
+    unsent = Outbox(state_dir).unsent_files() if config.heartbeat.control_url else set()
     for path in sorted(state_dir.glob(f"{EVENTS_FILE}.*")):
         st = path.lstat()
+        if path.name in unsent:
+            notes.append(f"kept {path}: it holds events the control plane has not had yet")
+            continue
         if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
             path.unlink()
             did.append(f"removed {path} ({format_size(st.st_size)}, older than "
