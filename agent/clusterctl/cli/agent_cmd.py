@@ -1,0 +1,24 @@
+"""`clusterctl agent run`: the long-running service (clusterctl-agent.service)."""
+
+from __future__ import annotations
+
+import typer
+
+from clusterctl.cli.common import ConfigOpt, QuietOpt, VerboseOpt, cli_errors, start
+
+app = typer.Typer(help="The long-running service: GPU monitor, swap on memory pressure, "
+                  "local API and metrics, heartbeats.", no_args_is_help=True)
+
+
+@app.command("run")
+@cli_errors
+def run_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """Run in the foreground until SIGTERM (what clusterctl-agent.service starts).
+
+    Tells systemd READY=1 after the first GPU sample, keeps STATUS= current, pings the
+    watchdog while its loops progress; SIGHUP reloads the config (a bad one is refused).
+    """
+    from clusterctl.agent.service import Agent
+
+    start(verbose, quiet)
+    raise typer.Exit(Agent(config).run())
