@@ -75,6 +75,7 @@ class Delivery:
             sequence = int(json.loads(path.read_text())["sequence"]) + 1
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             sequence = 1
+        self.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         system.atomic_write_text(path, json.dumps({"sequence": sequence}) + "\n", mode=0o600)
         return sequence
 

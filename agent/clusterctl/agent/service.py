@@ -135,31 +135,37 @@ class Agent:
 
     def _delivery_loop(self) -> None:
         while not self.stopping.is_set():
-            config = self.config
-            if not config.heartbeat.control_url:
-                self.progress.delivery_at = time.monotonic()
-                self.stopping.wait(config.heartbeat.interval_s)
-                continue
-            if self.delivery is None or self.delivery.client.base != \
-                    config.heartbeat.control_url.rstrip("/"):
-                try:
-                    self.delivery = Delivery(ControlClient(config.heartbeat), self.outbox,
-                                             config.paths.state_dir)
-                except ClusterctlError as err:
-                    log.error("heartbeats off: %s", err.one_line())
-                    self.stopping.wait(config.heartbeat.interval_s)
-                    continue
-            delivery = self.delivery
-            ok = delivery.heartbeat(self._payload(delivery.next_sequence()))
-            dropped = self.outbox.bound()
-            if dropped:
-                self._record("outbox_overflow", f"{dropped} unsent events dropped",
-                             {"dropped": dropped})
-            ok = delivery.flush() and ok
+            try:
+                wait = self._deliver_once()
+            except Exception:  # e.g. a full disk for the sequence file: retry, do not die
+                log.exception("heartbeat/event delivery failed")
+                wait = float(self.config.heartbeat.interval_s)
             self.progress.delivery_at = time.monotonic()
-            wait = config.heartbeat.interval_s if ok else min(
-                config.heartbeat.interval_s, delivery.backoff.failed())
             self.stopping.wait(wait)
+
+    def _deliver_once(self) -> float:
+        """One heartbeat and a drain of the outbox; seconds until the next."""
+        config = self.config
+        if not config.heartbeat.control_url:
+            return float(config.heartbeat.interval_s)
+        if self.delivery is None or self.delivery.client.base != \
+                config.heartbeat.control_url.rstrip("/"):
+            try:
+                self.delivery = Delivery(ControlClient(config.heartbeat), self.outbox,
+                                         config.paths.state_dir)
+            except ClusterctlError as err:
+                log.error("heartbeats off: %s", err.one_line())
+                return float(config.heartbeat.interval_s)
+        delivery = self.delivery
+        ok = delivery.heartbeat(self._payload(delivery.next_sequence()))
+        dropped = self.outbox.bound()
+        if dropped:
+            self._record("outbox_overflow", f"{dropped} unsent events dropped",
+                         {"dropped": dropped})
+        ok = delivery.flush() and ok
+        if ok:
+            return float(config.heartbeat.interval_s)
+        return min(float(config.heartbeat.interval_s), delivery.backoff.failed())
 
     def _payload(self, sequence: int) -> dict[str, Any]:
         metrics = self.gpu_metrics()

@@ -1,0 +1,102 @@
+"""A control plane on 127.0.0.1 that records what agents send it.
+
+``POST /api/agent/status`` and ``POST /api/agent/events`` are recorded (with the
+Authorization header). It can be told to answer 500, to answer garbage (a reply
+that is not HTTP), to be slow, or to refuse a token; stopping it makes the port
+refuse connections, as a control plane that is down.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class ControlPlane(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.heartbeats: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # as received, duplicates included
+        self.auth: list[str | None] = []
+        self.mode = "ok"  # ok | error | garbage | unauthorised
+        self.delay_s = 0.0
+        self.lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def start(self) -> ControlPlane:
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread:
+            self._thread.join()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ControlPlane
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.mode == "garbage":
+            self.wfile.write(b"this is not HTTP\r\n\r\n")
+            return
+        if self.server.mode == "error":
+            self._answer(500, {"error": "database is down"})
+            return
+        if self.server.mode == "unauthorised":
+            self._answer(401, {"error": "bad token"})
+            return
+        data = json.loads(body)
+        with self.server.lock:
+            self.server.auth.append(self.headers.get("Authorization"))
+            if self.path == "/api/agent/status":
+                self.server.heartbeats.append(data)
+            elif self.path == "/api/agent/events":
+                self.server.events.extend(data)
+            else:
+                self._answer(404, {"error": "no such endpoint"})
+                return
+        self._answer(200, {"ok": True})
+
+    def _answer(self, code: int, data: Any) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running(port: int = 0) -> Iterator[ControlPlane]:
+    plane = ControlPlane(port).start()
+    try:
+        yield plane
+    finally:
+        plane.stop()

@@ -1,0 +1,305 @@
+"""The agent in-process: heartbeats and events against a real HTTP control plane on
+127.0.0.1, the local API over real HTTP, /metrics; GPUs from the fake NVML."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from clusterctl.agent.service import Agent
+from clusterctl.events import EventLog
+from clusterctl.host.nvml import Nvml
+from tests.conftest import H100, load_fake_nvml
+from tests.fakes.control_plane import free_port, running
+
+GIB = 2**30
+
+
+@pytest.fixture
+def nv(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    fake = load_fake_nvml(monkeypatch)
+    fake.configure({"driver_version": "580.95.05", "gpus": [
+        {**H100, "uuid": f"GPU-{i}", "pci_bus_id": f"00000000:{i:02x}:00.0",
+         "utilization_gpu": 10 * i, "temperature": 40 + i, "memory_used": i * GIB}
+        for i in range(8)]})
+    return fake
+
+
+class Node:
+    def __init__(self, tmp_path: Path, nv: ModuleType, control_url: str = "",
+                 **extra: str) -> None:
+        self.tmp = tmp_path
+        self.nv = nv
+        self.port = free_port()
+        self.state = tmp_path / "state"
+        self.token = tmp_path / "token"
+        self.api_token = tmp_path / "api-token"
+        sections = {"heartbeat": f'control_url = "{control_url}"\ninterval = 1\n'
+                                 f'token_file = "{self.token}"\n',
+                    "gpu": "monitor_interval = 0.1\n",
+                    "api": f'listen = "127.0.0.1:{self.port}"\n'
+                           f'token_file = "{self.api_token}"\n',
+                    "paths": f'state_dir = "{self.state}"\nrun_dir = "{tmp_path / "run"}"\n',
+                    "swap": f'dir = "{tmp_path / "swap"}"\n',
+                    "ollama": 'url = "http://127.0.0.1:9"\n'}
+        for key, text in extra.items():
+            sections[key] += text
+        self.conf = tmp_path / "clusterctl.toml"
+        self.conf.write_text("".join(f"[{k}]\n{v}" for k, v in sections.items()))
+        self.notes: list[str] = []
+        self.agent: Agent | None = None
+
+    def start(self) -> Agent:
+        self.agent = Agent(self.conf, nvml=Nvml(module=self.nv), notify=self.notes.append)
+        self.agent.start()
+        assert self.agent.first_cycle.wait(10)
+        return self.agent
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    def record(self, *numbers: int) -> None:
+        log = EventLog(self.state, "node-1")
+        for n in numbers:
+            log.record("swap_expanded", f"event {n}", {"n": n}, now=time.time())
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
+                                     method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                raw, status, kind = response.read(), response.status, response.headers
+        except urllib.error.HTTPError as err:
+            raw, status, kind = err.read(), err.code, err.headers
+        if "json" in kind.get("Content-Type", ""):
+            return status, json.loads(raw)
+        return status, raw.decode()
+
+
+@pytest.fixture
+def node(tmp_path: Path, nv: ModuleType) -> Iterator[Callable[..., Node]]:
+    made: list[Node] = []
+
+    def make(control_url: str = "", **extra: str) -> Node:
+        n = Node(tmp_path, nv, control_url, **extra)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+# -- heartbeats and events -----------------------------------------------------------
+
+
+def test_heartbeats_arrive_with_the_versioned_payload_and_the_token(
+        node: Callable[..., Node]) -> None:
+    with running() as plane:
+        n = node(plane.url)
+        n.token.write_text("s3cret\n")
+        n.token.chmod(0o600)
+        n.start()
+        wait_until(lambda: len(plane.heartbeats) >= 2)
+    first, second = plane.heartbeats[:2]
+    assert first["schema_version"] == 1
+    assert second["sequence"] == first["sequence"] + 1
+    assert first["status"] == "running" and first["idle_since"] is None
+    assert first["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert len(first["gpus"]) == 8 and first["gpus"][3]["uuid"] == "GPU-3"
+    assert first["gpu_utilization"] == 35.0
+    assert set(first["memory"]) >= {"total_bytes", "available_bytes", "used_percent"}
+    assert first["agent_version"] and first["hostname"] and first["timestamp"].endswith("Z")
+    assert plane.auth[0] == "Bearer s3cret"
+
+
+def test_a_token_others_can_read_is_refused_with_the_fix(
+        node: Callable[..., Node], caplog: pytest.LogCaptureFixture) -> None:
+    with running() as plane:
+        n = node(plane.url)
+        n.token.write_text("s3cret\n")
+        n.token.chmod(0o644)
+        n.start()
+        wait_until(lambda: "can be read by group or others" in caplog.text)
+        assert plane.heartbeats == []
+    assert f"chmod 600 {n.token}" in caplog.text
+
+
+def test_an_hour_long_outage_then_every_event_once_in_order_across_a_restart(
+        node: Callable[..., Node]) -> None:
+    port = free_port()
+    n = node(f"http://127.0.0.1:{port}")
+    n.start()  # the control plane is down
+    n.record(1, 2, 3)
+    time.sleep(1.5)
+    n.stop()  # the agent restarts while it is still down
+    n.record(4, 5)
+    n.start()
+    n.record(6)
+    with running(port) as plane:
+        wait_until(lambda: len(plane.events) >= 6)
+        n.record(7)
+        wait_until(lambda: len(plane.events) >= 7)
+    numbers = [e["n"] for e in plane.events]
+    assert numbers == [1, 2, 3, 4, 5, 6, 7]
+    assert len({e["id"] for e in plane.events}) == 7
+    assert all(e["instance_id"] == "node-1" for e in plane.events)
+
+
+def test_errors_and_garbage_are_retried_and_nothing_is_lost(node: Callable[..., Node]) -> None:
+    with running() as plane:
+        plane.mode = "error"
+        n = node(plane.url)
+        n.record(1)
+        n.start()
+        time.sleep(1.2)
+        plane.mode = "garbage"
+        n.record(2)
+        time.sleep(1.2)
+        assert plane.events == []
+        plane.mode = "ok"
+        wait_until(lambda: len(plane.events) >= 2)
+    assert [e["n"] for e in plane.events] == [1, 2]
+
+
+def test_a_slow_control_plane_never_slows_gpu_sampling(node: Callable[..., Node]) -> None:
+    with running() as plane:
+        plane.delay_s = 8.0  # every request hangs for 8 s
+        n = node(plane.url)
+        agent = n.start()
+        before = len(agent.monitor.histories["GPU-0"])
+        time.sleep(2.0)
+        after = len(agent.monitor.histories["GPU-0"])
+        plane.delay_s = 0.0
+        n.stop()
+    assert after - before >= 10  # 0.1 s interval: about 20 samples while delivery hung
+
+
+# -- the local API -------------------------------------------------------------------
+
+
+def test_the_api_endpoints_in_the_seeds_shapes(node: Callable[..., Node]) -> None:
+    n = node()
+    n.start()
+    status, metrics = n.get("/api/v1/monitoring/gpu-metrics")
+    assert status == 200 and len(metrics["gpus"]) == 8
+    assert metrics["gpus"][2]["memory"]["used"] == 2048
+    status, gpu = n.get("/api/gpu/status?gpu_id=5")
+    assert status == 200 and gpu["success"]
+    assert gpu["data"]["gpu_id"] == 5 and gpu["data"]["temperature_celsius"] == 45
+    assert gpu["data"]["throttling"]["speed_multiplier"] == 1.0
+    wait_until(lambda: len(n.agent.monitor.histories["GPU-1"]) >= 3)  # type: ignore[union-attr]
+    status, trend = n.get("/api/gpu/temperature/trend?gpu_id=1&duration=5")
+    assert status == 200 and trend["data"]["current_temp"] == 41
+    assert trend["data"]["trend"] == "stable"
+    status, health = n.get("/healthz")
+    assert status == 200 and health["status"] == "healthy"
+    n.nv.machine.gpus[7].temperature = 95
+    wait_until(lambda: n.get("/healthz")[0] == 503)
+    assert "GPU 7 is at 95 C" in n.get("/healthz")[1]["problems"][0]
+
+
+def test_changes_need_the_token_and_bad_requests_change_nothing(node: Callable[..., Node]
+                                                                ) -> None:
+    n = node()
+    n.start()
+    allocate = json.dumps({"allocation_id": "llm", "required_mb": 2048}).encode()
+    status, answer = n.request("POST", "/api/gpu/memory/allocate", allocate)
+    assert status == 403 and "no token file" in answer["error"]
+    n.api_token.write_text("t0ken\n")
+    n.api_token.chmod(0o600)
+    status, answer = n.request("POST", "/api/gpu/memory/allocate", allocate,
+                               {"Authorization": "Bearer wrong"})
+    assert (status, answer["error"]) == (401, "missing or wrong bearer token")
+    auth = {"Authorization": "Bearer t0ken", "Content-Type": "application/json"}
+    status, answer = n.request("POST", "/api/gpu/memory/allocate", allocate, auth)
+    assert status == 200 and answer["data"]["gpu_id"] == 0  # the least busy
+    for body, code, words in ((b"{not json", 400, "not JSON"),
+                              (b"[1, 2]", 400, "JSON object"),
+                              (json.dumps({"allocation_id": "x", "required_mb": -5}).encode(),
+                               400, "positive"),
+                              (json.dumps({"allocation_id": "x", "required_mb": 10**9})
+                               .encode(), 409, "no GPU has"),
+                              (b"x" * 70_000, 413, "body over")):
+        status, answer = n.request("POST", "/api/gpu/memory/allocate", body, auth)
+        assert status == code and words in answer["error"], answer
+    ledger = json.loads((n.state / "gpu-allocations.json").read_text())
+    assert [a["name"] for a in ledger["allocations"]] == ["llm"]
+    status, answer = n.request("PUT", "/api/gpu/config",
+                               json.dumps({"temp_throttle": 80}).encode(), auth)
+    assert status == 200 and answer["data"]["temp_throttle"] == 80
+    status, answer = n.request("PUT", "/api/gpu/config",
+                               json.dumps({"temp_throttle": 99}).encode(), auth)
+    assert status == 400 and "thresholds out of order" in answer["error"]
+    assert n.agent is not None and n.agent.config.gpu.temp_throttle_c == 80
+    assert n.request("DELETE", "/api/gpu/config")[0] == 405
+    assert n.get("/api/nothing")[0] == 404
+
+
+def test_metrics_in_dcgm_exporter_names(node: Callable[..., Node]) -> None:
+    n = node()
+    n.start()
+    status, text = n.get("/metrics")
+    assert status == 200
+    assert ('DCGM_FI_DEV_GPU_TEMP{Hostname="' in text and 'UUID="GPU-4"' in text
+            and 'gpu="4"' in text and 'modelName="NVIDIA H100 80GB HBM3"' in text)
+    line = next(x for x in text.splitlines()
+                if x.startswith("DCGM_FI_DEV_GPU_UTIL") and 'UUID="GPU-3"' in x)
+    assert line.endswith(" 30.0")
+    assert "DCGM_FI_DEV_FAN_SPEED{" not in text  # unsupported: absent, not 0
+    assert 'clusterctl_gpu_state{' in text and "clusterctl_swap_used_bytes" in text
+
+
+def test_metrics_are_written_for_the_textfile_collector(node: Callable[..., Node],
+                                                        tmp_path: Path) -> None:
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    n = node(api=f'textfile_dir = "{textfiles}"\n')
+    n.start()
+    wait_until((textfiles / "clusterctl.prom").exists)
+    assert "DCGM_FI_DEV_GPU_TEMP" in (textfiles / "clusterctl.prom").read_text()
+    assert [p.name for p in textfiles.iterdir()] == ["clusterctl.prom"]  # no temp left
+
+
+def test_a_bad_config_on_reload_is_refused_and_the_old_one_kept(
+        node: Callable[..., Node], caplog: pytest.LogCaptureFixture) -> None:
+    n = node()
+    agent = n.start()
+    n.conf.write_text(n.conf.read_text() + "[gpu]\ntemp_optimal = 'hot'\n")
+    agent.reload()
+    assert "reload refused, the running config stays" in caplog.text
+    assert any(x.startswith("STATUS=reload refused") for x in n.notes)
+    assert agent.config.gpu.monitor_interval_s == 0.1
+
+
+def test_stop_gives_back_a_lowered_power_limit(node: Callable[..., Node]) -> None:
+    n = node(gpu="throttle_enabled = true\n")
+    n.nv.machine.gpus[0].temperature = 88
+    agent = n.start()
+    wait_until(lambda: n.nv.machine.gpus[0].power_limit_mw < 700_000)
+    time.sleep(0.2)
+    agent.stop()
+    n.agent = None
+    assert n.nv.machine.gpus[0].power_limit_mw == 700_000
