@@ -189,6 +189,87 @@ def test_optimize_revert_removes_the_dropin_and_restarts_ollama(node: Node,
     assert {p: p.read_text() for p in SYSCTLS} == {p: node.run(f"cat {p}") for p in SYSCTLS}
 
 
+AGENT = "clusterctl-agent.service"
+AGENT_DROPIN = "/run/systemd/system/clusterctl-agent.service.d"
+
+
+def test_the_agent_is_ready_only_when_serving_and_says_why_it_is_degraded(
+        node: Node, sandbox: Sandbox) -> None:
+    node.run(f"systemctl restart {AGENT}")  # Type=notify: returns after READY=1
+    assert node.run(f"systemctl show -P ActiveState {AGENT}") == "active\n"
+    health = json.loads(node.run("curl -sS --max-time 5 http://127.0.0.1:9408/healthz"))
+    assert health["status"] == "degraded"  # no GPU here: degraded, and ready all the same
+    status = node.run(f"systemctl show -P StatusText {AGENT}")
+    assert status.startswith("no GPU (no NVIDIA driver: libnvidia-ml.so.1 was not found); "
+                             "swap "), status
+    assert "heartbeats off" in status
+    assert "DCGM_FI_DEV_GPU_TEMP{" not in node.run("curl -sS http://127.0.0.1:9408/metrics")
+
+
+def test_a_hung_agent_is_restarted_by_the_watchdog(node: Node, sandbox: Sandbox) -> None:
+    node.run(f"mkdir -p {AGENT_DROPIN} && printf '[Service]\\nWatchdogSec=3s\\n' > "
+             f"{AGENT_DROPIN}/watchdog.conf && systemctl daemon-reload && "
+             f"systemctl restart {AGENT}")
+    try:
+        pid = node.run(f"systemctl show -P MainPID {AGENT}").strip()
+        node.run(f"kill -STOP {pid}")
+        sandbox.wait_for(f"[ \"$(systemctl show -P NRestarts {AGENT})\" -ge 1 ] && "
+                         f"[ \"$(systemctl show -P ActiveState {AGENT})\" = active ] && "
+                         f"[ \"$(systemctl show -P MainPID {AGENT})\" != {pid} ]",
+                         timeout_s=30)
+        log = node.run(f"journalctl --no-pager -o cat -u {AGENT}")
+        assert "Watchdog timeout" in log
+    finally:
+        node.run(f"rm -rf {AGENT_DROPIN} && systemctl daemon-reload && "
+                 f"systemctl restart {AGENT}")
+
+
+def test_journal_levels_and_a_bad_reload_keeps_the_running_config(node: Node,
+                                                                  sandbox: Sandbox) -> None:
+    conf = "/etc/clusterctl/clusterctl.toml"
+    good = node.run(f"cat {conf}")
+    try:
+        node.run(f"printf '[gpu]\\ntemp_optimal = \"hot\"\\n' >> {conf} && "
+                 f"systemctl reload {AGENT}")
+        sandbox.wait_for(f"journalctl -u {AGENT} -p err | grep -q 'reload refused'",
+                         timeout_s=10)
+        assert node.run(f"systemctl show -P ActiveState {AGENT}") == "active\n"
+        info = node.run(f"journalctl --no-pager -o cat -u {AGENT} -p info")
+        warnings = node.run(f"journalctl --no-pager -o cat -u {AGENT} -p warning")
+        assert "ready: " in info and "ready: " not in warnings
+        assert "reload refused, the running config stays" in warnings
+    finally:
+        node.run(f"cat > {conf} <<'EOF'\n{good}EOF")
+
+
+def test_stopping_the_agent_gives_back_a_power_limit_it_lowered(node: Node,
+                                                                sandbox: Sandbox) -> None:
+    scenario = {"gpus": [{"uuid": "GPU-hot", "temperature": 88}]}
+    node.run(f"echo '{json.dumps(scenario)}' > /run/fake-gpu.json && "
+             "clusterctl config set gpu.throttle_enabled true && "
+             f"mkdir -p {AGENT_DROPIN} && printf '%s\\n' '[Service]' "
+             "'Environment=PYTHONPATH=/srv/clusterctl/tests/fakes/nvml' "
+             "'Environment=FAKE_NVML_SCENARIO=/run/fake-gpu.json' "
+             "'Environment=FAKE_NVML_CALLS_LOG=/run/clusterctl/nvml-calls.log' "
+             f"> {AGENT_DROPIN}/fake-gpu.conf && systemctl daemon-reload && "
+             f"systemctl restart {AGENT}")
+    try:
+        sandbox.wait_for("grep -q 'GPU-hot 630000' /run/clusterctl/nvml-calls.log",
+                         timeout_s=20)
+        assert node.run(f"systemctl show -P StatusText {AGENT}").startswith(
+            "GPUs 0:throttled, hottest 88 C; swap ")
+        node.run(f"systemctl stop {AGENT}")
+        calls = node.run("cat /run/clusterctl/nvml-calls.log").split("\n")
+        assert calls[-2] == "GPU-hot 700000"  # the original, given back on stop
+        assert node.run("test ! -e /var/lib/clusterctl/gpu-power.json && echo none") == "none\n"
+        warnings = node.run(f"journalctl --no-pager -o cat -u {AGENT} -p warning")
+        assert "GPU 0: power limit 630 W" in warnings
+    finally:
+        node.run(f"rm -rf {AGENT_DROPIN} /run/fake-gpu.json && systemctl daemon-reload && "
+                 "clusterctl config set gpu.throttle_enabled false && "
+                 f"systemctl restart {AGENT}")
+
+
 def test_installing_again_changes_nothing(node: Node, sandbox: Sandbox) -> None:
     before = node.installed()
     out = node.run(f"{INSTALL} --no-check")

@@ -289,12 +289,12 @@ class Agent:
             self.api_server.shutdown()
             self.api_server.server_close()
         for thread in self._threads:
-            thread.join(timeout=10)
+            # a request in flight may take its 10 s; its thread is a daemon and the
+            # outbox is on disk already, so stopping does not wait for the network
+            thread.join(timeout=2 if thread.name == "delivery" else 10)
         try:
             self.monitor.stop()  # every power limit back
         except ClusterctlError as err:
             log.error("could not give every power limit back: %s", err.one_line())
-        if self.delivery is not None:
-            self.delivery.flush(max_batches=2)  # a last try; the rest waits on disk
         self.nvml.shutdown()
         log.info("stopped")

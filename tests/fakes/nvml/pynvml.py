@@ -14,7 +14,9 @@ A scenario says what the "machine" has: ``{"init_error": 12}`` (no driver),
 or ``{"driver_version": "...", "cuda_version": 12040, "gpus": [{...}]}`` where
 each GPU has ``name``, ``uuid``, ``pci_bus_id``, ``memory_total`` and
 ``memory_used`` (bytes), ``lost`` (fell off the bus) and ``errors``, a map of
-pynvml function name to the NVML return code it raises for that GPU.
+pynvml function name to the NVML return code it raises for that GPU (see FakeGpu
+for the gauges). With ``FAKE_NVML_CALLS_LOG`` set, power limits set are appended
+there, one "UUID MILLIWATTS" line each, for a test watching another process.
 """
 
 from __future__ import annotations
@@ -370,6 +372,9 @@ def nvmlDeviceSetPowerManagementLimit(handle: c_nvmlDevice_t, limit: int) -> Non
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
     gpu.set_limit_calls.append(limit)
     gpu.power_limit_mw = limit
+    if os.environ.get("FAKE_NVML_CALLS_LOG"):  # for a test outside this process
+        with Path(os.environ["FAKE_NVML_CALLS_LOG"]).open("a") as log:
+            log.write(f"{gpu.uuid} {limit}\n")
 
 
 def nvmlDeviceGetClockInfo(handle: c_nvmlDevice_t, clock_type: int) -> int:
