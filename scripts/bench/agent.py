@@ -83,7 +83,8 @@ def main() -> int:
     conf.write_text(f'[api]\nlisten = "127.0.0.1:{port}"\n[paths]\nstate_dir = "{work}/state"\n'
                     f'run_dir = "{work}/run"\n[swap]\ndir = "{work}/swap"\n'
                     '[ollama]\nurl = "http://127.0.0.1:9"\n')
-    env = {**os.environ, "PYTHONPATH": str(REPO / "agent")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO / "agent"), os.environ.get("PYTHONPATH", "")) if p)}
     if not args.real_gpu:
         scenario = work / "gpus.json"
         scenario.write_text(json.dumps({"gpus": [
