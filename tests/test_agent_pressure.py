@@ -3,9 +3,7 @@ the kernel's PSI trigger fire, and the agent answers with a swap policy step."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +12,7 @@ import pytest
 
 from clusterctl.agent.service import Agent
 from clusterctl.host.nvml import Nvml
+from tests.cgroups import memory_cgroup, run_in
 from tests.conftest import load_fake_nvml
 from tests.fakes.control_plane import free_port
 from tests.loopfs import active_swaps_under, loop_mount
@@ -25,16 +24,6 @@ HOG = ("b = bytearray(128 * 2**20)\n"
        "    for i in range(0, len(b), 4096): b[i] = (b[i] + 1) % 256\n")
 
 
-def memory_cgroup(name: str) -> tuple[Path, str]:
-    v1 = Path("/sys/fs/cgroup/memory")
-    if (v1 / "memory.limit_in_bytes").exists():
-        return v1 / name, "memory.limit_in_bytes"
-    v2 = Path("/sys/fs/cgroup")
-    if "memory" in (v2 / "cgroup.subtree_control").read_text():
-        return v2 / name, "memory.max"
-    pytest.skip("no memory cgroup controller to make a process thrash in")
-
-
 def test_memory_pressure_runs_a_swap_step_within_seconds(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
@@ -42,8 +31,8 @@ def test_memory_pressure_runs_a_swap_step_within_seconds(tmp_path: Path,
         pytest.skip("this kernel has no PSI")
     nv: ModuleType = load_fake_nvml(monkeypatch)
     nv.configure({"gpus": []})
-    group, limit_file = memory_cgroup(f"clusterctl-psi-{os.getpid()}")
-    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
+    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount, \
+            memory_cgroup("psi") as (group, set_limit):
         # the thrashing process needs swap of its own to thrash into (the test's file)
         hog_swap = mount / "hog-swap"
         subprocess.run(["fallocate", "-l", "256M", str(hog_swap)], check=True)
@@ -59,7 +48,6 @@ def test_memory_pressure_runs_a_swap_step_within_seconds(tmp_path: Path,
             '[ollama]\nurl = "http://127.0.0.1:9"\n')
         agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None)
         hog = None
-        group.mkdir()
         try:
             agent.start()
             deadline = time.monotonic() + 10
@@ -67,10 +55,9 @@ def test_memory_pressure_runs_a_swap_step_within_seconds(tmp_path: Path,
                 time.sleep(0.05)
             assert agent.progress.pressure_at is not None, "the trigger was not armed"
             assert active_swaps_under(mount / "swap") == []
-            (group / limit_file).write_text(f"{32 * MIB}\n")
+            set_limit(32)
             started = time.monotonic()
-            hog = subprocess.Popen(["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec "$2" -c '
-                                    '"$3"', "sh", str(group), sys.executable, HOG])
+            hog = run_in(group, HOG)
             while not active_swaps_under(mount / "swap"):
                 assert time.monotonic() - started < 30, (
                     f"no swap step within 30 s: {agent.progress}")
@@ -86,10 +73,4 @@ def test_memory_pressure_runs_a_swap_step_within_seconds(tmp_path: Path,
                 hog.kill()
                 hog.wait()
             agent.stop()
-            for _ in range(50):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             subprocess.run(["swapoff", str(hog_swap)], check=False)

@@ -26,6 +26,7 @@ from clusterctl import config as cfg
 from clusterctl.errors import HostError
 from clusterctl.system import swapfiles
 from clusterctl.units import MIB
+from tests.cgroups import memory_cgroup, run_in
 from tests.loopfs import active_swaps_under, loop_mount, require_loop, swapoff_under
 from tests.terminal import run_with_terminal_stderr
 
@@ -416,37 +417,18 @@ def test_a_slow_zero_fill_shows_a_progress_bar_at_a_terminal(tmp_path: Path) -> 
 @contextlib.contextmanager
 def pages_in_swap(limit_mib: int, allocate_mib: int) -> Iterator[Callable[[int], None]]:
     """A process in a memory cgroup of its own, pushed into swap; yields a limit setter."""
-    v1 = Path("/sys/fs/cgroup/memory")
-    v2 = Path("/sys/fs/cgroup")
-    if (v1 / "memory.limit_in_bytes").exists():
-        group, limit_file = v1 / f"clusterctl-test-{os.getpid()}", "memory.limit_in_bytes"
-    elif "memory" in (v2 / "cgroup.subtree_control").read_text():
-        group, limit_file = v2 / f"clusterctl-test-{os.getpid()}", "memory.max"
-    else:
-        pytest.skip("no memory cgroup controller to push pages into swap")
-    group.mkdir()
-    proc = None
-    try:
-        (group / limit_file).write_text(f"{limit_mib * MIB}\n")
+    with memory_cgroup("test") as (group, set_limit):
+        set_limit(limit_mib)
         program = (f"import time\nb = bytearray({allocate_mib} * 2**20)\n"
                    "for i in range(0, len(b), 4096): b[i] = 1\n"
                    "print('ready', flush=True)\ntime.sleep(120)\n")
-        # the shell joins the cgroup, then becomes the Python that fills memory
-        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec "$2" -c "$3"',
-                                 "sh", str(group), sys.executable, program],
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield lambda mib: (group / limit_file).write_text(f"{mib * MIB}\n")
-    finally:
-        if proc is not None:
+        proc = run_in(group, program, stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            yield set_limit
+        finally:
             proc.kill()
             proc.wait()
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def test_swapoff_of_a_file_in_use_takes_the_pages_back_with_progress(tmp_path: Path) -> None:
