@@ -18,7 +18,6 @@ from tests.fakes.control_plane import free_port
 from tests.loopfs import active_swaps_under, loop_mount
 
 pytestmark = pytest.mark.integration
-MIB = 2**20
 HOG = ("b = bytearray(128 * 2**20)\n"
        "while True:\n"
        "    for i in range(0, len(b), 4096): b[i] = (b[i] + 1) % 256\n")
