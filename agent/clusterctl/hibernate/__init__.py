@@ -1,0 +1,1 @@
+"""`clusterctl hibernate`: idle GPU machines go to sleep by themselves, and say so."""
