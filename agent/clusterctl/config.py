@@ -42,8 +42,8 @@ else:
 DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
 
-Kind = Literal["int", "float", "bool", "str", "size", "path", "paths", "actions", "listen",
-               "url", "choice"]
+Kind = Literal["int", "float", "bool", "str", "strs", "size", "path", "paths", "actions",
+               "listen", "url", "choice"]
 ACTIONS = ("none", "command", "control", "systemd")
 ALLOCATIONS = ("auto", "fallocate", "zeros")
 
@@ -244,6 +244,31 @@ class HibernateConfig:
     action: tuple[str, ...] = setting(
         ("none",), "action", "actions", "none | command | control | systemd, or a list"
     )
+    command: tuple[str, ...] = setting(
+        (), "command", "strs", 'the "command" action: argv, run without a shell'
+    )
+    command_timeout_s: float = setting(
+        600, "command_timeout", "float", "seconds the command may take", minimum=1,
+        maximum=86400,
+    )
+    systemd_unit: str = setting(
+        "hibernate.target", "systemd_unit", "str",
+        'the "systemd" action starts this unit (hibernate.target, suspend.target, ...)',
+    )
+    fallback: str = setting(
+        "refuse", "fallback", "choice",
+        "when logind says the node cannot hibernate: suspend, poweroff or refuse",
+    )
+    cpu_threshold: float = setting(
+        0, "cpu_threshold", "float", "also require CPU use under this (%); 0: not a condition",
+        minimum=0, maximum=100,
+    )
+    require_no_ssh: bool = setting(
+        False, "require_no_ssh", "bool", "also require that nobody is logged in over SSH"
+    )
+    busy_processes: tuple[str, ...] = setting(
+        (), "busy_processes", "strs", "process names that keep the node awake while running"
+    )
 
 
 @dataclass(frozen=True)
@@ -337,6 +362,8 @@ def to_toml_value(fld: dataclasses.Field[Any], value: object) -> object:
         return str(value)
     if kind == "paths":
         return [str(p) for p in cast(tuple[Path, ...], value)]
+    if kind == "strs":
+        return list(cast(tuple[str, ...], value))
     if kind == "actions":
         actions = cast(tuple[str, ...], value)
         return actions[0] if len(actions) == 1 else list(actions)
@@ -537,6 +564,10 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
             raise ValueError("refusing a system directory: list caches, like "
                              '"/root/.cache/pip"')
         return tuple(Path(p) for p in raw)
+    elif kind == "strs":
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+            raise ValueError(f'expected a list of strings like ["a", "b"], got {_shown(raw)}')
+        return tuple(raw)
     elif kind == "actions":
         return _coerce_actions(raw)
     elif kind == "listen":
@@ -556,7 +587,7 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
     return value
 
 
-_CHOICES = {"allocation": ALLOCATIONS}
+_CHOICES = {"allocation": ALLOCATIONS, "fallback": ("suspend", "poweroff", "refuse")}
 
 
 def _check_range(fld: dataclasses.Field[Any], value: float) -> None:
@@ -792,7 +823,7 @@ def parse_cli_value(fld: dataclasses.Field[Any], text: str) -> object:
     if kind == "actions":
         items = [part.strip() for part in text.split(",") if part.strip()]
         return items[0] if len(items) == 1 else items
-    if kind == "paths":
+    if kind in ("paths", "strs"):
         return [part.strip() for part in text.split(",") if part.strip()]
     return text
 

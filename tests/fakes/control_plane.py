@@ -1,9 +1,10 @@
 """A control plane on 127.0.0.1 that records what agents send it.
 
-``POST /api/agent/status`` and ``POST /api/agent/events`` are recorded (with the
-Authorization header). It can be told to answer 500, to answer garbage (a reply
-that is not HTTP), to be slow, or to refuse a token; stopping it makes the port
-refuse connections, as a control plane that is down.
+``POST /api/agent/status``, ``POST /api/agent/events`` and the seed's
+``POST /api/instances/{id}/hibernate`` are recorded (with the Authorization header).
+It can be told to answer 500, to answer garbage (a reply that is not HTTP), to be
+slow, or to refuse a token; stopping it makes the port refuse connections, as a
+control plane that is down.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ControlPlane(ThreadingHTTPServer):
         self.heartbeats: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # as received, duplicates included
         self.auth: list[str | None] = []
+        self.hibernate_requests: list[tuple[str, dict[str, Any]]] = []
         self.mode = "ok"  # ok | error | garbage | unauthorised
         self.delay_s = 0.0
         self.lock = threading.Lock()
@@ -73,6 +75,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.heartbeats.append(data)
             elif self.path == "/api/agent/events":
                 self.server.events.extend(data)
+            elif self.path.startswith("/api/instances/") and self.path.endswith("/hibernate"):
+                instance = self.path.split("/")[3]
+                self.server.hibernate_requests.append((instance, data))
+                self._answer(200, {"success": True,
+                                   "snapshot_id": f"{instance}_hibernate_1734441600",
+                                   "instance_destroyed": True})
+                return
             else:
                 self._answer(404, {"error": "no such endpoint"})
                 return

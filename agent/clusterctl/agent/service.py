@@ -36,9 +36,12 @@ from clusterctl.errors import ClusterctlError
 from clusterctl.events import EventLog
 from clusterctl.gpu.monitor import GpuMonitor
 from clusterctl.gpu.shapes import fleet_metrics
+from clusterctl.hibernate.controller import Hibernation
 from clusterctl.host.nvml import Nvml
 from clusterctl.host.procfs import read_boot_id, read_memory
 from clusterctl.host.psi import PressureTrigger
+from clusterctl.host.software import read_loaded_models
+from clusterctl.system.memory import unload_model
 
 log = logging.getLogger("clusterctl.agent")
 SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this often
@@ -88,6 +91,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._reload = threading.Event()
         self._textfile_failed = False
+        self.hibernation = Hibernation(self.config, instance_id=swap.instance_id(self.config),
+                                       record=self._record, drain=self._drain,
+                                       control=self._control_client, clock=clock)
 
     # -- helpers shared with the API -------------------------------------------------
 
@@ -119,6 +125,12 @@ class Agent:
                 log.exception("GPU sampling failed")
             self.progress.gpu_at = time.monotonic()
             self.first_cycle.set()
+            try:
+                self.hibernation.observe(tuple(
+                    None if v.sample.lost else v.sample.utilization_gpu_percent
+                    for v in self.monitor.views))
+            except Exception:  # idle detection must not stop sampling
+                log.exception("idle detection failed")
             if self.config.api.textfile_dir:
                 self._write_textfile(Path(self.config.api.textfile_dir))
             self.stopping.wait(self.monitor.config.gpu.monitor_interval_s)
@@ -169,12 +181,36 @@ class Agent:
 
     def _payload(self, sequence: int) -> dict[str, Any]:
         metrics = self.gpu_metrics()
+        state = self.hibernation.state
         return status_payload(
             instance_id=swap.instance_id(self.config), boot_id=read_boot_id(Path("/")),
             sequence=sequence, now=self.clock(),
-            monotonic_s=time.monotonic() - self.started_monotonic, status="running",
-            idle_since=None, gpus=metrics["gpus"], memory=self.memory_summary(),
+            monotonic_s=time.monotonic() - self.started_monotonic, status=state.status,
+            idle_since=state.idle_since, gpus=metrics["gpus"], memory=self.memory_summary(),
             swap=self.swap_summary())
+
+    def _control_client(self) -> ControlClient | None:
+        if not self.config.heartbeat.control_url:
+            return None
+        return ControlClient(self.config.heartbeat)
+
+    def _drain(self) -> None:
+        """Before the action: a last heartbeat (hibernating), Ollama's models unloaded,
+        the outbox sent."""
+        if self.delivery is not None:
+            self.delivery.heartbeat(self._payload(self.delivery.next_sequence()))
+        try:
+            models = read_loaded_models(self.config.ollama.url, timeout_s=2.0)
+        except ClusterctlError:
+            models = ()
+        for model in models:
+            try:
+                unload_model(self.config.ollama.url, model.name)
+                log.info("unloaded %s before hibernating", model.name)
+            except ClusterctlError as err:
+                log.warning("%s", err.one_line())
+        if self.delivery is not None:
+            self.delivery.flush()
 
     def _pressure_loop(self) -> None:
         trigger = PressureTrigger(self.config.swap.pressure_threshold_percent)

@@ -1,0 +1,161 @@
+"""Hibernation inside the agent: observe each GPU sample, keep the state, run the action.
+
+The state (running / idle / hibernating / hibernated, idle_since, last activity) is kept
+in ``<state_dir>/hibernate.json`` so `clusterctl hibernate status` can show it and so
+the first start after a hibernation can say ``woke``. Inhibitors are a file written
+by `clusterctl hibernate inhibit` and logind's block inhibitors on sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from clusterctl import system
+from clusterctl.config import Config
+from clusterctl.errors import ClusterctlError
+from clusterctl.hibernate import actions
+from clusterctl.hibernate.idle import IdleRules, IdleState, Observation, finished, step
+from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times
+from clusterctl.host.sessions import running, ssh_sessions
+from clusterctl.system import sleep
+
+log = logging.getLogger("clusterctl.hibernate")
+STATE_FILE = "hibernate.json"
+INHIBIT_FILE = "hibernate-inhibit.json"
+
+
+def rules_of(config: Config) -> IdleRules:
+    h = config.hibernate
+    return IdleRules(enabled=h.enabled and h.action != ("none",),
+                     gpu_usage_threshold_percent=h.gpu_usage_threshold_percent,
+                     pause_after_minutes=h.pause_after_minutes,
+                     cpu_threshold_percent=h.cpu_threshold or None,
+                     require_no_ssh=h.require_no_ssh)
+
+
+def load_state(state_dir: Path) -> IdleState:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+        return IdleState(**{k: data.get(k) for k in IdleState.__dataclass_fields__
+                            if k in data})
+    except (FileNotFoundError, ValueError, TypeError):
+        return IdleState()
+
+
+def save_state(state_dir: Path, state: IdleState) -> None:
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    system.atomic_write_text(state_dir / STATE_FILE, json.dumps(asdict(state)) + "\n")
+
+
+def inhibit(state_dir: Path, until: float, why: str, by: str) -> None:
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    system.atomic_write_text(state_dir / INHIBIT_FILE,
+                             json.dumps({"until": until, "why": why, "by": by}) + "\n")
+
+
+def inhibited_by(state_dir: Path, now: float, *, logind: bool = True) -> str | None:
+    """Why sleep is held off now, or None."""
+    try:
+        data = json.loads((state_dir / INHIBIT_FILE).read_text())
+        if float(data["until"]) > now:
+            left = (float(data["until"]) - now) / 60
+            return f"clusterctl hibernate inhibit ({left:.0f} min left): {data.get('why', '')}"
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        pass
+    if logind:
+        try:
+            found = sleep.inhibitors()
+        except Exception:  # no logind: nothing inhibits through it
+            found = []
+        if found:
+            what, who, why, _ = found[0]
+            return f"systemd inhibitor by {who}: {why} ({what})"
+    return None
+
+
+class Hibernation:
+    def __init__(self, config: Config, *, instance_id: str,
+                 record: Callable[[str, str, dict[str, Any]], None],
+                 drain: Callable[[], None], control: Callable[[], Any | None],
+                 clock: Callable[[], float] = time.time, logind: bool = True) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.record = record
+        self.drain = drain
+        self.control = control
+        self.clock = clock
+        self.logind = logind
+        self.state = load_state(config.paths.state_dir)
+        self._cpu = read_cpu_times(Path("/"))
+        self._busy = threading.Lock()
+        self._held_reason: str | None = None
+        if self.state.status in ("hibernating", "hibernated"):
+            self._event("woke", "the agent started after a hibernation", None)
+            self.state = IdleState("running", None, clock(), self.state.last_utilization)
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            save_state(self.config.paths.state_dir, self.state)
+        except ClusterctlError as err:
+            log.error("cannot save the hibernation state: %s", err.one_line())
+
+    def _event(self, kind: str, reason: str, util: float | None, **extra: Any) -> None:
+        self.record(kind, reason, {"gpu_utilization": util, **extra})
+
+    def observe(self, utilization: tuple[float | None, ...]) -> None:
+        """One GPU sample's utilizations (None where unreadable)."""
+        now = self.clock()
+        h = self.config.hibernate
+        cpu = None
+        if h.cpu_threshold:
+            current = read_cpu_times(Path("/"))
+            cpu = cpu_usage_percent(self._cpu, current) if self._cpu and current else None
+            self._cpu = current
+        obs = Observation(now, utilization, cpu_percent=cpu,
+                          ssh_sessions=ssh_sessions() if h.require_no_ssh else None,
+                          busy_processes=running(h.busy_processes))
+        before = self.state
+        state, events, act = step(before, obs, rules_of(self.config))
+        if act:
+            held = inhibited_by(self.config.paths.state_dir, now, logind=self.logind)
+            if held is not None:
+                if held != self._held_reason:
+                    log.info("hibernation held off: %s", held)
+                self._held_reason = held
+                state, events, act = before, tuple(e for e in events
+                                                   if e.event_type != "hibernate_started"), False
+        for event in events:
+            self._event(event.event_type, event.reason, event.gpu_utilization)
+        if state != before:
+            self.state = state
+            self._save()
+        if act:
+            threading.Thread(target=self._act, name="hibernate", daemon=True).start()
+
+    def _act(self) -> None:
+        with self._busy:
+            try:
+                self.drain()
+            except Exception:  # draining is best effort; the action still runs
+                log.exception("draining before the action failed")
+            outcome = actions.run(self.config, instance_id=self.instance_id,
+                                  control=self.control(), clock=self.clock)
+            util = self.state.last_utilization
+            if outcome.ok:
+                self._event("hibernated", "; ".join(outcome.done), util)
+                log.warning("hibernated: %s", "; ".join(outcome.done))
+            else:
+                self._event("hibernate_failed", f"{outcome.failed_action}: {outcome.error}",
+                            util, done=list(outcome.done))
+                log.error("hibernation failed at %s: %s", outcome.failed_action,
+                          outcome.error)
+            self.state = finished(self.state, outcome.ok, self.clock())
+            self._save()
