@@ -8,7 +8,15 @@ import sys
 import typer
 
 from clusterctl import __version__
-from clusterctl.cli import agent_cmd, check_cmd, config_cmd, gpu_cmd, optimize_cmd, swap_cmd
+from clusterctl.cli import (
+    agent_cmd,
+    check_cmd,
+    config_cmd,
+    gpu_cmd,
+    hibernate_cmd,
+    optimize_cmd,
+    swap_cmd,
+)
 
 app = typer.Typer(
     name="clusterctl",
@@ -23,6 +31,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(swap_cmd.app, name="swap")
 app.add_typer(optimize_cmd.app, name="optimize")
 app.add_typer(gpu_cmd.app, name="gpu")
+app.add_typer(hibernate_cmd.app, name="hibernate")
 app.add_typer(agent_cmd.app, name="agent")
 
 

@@ -1,0 +1,256 @@
+"""`clusterctl hibernate status|config|now|events|heartbeat|inhibit`."""
+
+from __future__ import annotations
+
+import getpass
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clusterctl import config as cfg
+from clusterctl.cli.common import (
+    ConfigOpt,
+    DryRunOpt,
+    JsonOpt,
+    QuietOpt,
+    VerboseOpt,
+    cli_errors,
+    emit_json,
+    start,
+)
+from clusterctl.errors import EXIT_FAILED, UsageError
+from clusterctl.events import iso_utc
+
+app = typer.Typer(help="Idle GPU machines go to sleep by themselves: status, actions, events.",
+                  no_args_is_help=True)
+HIBERNATION_EVENTS = {"idle_detected", "active_again", "hibernate_started", "hibernated",
+                      "hibernate_failed", "woke", "hibernate_inhibited"}
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else iso_utc(ts)
+
+
+def status_dict(config: cfg.Config, *, logind: bool = True) -> dict[str, Any]:
+    from clusterctl.hibernate.controller import inhibited_by, load_state
+    from clusterctl.swap import instance_id
+
+    state = load_state(config.paths.state_dir)
+    h = config.hibernate
+    return {
+        "instance_id": instance_id(config),
+        "status": state.status,
+        "gpu_utilization": state.last_utilization,
+        "last_activity": _iso(state.last_activity),
+        "idle_since": _iso(state.idle_since),
+        "auto_hibernation": {"enabled": h.enabled,
+                             "pause_after_minutes": h.pause_after_minutes,
+                             "gpu_usage_threshold": h.gpu_usage_threshold_percent},
+        "action": list(h.action),
+        "inhibited_by": inhibited_by(config.paths.state_dir, time.time(), logind=logind),
+    }
+
+
+@app.command("status")
+@cli_errors
+def status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+               quiet: QuietOpt = False) -> None:
+    """The node's hibernation status as the agent keeps it, in the seed's shape."""
+    start(verbose, quiet)
+    data = status_dict(cfg.load(config).config)
+    if json_out:
+        emit_json(data)
+        return
+    auto = data["auto_hibernation"]
+    print(f"{data['instance_id']}: {data['status']}"
+          + (f" since {data['idle_since']}" if data["idle_since"] else "")
+          + (f", GPU utilization {data['gpu_utilization']}%"
+             if data["gpu_utilization"] is not None else ""))
+    print(f"auto-hibernation {'on' if auto['enabled'] else 'off'}: after "
+          f"{auto['pause_after_minutes']:g} min under {auto['gpu_usage_threshold']:g}% -> "
+          f"{', '.join(data['action'])}")
+    if data["inhibited_by"]:
+        print(f"held off: {data['inhibited_by']}")
+
+
+@app.command("events")
+@cli_errors
+def events_cmd(limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+               json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+               quiet: QuietOpt = False) -> None:
+    """Hibernation events, newest first (the seed's {"events": [...]})."""
+    from clusterctl.events import EventLog
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    events = [e for e in EventLog(c.paths.state_dir, "").read()
+              if e.get("event_type") in HIBERNATION_EVENTS][::-1][:limit]
+    if json_out:
+        emit_json({"events": events})
+        return
+    for e in events:
+        util = e.get("gpu_utilization")
+        print(f"{e['timestamp']}  {e['event_type']:<18} "
+              f"{'' if util is None else f'{util}%  '}{e.get('reason', '')}")
+    if not events:
+        print("no hibernation events yet")
+
+
+@app.command("config")
+@cli_errors
+def config_cmd(set_: Annotated[list[str] | None, typer.Option(
+                   "--set", metavar="KEY=VALUE", help="Change a [hibernate] key (repeatable); "
+                   "validated, written keeping comments.")] = None,
+               dry_run: DryRunOpt = False, json_out: JsonOpt = False,
+               config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
+               ) -> None:
+    """Show [hibernate], or change keys in the config file."""
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    current = loaded.config
+    if set_:
+        changes = {}
+        for item in set_:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--set {item}: expected KEY=VALUE, e.g. pause_after_minutes=5")
+            changes[f"hibernate.{key.strip()}"] = value.strip()
+        current = cfg.set_values(loaded.path, changes, dry_run=dry_run)
+        if not dry_run:
+            print(f"wrote {loaded.path}; the agent takes it on `systemctl reload "
+                  "clusterctl-agent`")
+    section = cfg.as_toml_dict(current)["hibernate"]
+    if json_out:
+        emit_json(section)
+    else:
+        for name, shown in section.items():
+            print(f"{name} = {shown!r}")
+
+
+@app.command("now")
+@cli_errors
+def now_cmd(dry_run: DryRunOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
+            quiet: QuietOpt = False) -> None:
+    """Run [hibernate] action now, whatever the GPUs are doing (--dry-run: say what)."""
+    from clusterctl.agent.control import ControlClient
+    from clusterctl.events import EventLog
+    from clusterctl.hibernate import actions
+    from clusterctl.swap import instance_id
+    from clusterctl.system import sleep
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    plan = []
+    for action in c.hibernate.action:
+        if action == "command":
+            plan.append(f"command: {' '.join(c.hibernate.command) or '(none set)'}")
+        elif action == "control":
+            plan.append(f"control: POST {c.heartbeat.control_url or '(no control_url)'}"
+                        f"/api/instances/{instance_id(c)}/hibernate")
+        elif action == "systemd":
+            plan.append(f"systemd: start {actions.systemd_target(c, sleep.can)}")
+        else:
+            plan.append("none: report only")
+    if dry_run:
+        for line in plan:
+            print(f"would run {line}")
+        return
+    log = EventLog(c.paths.state_dir, instance_id(c))
+    log.record("hibernate_started", "clusterctl hibernate now", {"gpu_utilization": None},
+               now=time.time())
+    control = ControlClient(c.heartbeat) if c.heartbeat.control_url else None
+    outcome = actions.run(c, instance_id=instance_id(c), control=control)
+    for line in outcome.done:
+        print(line)
+    if outcome.ok:
+        log.record("hibernated", "; ".join(outcome.done), {"gpu_utilization": None},
+                   now=time.time())
+        return
+    log.record("hibernate_failed", f"{outcome.failed_action}: {outcome.error}",
+               {"gpu_utilization": None}, now=time.time())
+    print(f"clusterctl: {outcome.failed_action} failed: {outcome.error}")
+    raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("heartbeat")
+@cli_errors
+def heartbeat_cmd(once: Annotated[bool, typer.Option("--once", help="Send one and exit.")]
+                  = False, json_out: JsonOpt = False, config: ConfigOpt = None,
+                  verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """Send one heartbeat to [heartbeat] control_url now (the agent sends them normally)."""
+    from clusterctl.agent.control import ControlClient
+    from clusterctl.agent.heartbeat import Delivery, status_payload
+    from clusterctl.agent.outbox import Outbox
+    from clusterctl.gpu.monitor import view_now
+    from clusterctl.gpu.shapes import fleet_metrics
+    from clusterctl.hibernate.controller import load_state
+    from clusterctl.host.nvml import Nvml
+    from clusterctl.host.procfs import read_boot_id, read_memory
+    from clusterctl.swap import instance_id
+
+    start(verbose, quiet)
+    if not once:
+        raise UsageError("only --once is supported here; the agent sends heartbeats")
+    c = cfg.load(config).config
+    if not c.heartbeat.control_url:
+        raise UsageError("no [heartbeat] control_url to send to",
+                         fix="clusterctl config set heartbeat.control_url https://...")
+    with Nvml() as nvml:
+        snapshot = nvml.sample()
+    views = tuple(view_now(g, c, None, snapshot.sampled_at) for g in snapshot.gpus)
+    memory = read_memory(Path("/"))
+    state = load_state(c.paths.state_dir)
+    delivery = Delivery(ControlClient(c.heartbeat), Outbox(c.paths.state_dir),
+                        c.paths.state_dir)
+    payload = status_payload(
+        instance_id=instance_id(c), boot_id=read_boot_id(Path("/")),
+        sequence=delivery.next_sequence(), now=time.time(), monotonic_s=time.monotonic(),
+        status=state.status, idle_since=state.idle_since,
+        gpus=fleet_metrics(snapshot, views)["gpus"],
+        memory={"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes},
+        swap={"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes})
+    ok = delivery.heartbeat(payload)
+    if json_out:
+        emit_json({"sent": ok, "error": delivery.state.last_error, "payload": payload})
+    else:
+        print(f"heartbeat {'accepted' if ok else 'failed: ' + str(delivery.state.last_error)}"
+              f" ({c.heartbeat.control_url}/api/agent/status, sequence {payload['sequence']})")
+    if not ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise UsageError(f'--for {text}: expected a duration like "30m", "2h" or "1d"')
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@app.command("inhibit")
+@cli_errors
+def inhibit_cmd(for_: Annotated[str | None, typer.Option(
+                    "--for", metavar="DURATION", help='How long, e.g. "2h".')] = None,
+                why: Annotated[str, typer.Option("--why", help="Shown in status.")] = "",
+                clear: Annotated[bool, typer.Option("--clear", help="End it now.")] = False,
+                config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
+                ) -> None:
+    """Keep the node awake for a while (a long job), whatever the GPUs do."""
+    from clusterctl.hibernate.controller import INHIBIT_FILE, inhibit
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    if clear:
+        (c.paths.state_dir / INHIBIT_FILE).unlink(missing_ok=True)
+        print("inhibit cleared")
+        return
+    if for_ is None:
+        raise UsageError("--for DURATION is required (or --clear)")
+    until = time.time() + parse_duration(for_)
+    inhibit(c.paths.state_dir, until, why or "(no reason given)", getpass.getuser())
+    print(f"hibernation held off until {iso_utc(until)}" + (f": {why}" if why else ""))
