@@ -270,6 +270,41 @@ def test_stopping_the_agent_gives_back_a_power_limit_it_lowered(node: Node,
                  f"systemctl restart {AGENT}")
 
 
+def test_the_agent_hibernates_an_idle_node_with_a_command_and_a_systemd_unit(
+        node: Node, sandbox: Sandbox) -> None:
+    """Shortened minutes; the "systemd" action starts a harmless unit, not hibernate.target."""
+    scenario = {"gpus": [{"uuid": "GPU-idle", "utilization_gpu": 0}]}
+    sleeper = ("[Unit]\nDescription=stands in for hibernate.target\n[Service]\n"
+               "Type=oneshot\nExecStart=/bin/sh -c 'echo slept > /run/test-slept'\n")
+    conf_before = node.run("cat /etc/clusterctl/clusterctl.toml")
+    node.run(f"cat > /run/systemd/system/test-sleep.service <<'EOF'\n{sleeper}EOF")
+    node.run(f"echo '{json.dumps(scenario)}' > /run/fake-gpu.json && "
+             "clusterctl hibernate config --set enabled=true --set pause_after_minutes=0.1 "
+             "--set action=command,systemd --set command=touch,/run/clusterctl/snapshot-taken "
+             "--set systemd_unit=test-sleep.service && "
+             f"mkdir -p {AGENT_DROPIN} && printf '%s\\n' '[Service]' "
+             "'Environment=PYTHONPATH=/srv/clusterctl/tests/fakes/nvml' "
+             "'Environment=FAKE_NVML_SCENARIO=/run/fake-gpu.json' "
+             f"> {AGENT_DROPIN}/fake-gpu.conf && systemctl daemon-reload && "
+             f"systemctl restart {AGENT}")
+    try:
+        sandbox.wait_for("test -e /run/test-slept", timeout_s=30)
+        assert node.run("test -e /run/clusterctl/snapshot-taken && echo yes") == "yes\n"
+        events = json.loads(node.run("clusterctl hibernate events --json"))["events"]
+        assert [e["event_type"] for e in events][:3] == [
+            "hibernated", "hibernate_started", "idle_detected"]
+        assert events[0]["reason"].endswith("started test-sleep.service")
+        status = json.loads(node.run("clusterctl hibernate status --json"))
+        assert status["status"] == "hibernated" and status["gpu_utilization"] == 0.0
+        warnings = node.run(f"journalctl --no-pager -o cat -u {AGENT} -p warning")
+        assert "hibernated: command touch succeeded; started test-sleep.service" in warnings
+    finally:
+        node.run(f"rm -rf {AGENT_DROPIN} /run/fake-gpu.json /run/test-slept "
+                 "/run/systemd/system/test-sleep.service /var/lib/clusterctl/hibernate.json "
+                 f"&& cat > /etc/clusterctl/clusterctl.toml <<'EOF'\n{conf_before}EOF\n"
+                 f"systemctl daemon-reload && systemctl restart {AGENT}")
+
+
 def test_installing_again_changes_nothing(node: Node, sandbox: Sandbox) -> None:
     before = node.installed()
     out = node.run(f"{INSTALL} --no-check")
