@@ -269,6 +269,11 @@ class HibernateConfig:
     busy_processes: tuple[str, ...] = setting(
         (), "busy_processes", "strs", "process names that keep the node awake while running"
     )
+    schedule_grace_s: float = setting(
+        300, "schedule_grace", "float",
+        "seconds between the scheduled-sleep warning event and the action", minimum=0,
+        maximum=86400,
+    )
 
 
 @dataclass(frozen=True)

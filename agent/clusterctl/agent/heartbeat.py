@@ -29,8 +29,8 @@ SEQUENCE_FILE = "heartbeat.json"
 
 def status_payload(*, instance_id: str, boot_id: str | None, sequence: int, now: float,
                    monotonic_s: float, status: str, idle_since: float | None,
-                   gpus: list[dict[str, Any]], memory: dict[str, Any], swap: dict[str, Any]
-                   ) -> dict[str, Any]:
+                   gpus: list[dict[str, Any]], memory: dict[str, Any], swap: dict[str, Any],
+                   schedule: dict[str, Any] | None = None) -> dict[str, Any]:
     """The heartbeat body (pure)."""
     utils = [g["utilization"] for g in gpus if g.get("utilization") is not None]
     return {
@@ -47,6 +47,7 @@ def status_payload(*, instance_id: str, boot_id: str | None, sequence: int, now:
         "gpus": gpus,
         "memory": memory,
         "swap": swap,
+        "schedule": schedule,  # the control plane wakes the node at wake_at
         "agent_version": __version__,
     }
 

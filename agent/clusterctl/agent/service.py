@@ -187,7 +187,7 @@ class Agent:
             sequence=sequence, now=self.clock(),
             monotonic_s=time.monotonic() - self.started_monotonic, status=state.status,
             idle_since=state.idle_since, gpus=metrics["gpus"], memory=self.memory_summary(),
-            swap=self.swap_summary())
+            swap=self.swap_summary(), schedule=self.hibernation.next_times(self.clock()))
 
     def _control_client(self) -> ControlClient | None:
         if not self.config.heartbeat.control_url:

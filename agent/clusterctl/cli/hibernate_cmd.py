@@ -26,8 +26,11 @@ from clusterctl.events import iso_utc
 
 app = typer.Typer(help="Idle GPU machines go to sleep by themselves: status, actions, events.",
                   no_args_is_help=True)
+schedule_app = typer.Typer(help="Daily wake and sleep times, in a time zone.",
+                           no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
 HIBERNATION_EVENTS = {"idle_detected", "active_again", "hibernate_started", "hibernated",
-                      "hibernate_failed", "woke", "hibernate_inhibited"}
+                      "hibernate_failed", "woke", "hibernate_scheduled"}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -35,10 +38,12 @@ def _iso(ts: float | None) -> str | None:
 
 
 def status_dict(config: cfg.Config, *, logind: bool = True) -> dict[str, Any]:
+    from clusterctl.hibernate import schedule
     from clusterctl.hibernate.controller import inhibited_by, load_state
     from clusterctl.swap import instance_id
 
     state = load_state(config.paths.state_dir)
+    sched = schedule.load(config.paths.state_dir)
     h = config.hibernate
     return {
         "instance_id": instance_id(config),
@@ -51,7 +56,19 @@ def status_dict(config: cfg.Config, *, logind: bool = True) -> dict[str, Any]:
                              "gpu_usage_threshold": h.gpu_usage_threshold_percent},
         "action": list(h.action),
         "inhibited_by": inhibited_by(config.paths.state_dir, time.time(), logind=logind),
+        "schedule": None if sched is None else _schedule_dict(sched),
     }
+
+
+def _schedule_dict(sched: Any) -> dict[str, Any]:
+    from clusterctl.hibernate.schedule import next_at
+
+    now = time.time()
+    return {"wake_time": sched.wake, "sleep_time": sched.sleep, "timezone": sched.tz,
+            "next_wake": None if sched.wake is None else iso_utc(next_at(sched.wake,
+                                                                         sched.tz, now)),
+            "next_sleep": None if sched.sleep is None else iso_utc(next_at(sched.sleep,
+                                                                           sched.tz, now))}
 
 
 @app.command("status")
@@ -74,6 +91,11 @@ def status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Ver
           f"{', '.join(data['action'])}")
     if data["inhibited_by"]:
         print(f"held off: {data['inhibited_by']}")
+    if data["schedule"]:
+        sched = data["schedule"]
+        print(f"schedule ({sched['timezone']}): wake {sched['wake_time'] or '-'} (next "
+              f"{sched['next_wake'] or '-'}), sleep {sched['sleep_time'] or '-'} (next "
+              f"{sched['next_sleep'] or '-'})")
 
 
 @app.command("events")
@@ -254,3 +276,56 @@ def inhibit_cmd(for_: Annotated[str | None, typer.Option(
     until = time.time() + parse_duration(for_)
     inhibit(c.paths.state_dir, until, why or "(no reason given)", getpass.getuser())
     print(f"hibernation held off until {iso_utc(until)}" + (f": {why}" if why else ""))
+
+
+@schedule_app.command("set")
+@cli_errors
+def schedule_set_cmd(wake: Annotated[str | None, typer.Option("--wake", metavar="HH:MM")] = None,
+                     sleep_at: Annotated[str | None, typer.Option("--sleep", metavar="HH:MM")]
+                     = None,
+                     tz: Annotated[str, typer.Option("--tz", help="An IANA time zone.")] = "UTC",
+                     config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
+                     ) -> None:
+    """At --sleep the action runs even if busy (after a warning and [hibernate]
+    schedule_grace); --wake goes to the control plane in heartbeats, and to the RTC
+    before a systemd sleep on bare metal."""
+    from clusterctl.hibernate import schedule
+
+    start(verbose, quiet)
+    c = cfg.load(config).config
+    sched = schedule.validate(wake, sleep_at, tz)
+    schedule.save(c.paths.state_dir, sched)
+    info = _schedule_dict(sched)
+    print(f"schedule set ({tz}): wake {wake or '-'} (next {info['next_wake'] or '-'}), "
+          f"sleep {sleep_at or '-'} (next {info['next_sleep'] or '-'})")
+
+
+@schedule_app.command("show")
+@cli_errors
+def schedule_show_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
+                      verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """The schedule and its next times (UTC)."""
+    from clusterctl.hibernate import schedule
+
+    start(verbose, quiet)
+    sched = schedule.load(cfg.load(config).config.paths.state_dir)
+    data = None if sched is None else _schedule_dict(sched)
+    if json_out:
+        emit_json(data)
+    elif data is None:
+        print("no schedule")
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+
+
+@schedule_app.command("clear")
+@cli_errors
+def schedule_clear_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0,
+                       quiet: QuietOpt = False) -> None:
+    """Remove the schedule."""
+    from clusterctl.hibernate import schedule
+
+    start(verbose, quiet)
+    schedule.clear(cfg.load(config).config.paths.state_dir)
+    print("schedule cleared")

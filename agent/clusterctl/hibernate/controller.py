@@ -13,14 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from clusterctl import system
 from clusterctl.config import Config
 from clusterctl.errors import ClusterctlError
-from clusterctl.hibernate import actions
+from clusterctl.events import iso_utc
+from clusterctl.hibernate import actions, schedule
 from clusterctl.hibernate.idle import IdleRules, IdleState, Observation, finished, step
 from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times
 from clusterctl.host.sessions import running, ssh_sessions
@@ -96,6 +97,9 @@ class Hibernation:
         self._cpu = read_cpu_times(Path("/"))
         self._busy = threading.Lock()
         self._held_reason: str | None = None
+        self._schedule_checked = clock()
+        self._scheduled_at: float | None = None  # when a scheduled sleep's grace ends
+        self.rtc_root = Path("/")
         if self.state.status in ("hibernating", "hibernated"):
             self._event("woke", "the agent started after a hibernation", None)
             self.state = IdleState("running", None, clock(), self.state.last_utilization)
@@ -134,11 +138,67 @@ class Hibernation:
                                                    if e.event_type != "hibernate_started"), False
         for event in events:
             self._event(event.event_type, event.reason, event.gpu_utilization)
+        if not act and state.status != "hibernating" and self._scheduled(now, state):
+            act = True
+            state = replace(state, status="hibernating")
         if state != before:
             self.state = state
             self._save()
         if act:
             threading.Thread(target=self._act, name="hibernate", daemon=True).start()
+
+    def _scheduled(self, now: float, state: IdleState) -> bool:
+        """A scheduled sleep: warn at the time, act after the grace (busy or not)."""
+        sched = schedule.load(self.config.paths.state_dir)
+        checked, self._schedule_checked = self._schedule_checked, now
+        if sched is None:
+            self._scheduled_at = None
+            return False
+        if self._scheduled_at is None:
+            occurrence = schedule.due(sched, checked, now)
+            if occurrence is None:
+                return False
+            grace = self.config.hibernate.schedule_grace_s
+            self._scheduled_at = now + grace
+            self._event("hibernate_scheduled", f"scheduled sleep at {sched.sleep} {sched.tz}: "
+                        f"the action runs in {grace:g} s", state.last_utilization)
+            log.warning("scheduled sleep at %s %s: the action runs in %g s", sched.sleep,
+                        sched.tz, grace)
+        if now < self._scheduled_at:
+            return False
+        held = inhibited_by(self.config.paths.state_dir, now, logind=self.logind)
+        if held is not None:
+            if held != self._held_reason:
+                log.info("scheduled sleep held off: %s", held)
+            self._held_reason = held
+            return False
+        self._scheduled_at = None
+        self._event("hibernate_started", f"scheduled sleep at {sched.sleep} {sched.tz}",
+                    state.last_utilization)
+        return True
+
+    def next_times(self, now: float) -> dict[str, Any] | None:
+        """For heartbeats: when the node will be put to sleep and should be woken."""
+        sched = schedule.load(self.config.paths.state_dir)
+        if sched is None:
+            return None
+        return {"timezone": sched.tz,
+                "sleep_at": None if sched.sleep is None else iso_utc(
+                    schedule.next_at(sched.sleep, sched.tz, now)),
+                "wake_at": None if sched.wake is None else iso_utc(
+                    schedule.next_at(sched.wake, sched.tz, now))}
+
+    def _arm_wake(self) -> None:
+        """On bare metal, before a systemd sleep: the RTC wakes the node at the wake time."""
+        sched = schedule.load(self.config.paths.state_dir)
+        if sched is None or sched.wake is None or "systemd" not in self.config.hibernate.action:
+            return
+        at = schedule.next_at(sched.wake, sched.tz, self.clock())
+        try:
+            if sleep.set_rtc_wake(at, self.rtc_root):
+                log.info("RTC wake alarm set for %s", iso_utc(at))
+        except ClusterctlError as err:
+            log.warning("no native wake: %s", err.one_line())
 
     def _act(self) -> None:
         with self._busy:
@@ -146,6 +206,7 @@ class Hibernation:
                 self.drain()
             except Exception:  # draining is best effort; the action still runs
                 log.exception("draining before the action failed")
+            self._arm_wake()
             outcome = actions.run(self.config, instance_id=self.instance_id,
                                   control=self.control(), clock=self.clock)
             util = self.state.last_utilization

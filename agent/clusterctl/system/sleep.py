@@ -8,6 +8,7 @@ harmless unit inside the systemd sandbox.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from clusterctl.errors import HostError
@@ -82,3 +83,19 @@ def inhibitors() -> list[tuple[str, str, str, str]]:
         if "sleep" in fields[0].split(":") and fields[3] == "block":
             out.append((fields[0], fields[1], fields[2], fields[3]))
     return out
+
+
+def set_rtc_wake(at: float, root: Path = Path("/")) -> bool:
+    """Program the RTC to wake the machine at ``at`` (before a suspend or hibernate).
+
+    False when the machine has no RTC wake alarm (a VM, usually)."""
+    alarm = root / "sys/class/rtc/rtc0/wakealarm"
+    if not alarm.exists():
+        return False
+    try:
+        alarm.write_text("0\n")  # the kernel refuses a new alarm over an old one
+        alarm.write_text(f"{int(at)}\n")
+    except OSError as err:
+        raise HostError(f"cannot set the RTC wake alarm: {err.strerror}",
+                        fix="run as root") from err
+    return True

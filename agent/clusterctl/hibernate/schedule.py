@@ -1,0 +1,88 @@
+"""Wake and sleep times in a time zone (pure): the next occurrence, across DST changes.
+
+A local time that does not exist on a day (the hour skipped when clocks go forward)
+happens at the first instant after the gap; one that happens twice (clocks go back)
+happens the first time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from clusterctl import system
+from clusterctl.errors import UsageError
+
+FILE_NAME = "hibernate-schedule.json"
+_HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    wake: str | None  # "09:00", local to tz
+    sleep: str | None  # "18:00"
+    tz: str  # "America/Sao_Paulo"
+
+
+def validate(wake: str | None, sleep: str | None, tz: str) -> Schedule:
+    for name, value in (("--wake", wake), ("--sleep", sleep)):
+        if value is not None and not _HHMM.match(value):
+            raise UsageError(f'{name} {value}: expected a time like "09:00" or "18:30"')
+    if wake is None and sleep is None:
+        raise UsageError("give --wake, --sleep or both")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise UsageError(f'--tz {tz}: not a time zone (e.g. "America/Sao_Paulo", "UTC")'
+                         ) from err
+    return Schedule(wake, sleep, tz)
+
+
+def next_at(hhmm: str, tz: str, after: float) -> float:
+    """The first instant after ``after`` when the clock in ``tz`` shows ``hhmm``."""
+    zone = ZoneInfo(tz)
+    match = _HHMM.match(hhmm)
+    assert match, hhmm
+    hour, minute = int(match.group(1)), int(match.group(2))
+    local = datetime.fromtimestamp(after, tz=zone)
+    for days in range(3):
+        day = (local + timedelta(days=days)).date()
+        wall = datetime(day.year, day.month, day.day, hour, minute, tzinfo=zone)  # fold=0
+        instant = wall.astimezone(timezone.utc)
+        back = instant.astimezone(zone)
+        if (back.hour, back.minute) != (hour, minute):  # in a gap: the first instant after
+            instant = (wall.replace(tzinfo=None) - timedelta(hours=3)).replace(tzinfo=zone)
+            instant = instant.astimezone(timezone.utc)
+            while instant.astimezone(zone).replace(tzinfo=None) < wall.replace(tzinfo=None):
+                instant += timedelta(minutes=1)
+        if instant.timestamp() > after:
+            return instant.timestamp()
+    raise AssertionError("unreachable: a time of day recurs within three days")
+
+
+def due(schedule: Schedule, last_checked: float, now: float) -> float | None:
+    """The sleep occurrence in (last_checked, now], if there is one."""
+    if schedule.sleep is None:
+        return None
+    occurrence = next_at(schedule.sleep, schedule.tz, last_checked)
+    return occurrence if occurrence <= now else None
+
+
+def load(state_dir: Path) -> Schedule | None:
+    try:
+        return Schedule(**json.loads((state_dir / FILE_NAME).read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def save(state_dir: Path, schedule: Schedule) -> None:
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    system.atomic_write_text(state_dir / FILE_NAME, json.dumps(asdict(schedule)) + "\n")
+
+
+def clear(state_dir: Path) -> None:
+    (state_dir / FILE_NAME).unlink(missing_ok=True)
