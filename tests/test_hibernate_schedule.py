@@ -116,3 +116,24 @@ def test_the_rtc_wake_alarm_is_set_where_there_is_one(tmp_path: Path) -> None:
     alarm.write_text("")
     assert set_rtc_wake(1_800_000_000, tmp_path) is True
     assert alarm.read_text() == "1800000000\n"
+
+
+def test_a_manual_suspend_is_noticed_and_the_idle_clock_restarts(tmp_path: Path) -> None:
+    from clusterctl import config as cfg
+    from clusterctl.hibernate.controller import Hibernation
+
+    config = cfg.with_changes(
+        cfg.Config(paths=cfg.PathsConfig(state_dir=tmp_path / "state", run_dir=tmp_path)),
+        "hibernate", {"enabled": True, "action": "command", "command": ["true"]})
+    asleep = [0.0]
+    clock = Clock(1_000.0)
+    events: list[str] = []
+    hib = Hibernation(config, instance_id="n", record=lambda k, r, d: events.append(k),
+                      drain=lambda: None, control=lambda: None, clock=clock, logind=False,
+                      suspended=lambda: asleep[0])
+    hib.observe((0.0,))
+    assert hib.state.status == "idle" and hib.state.idle_since == 1_000.0
+    clock.now, asleep[0] = 4_000.0, 2_990.0  # someone ran `systemctl suspend`
+    hib.observe((0.0,))
+    assert events == ["idle_detected", "woke", "idle_detected"]
+    assert hib.state.idle_since == 4_000.0  # not 50 minutes idle: it was asleep

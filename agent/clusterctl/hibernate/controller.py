@@ -81,11 +81,21 @@ def inhibited_by(state_dir: Path, now: float, *, logind: bool = True) -> str | N
     return None
 
 
+def slept_s() -> float:
+    """Seconds this machine has spent suspended since boot: CLOCK_BOOTTIME counts them,
+    CLOCK_MONOTONIC does not. A jump means a suspend, ours or anyone's."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+
+
+SUSPEND_GAP_S = 5.0  # a smaller jump is clock noise, not a sleep
+
+
 class Hibernation:
     def __init__(self, config: Config, *, instance_id: str,
                  record: Callable[[str, str, dict[str, Any]], None],
                  drain: Callable[[], None], control: Callable[[], Any | None],
-                 clock: Callable[[], float] = time.time, logind: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, logind: bool = True,
+                 suspended: Callable[[], float] = slept_s) -> None:
         self.config = config
         self.instance_id = instance_id
         self.record = record
@@ -100,6 +110,8 @@ class Hibernation:
         self._schedule_checked = clock()
         self._scheduled_at: float | None = None  # when a scheduled sleep's grace ends
         self.rtc_root = Path("/")
+        self.suspended = suspended
+        self._slept = suspended()
         if self.state.status in ("hibernating", "hibernated"):
             self._event("woke", "the agent started after a hibernation", None)
             self.state = IdleState("running", None, clock(), self.state.last_utilization)
@@ -117,6 +129,14 @@ class Hibernation:
     def observe(self, utilization: tuple[float | None, ...]) -> None:
         """One GPU sample's utilizations (None where unreadable)."""
         now = self.clock()
+        slept = self.suspended()
+        if slept - self._slept > SUSPEND_GAP_S:  # resumed from a suspend or hibernation
+            self._event("woke", f"resumed after {slept - self._slept:.0f} s asleep",
+                        self.state.last_utilization)
+            if not self._busy.locked():
+                self.state = IdleState("running", None, now, self.state.last_utilization)
+                self._save()
+        self._slept = slept
         h = self.config.hibernate
         cpu = None
         if h.cpu_threshold:
