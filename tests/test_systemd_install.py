@@ -9,6 +9,7 @@ and the swap away and keeps the config; --purge leaves nothing of clusterctl's.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -288,6 +289,15 @@ def test_the_agent_hibernates_an_idle_node_with_a_command_and_a_systemd_unit(
              f"> {AGENT_DROPIN}/fake-gpu.conf && systemctl daemon-reload && "
              f"systemctl restart {AGENT}")
     try:
+        # a systemd inhibitor lock on sleep holds the action off past the idle pause
+        node.run("systemd-run --unit=test-inhibitor systemd-inhibit --what=sleep "
+                 "--who=training --why='a long job' --mode=block sleep 300")
+        time.sleep(9)  # 6 s of idleness and then some
+        assert node.run("test -e /run/test-slept || echo not-yet") == "not-yet\n"
+        status = json.loads(node.run("clusterctl hibernate status --json"))
+        assert status["status"] == "idle"
+        assert status["inhibited_by"] == "systemd inhibitor by training: a long job (sleep)"
+        node.run("systemctl stop test-inhibitor")
         sandbox.wait_for("test -e /run/test-slept", timeout_s=30)
         assert node.run("test -e /run/clusterctl/snapshot-taken && echo yes") == "yes\n"
         events = json.loads(node.run("clusterctl hibernate events --json"))["events"]
