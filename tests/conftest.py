@@ -3,7 +3,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -95,3 +96,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for name, score in sorted(measured.items()):
             recorded = units.RECORDED_EXPOSURE[name]  # type: ignore[union-attr]
             terminalreporter.write_line(f"{name}: exposure {score} (recorded {recorded})")
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 15.0) -> None:
+    """Poll ``condition`` every 50 ms; AssertionError when it is still false at the end."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s")
+        time.sleep(0.05)

@@ -17,7 +17,7 @@ import pytest
 from clusterctl.agent.service import Agent
 from clusterctl.events import EventLog
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml
+from tests.conftest import H100, load_fake_nvml, wait_until
 from tests.fakes.control_plane import free_port, running
 
 GIB = 2**30
@@ -102,14 +102,6 @@ def node(tmp_path: Path, nv: ModuleType) -> Iterator[Callable[..., Node]]:
     yield make
     for n in made:
         n.stop()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 # -- heartbeats and events -----------------------------------------------------------

@@ -18,7 +18,7 @@ from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.hibernate import actions
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml
+from tests.conftest import H100, load_fake_nvml, wait_until
 from tests.fakes.control_plane import free_port, running
 
 
@@ -120,22 +120,15 @@ def agent_with(tmp_path: Path, idle_gpu: ModuleType) -> Iterator[Callable[..., A
         agent.stop()
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_an_idle_node_drains_then_runs_its_actions_and_says_so(
         agent_with: Callable[..., Agent], tmp_path: Path) -> None:
     marker = tmp_path / "snapshot"
     with running() as plane:
         agent = agent_with(plane.url, f'action = ["command", "control"]\ncommand = '
                                       f'["sh", "-c", "date +%s.%N > {marker}"]\n')
-        wait_until(lambda: agent.hibernation.state.status == "hibernated")
+        wait_until(lambda: agent.hibernation.state.status == "hibernated", 30)
         took = float(marker.read_text()) - (agent.hibernation.state.idle_since or 0)
-        wait_until(lambda: "hibernated" in [e["event_type"] for e in plane.events])
+        wait_until(lambda: "hibernated" in [e["event_type"] for e in plane.events], 30)
     kinds = [e["event_type"] for e in plane.events]
     assert kinds[:3] == ["idle_detected", "hibernate_started", "hibernated"]
     idle = plane.events[0]
@@ -154,7 +147,7 @@ def test_a_failed_action_is_an_event_and_the_node_keeps_running(
         agent_with: Callable[..., Agent], tmp_path: Path) -> None:
     agent = agent_with("", 'action = ["command", "systemd"]\ncommand = ["false"]\n')
     wait_until(lambda: "hibernate_failed" in (tmp_path / "state/events.jsonl").read_text()
-               if (tmp_path / "state/events.jsonl").exists() else False)
+               if (tmp_path / "state/events.jsonl").exists() else False, 30)
     events = [json.loads(x) for x in
               (tmp_path / "state/events.jsonl").read_text().splitlines()]
     failed = next(e for e in events if e["event_type"] == "hibernate_failed")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,17 +17,13 @@ import pytest
 from clusterctl.config import Config, OptimizeConfig
 from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_YAML_FILE, parse_env, plan
 from tests.conftest import REPO
+from tests.fakes.control_plane import free_port
 from tests.test_optimize_plan import facts
 
 pytestmark = pytest.mark.integration
 distributed = pytest.importorskip("distributed")
 DASK = Path(sys.executable).parent / "dask"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unit_command(env: dict[str, str], state_dir: Path) -> list[str]:

@@ -84,7 +84,7 @@ class Delivery:
         try:
             self.client.post("/api/agent/status", payload)
         except ClusterctlError as err:
-            self._failed(f"heartbeat: {err.one_line()}")
+            self._failed(f"heartbeat: {err.one_line()}", heartbeat=True)
             return False
         self.state.last_heartbeat_at = time.time()
         self.state.last_heartbeat_ok = True
@@ -108,9 +108,9 @@ class Delivery:
             self.backoff.succeeded()
         return True
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, *, heartbeat: bool = False) -> None:
         if self.state.last_error != message:
             log.warning("%s", message)  # once per distinct failure, not every retry
         self.state.last_error = message
-        self.state.last_heartbeat_ok = False if "heartbeat" in message else \
-            self.state.last_heartbeat_ok
+        if heartbeat:
+            self.state.last_heartbeat_ok = False

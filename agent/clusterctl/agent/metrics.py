@@ -71,8 +71,7 @@ class AgentCollector:
             lost.add_metric(labels, 1.0 if g.lost else 0.0)
         yield from families.values()
         yield from (state, speed, limited, lost)
-        memory = agent.memory_summary()
-        swap = agent.swap_summary()
+        memory, swap = agent.summaries()
         yield _gauge("clusterctl_memory_used_percent", "RAM in use (total - available).",
                      memory["used_percent"])
         yield _gauge("clusterctl_swap_total_bytes", "Swap configured on the node.",

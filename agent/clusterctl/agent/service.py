@@ -103,16 +103,14 @@ class Agent:
             return {"timestamp": None, "gpus": [], "reason": "no sample yet"}
         return fleet_metrics(snapshot, self.monitor.views)
 
-    def swap_summary(self) -> dict[str, Any]:
+    def summaries(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(memory, swap) for heartbeats and metrics, from one read of /proc/meminfo."""
         memory = read_memory(Path("/"))
-        return {"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes,
-                "last_step": self.progress.last_swap, "steps": self.progress.swap_steps}
-
-    def memory_summary(self) -> dict[str, Any]:
-        memory = read_memory(Path("/"))
-        return {"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes,
-                "used_percent": None if memory.used_percent is None
-                else round(memory.used_percent, 1)}
+        return ({"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes,
+                 "used_percent": None if memory.used_percent is None
+                 else round(memory.used_percent, 1)},
+                {"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes,
+                 "last_step": self.progress.last_swap, "steps": self.progress.swap_steps})
 
     # -- the loops -------------------------------------------------------------------
 
@@ -182,12 +180,13 @@ class Agent:
     def _payload(self, sequence: int) -> dict[str, Any]:
         metrics = self.gpu_metrics()
         state = self.hibernation.state
+        memory, swap_ = self.summaries()
         return status_payload(
             instance_id=swap.instance_id(self.config), boot_id=read_boot_id(Path("/")),
             sequence=sequence, now=self.clock(),
             monotonic_s=time.monotonic() - self.started_monotonic, status=state.status,
-            idle_since=state.idle_since, gpus=metrics["gpus"], memory=self.memory_summary(),
-            swap=self.swap_summary(), schedule=self.hibernation.next_times(self.clock()))
+            idle_since=state.idle_since, gpus=metrics["gpus"], memory=memory, swap=swap_,
+            schedule=self.hibernation.next_times(self.clock()))
 
     def _control_client(self) -> ControlClient | None:
         if not self.config.heartbeat.control_url:

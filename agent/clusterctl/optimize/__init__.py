@@ -27,6 +27,7 @@ from clusterctl.host.sysctl import later_settings, read_sysctl, unit_environment
 from clusterctl.optimize import state as states
 from clusterctl.optimize.plan import (
     DASK_ENV_FILE,
+    DASK_UNIT,
     DASK_YAML_FILE,
     OLLAMA_DROPIN,
     OLLAMA_UNIT,
@@ -44,6 +45,11 @@ from clusterctl.system.systemd import Systemd, systemd_running
 log = logging.getLogger("clusterctl.optimize")
 LOCK_NAME = "optimize.lock"
 OUR_FILES = (SYSCTL_FILE, DASK_ENV_FILE, DASK_YAML_FILE, OLLAMA_DROPIN)
+
+
+def rooted(root: Path, path: Path | str) -> Path:
+    """An absolute host path inside ``root`` (the tree the tests hand in, or "/")."""
+    return root / str(path).lstrip("/")
 
 
 def read_facts(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None
@@ -69,7 +75,7 @@ def read_facts(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = No
 
 def _read(root: Path, path: str) -> str | None:
     try:
-        return (root / path.lstrip("/")).read_text()
+        return rooted(root, path).read_text()
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -102,14 +108,14 @@ def apply(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None,
         the_plan = plan(facts, config)
         files, sysctl = _changes(facts, the_plan)
         return ApplyResult(the_plan, tuple(p for p, _, _ in files), sysctl, (), ())
-    with locks.exclusive(root / str(config.paths.run_dir).lstrip("/") / LOCK_NAME,
+    with locks.exclusive(rooted(root, config.paths.run_dir) / LOCK_NAME,
                          what="clusterctl optimize command"):
         facts = read_facts(config, root=root, nvml=nvml)
         the_plan = plan(facts, config)
         files, sysctl = _changes(facts, the_plan)
         if not files and not sysctl:
             return ApplyResult(the_plan, tuple(p for p, _, _ in files), sysctl, (), ())
-        state_dir = root / str(config.paths.state_dir).lstrip("/")
+        state_dir = rooted(root, config.paths.state_dir)
         saved = states.load(state_dir)
         dirs = _missing_dirs(root, [p for p, _, _ in files])
         saved = saved.remembering({k: str(facts.sysctl_live[k]) for k in sysctl},
@@ -117,9 +123,9 @@ def apply(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None,
         states.save(state_dir, saved)  # the originals are on disk before any change
         try:
             for directory in dirs:
-                (root / directory.lstrip("/")).mkdir(mode=0o755)
+                rooted(root, directory).mkdir(mode=0o755)
             for path, content, _ in files:
-                system.atomic_write_text(root / path.lstrip("/"), content, mode=0o644)
+                system.atomic_write_text(rooted(root, path), content, mode=0o644)
                 log.info("wrote %s", path)
             for key, value in sysctl.items():
                 write_sysctl(root, key, value)
@@ -153,7 +159,7 @@ def _missing_dirs(root: Path, paths: list[str]) -> tuple[str, ...]:
     for path in paths:
         parent = Path(path).parent
         chain = []
-        while not (root / str(parent).lstrip("/")).exists():
+        while not rooted(root, parent).exists():
             chain.append(str(parent))
             parent = parent.parent
         missing += [d for d in reversed(chain) if d not in missing]
@@ -186,7 +192,7 @@ class Drift:
 
 def verify(config: Config, *, root: Path = Path("/")) -> tuple[Drift, ...]:
     """What differs now from what `apply` last set (an operator's edit, another tool)."""
-    saved = states.load(root / str(config.paths.state_dir).lstrip("/"))
+    saved = states.load(rooted(root, config.paths.state_dir))
     drift = [Drift(key, value, read_sysctl(root, key))
              for key, value in saved.applied_sysctl.items() if read_sysctl(root, key) != value]
     for path, digest in saved.applied_files.items():
@@ -211,14 +217,14 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
            ) -> RevertResult:
     """Every original value back, every file it created gone, affected units restarted."""
     if dry_run:
-        saved = states.load(root / str(config.paths.state_dir).lstrip("/"))
+        saved = states.load(rooted(root, config.paths.state_dir))
         return RevertResult(dict(saved.original_sysctl),
                             tuple(p for p, t in saved.original_files.items() if t is not None),
                             tuple(p for p, t in saved.original_files.items()
                                   if t is None and _read(root, p) is not None), (), ())
-    with locks.exclusive(root / str(config.paths.run_dir).lstrip("/") / LOCK_NAME,
+    with locks.exclusive(rooted(root, config.paths.run_dir) / LOCK_NAME,
                          what="clusterctl optimize command"):
-        state_dir = root / str(config.paths.state_dir).lstrip("/")
+        state_dir = rooted(root, config.paths.state_dir)
         saved = states.load(state_dir)
         restored = [p for p, text in saved.original_files.items() if text is not None]
         removed = [p for p, text in saved.original_files.items()
@@ -230,7 +236,7 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
             write_sysctl(root, key, value)
             log.info("restored %s = %s", key, value)
         for path, text in saved.original_files.items():
-            target = root / path.lstrip("/")
+            target = rooted(root, path)
             if text is None:
                 if target.parent.is_dir():  # else it was never written
                     target.unlink(missing_ok=True)
@@ -238,7 +244,7 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
                 system.atomic_write_text(target, text)
         for directory in reversed(saved.created_dirs):
             with contextlib.suppress(OSError):  # not empty (someone else's files): left
-                (root / directory.lstrip("/")).rmdir()
+                rooted(root, directory).rmdir()
         units = sorted({u for u in map(_unit_of, saved.original_files) if u})
         restarted, notes = restart_units(root, units, systemd, reload=any(
             p.startswith("/etc/systemd/") for p in saved.original_files))
@@ -252,8 +258,8 @@ def revert(config: Config, *, root: Path = Path("/"), dry_run: bool = False,
 
 
 def _unit_of(path: str) -> str | None:
-    return {OLLAMA_DROPIN: OLLAMA_UNIT, DASK_ENV_FILE: "clusterctl-dask-worker.service",
-            DASK_YAML_FILE: "clusterctl-dask-worker.service"}.get(path)
+    return {OLLAMA_DROPIN: OLLAMA_UNIT, DASK_ENV_FILE: DASK_UNIT,
+            DASK_YAML_FILE: DASK_UNIT}.get(path)
 
 
 def plan_now(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = None

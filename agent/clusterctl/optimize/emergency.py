@@ -13,6 +13,7 @@ from clusterctl.errors import HostError
 from clusterctl.events import EventLog
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.software import LoadedModel, read_loaded_models
+from clusterctl.optimize import rooted
 from clusterctl.swap import instance_id
 from clusterctl.system.memory import compact_memory, drop_page_cache, unload_model
 
@@ -75,7 +76,7 @@ def free_memory(config: Config, *, root: Path = Path("/"), ollama: bool = True,
         notes.append("this kernel has no memory compaction (CONFIG_COMPACTION)")
     result = FreeResult(before, _available(root), tuple(steps), tuple(unloaded), tuple(notes))
     log.info("free-memory: %+d MiB available", result.freed_bytes // 2**20)
-    EventLog(root / str(config.paths.state_dir).lstrip("/"), instance_id(config)).record(
+    EventLog(rooted(root, config.paths.state_dir), instance_id(config)).record(
         "memory_freed", "clusterctl optimize free-memory",
         {"available_before_bytes": before, "available_after_bytes": result.available_after_bytes,
          "unloaded": [m.name for m in unloaded], "steps": list(steps)}, now=now())

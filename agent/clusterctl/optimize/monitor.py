@@ -36,7 +36,7 @@ from clusterctl.errors import HostError
 from clusterctl.events import FILE_NAME as EVENTS_FILE
 from clusterctl.events import EventLog
 from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times, read_memory
-from clusterctl.optimize import restart_units
+from clusterctl.optimize import restart_units, rooted
 from clusterctl.optimize.emergency import free_memory
 from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_UNIT, parse_env
 from clusterctl.swap import instance_id
@@ -126,9 +126,6 @@ def _due(value: float | None, limit: float, last: float | None, now: float,
 # -- reading -------------------------------------------------------------------------
 
 
-def _under(root: Path, path: Path) -> Path:
-    return root / str(path).lstrip("/")
-
 
 def read_sample(config: Config, *, root: Path = Path("/"), cpu_window_s: float = 1.0,
                 sleep: Callable[[float], None] = time.sleep) -> Sample:
@@ -136,14 +133,14 @@ def read_sample(config: Config, *, root: Path = Path("/"), cpu_window_s: float =
     sleep(cpu_window_s)
     second = read_cpu_times(root)
     cpu = cpu_usage_percent(first, second) if first and second else None
-    directory = _under(root, config.paths.state_dir)
+    directory = rooted(root, config.paths.state_dir)
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     st = os.statvfs(directory)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     avail = st.f_bavail * st.f_frsize
     disk = 100.0 * used / (used + avail) if used + avail else None
-    env_file = _under(root, Path(DASK_ENV_FILE))
+    env_file = rooted(root, Path(DASK_ENV_FILE))
     workers = None
     with contextlib.suppress(FileNotFoundError, ValueError):
         workers = int(parse_env(env_file.read_text())["DASK_NWORKERS"])
@@ -176,7 +173,7 @@ class Done:
 
 def execute(actions: tuple[MonitorAction, ...], config: Config, *, root: Path = Path("/"),
             now: Callable[[], float] = time.time) -> tuple[Done, ...]:
-    state_dir = _under(root, config.paths.state_dir)
+    state_dir = rooted(root, config.paths.state_dir)
     events = EventLog(state_dir, instance_id(config))
     out = []
     for action in actions:
@@ -198,7 +195,7 @@ def execute(actions: tuple[MonitorAction, ...], config: Config, *, root: Path = 
 
 
 def _set_workers(action: MonitorAction, root: Path) -> Done:
-    path = _under(root, Path(DASK_ENV_FILE))
+    path = rooted(root, Path(DASK_ENV_FILE))
     text = path.read_text()
     lines = [f"DASK_NWORKERS={action.workers}" if line.startswith("DASK_NWORKERS=") else line
              for line in text.splitlines()]
@@ -230,7 +227,7 @@ def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -
     did: list[str] = []
     notes: list[str] = []
     cutoff = now - opt.retention_days * 86400
-    state_dir = _under(root, config.paths.state_dir)
+    state_dir = rooted(root, config.paths.state_dir)
     unsent = Outbox(state_dir).unsent_files() if config.heartbeat.control_url else set()
     for path in sorted(state_dir.glob(f"{EVENTS_FILE}.*")):
         st = path.lstat()
@@ -242,7 +239,7 @@ def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -
             did.append(f"removed {path} ({format_size(st.st_size)}, older than "
                        f"{opt.retention_days:g} days)")
     for listed in opt.cleanup_paths:
-        directory = _under(root, listed)
+        directory = rooted(root, listed)
         if not directory.is_dir() or directory.is_symlink():
             notes.append(f"{listed}: not a directory, left alone")
             continue
@@ -276,7 +273,7 @@ def run_once(config: Config, *, root: Path = Path("/"), cpu_window_s: float = 1.
              ) -> tuple[Sample, tuple[MonitorAction, ...], tuple[Done, ...]]:
     """One sample, one plan, and (unless dry_run) its actions; the state is kept."""
     sample = read_sample(config, root=root, cpu_window_s=cpu_window_s)
-    state_dir = _under(root, config.paths.state_dir)
+    state_dir = rooted(root, config.paths.state_dir)
     actions, state = plan_monitor(sample, load_state(state_dir), config, now())
     if dry_run:
         return sample, actions, ()
