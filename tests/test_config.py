@@ -200,7 +200,7 @@ def test_sizes_accept_fractions(tmp_path: Path) -> None:
 
 
 def test_action_may_be_a_list(tmp_path: Path) -> None:
-    path = write(tmp_path, '[hibernate]\naction = ["command", "control"]\n')
+    path = write(tmp_path, '[hibernate]\naction = ["command", "control"]\ncommand = ["true"]\n')
     assert cfg.load(path).config.hibernate.action == ("command", "control")
 
 

@@ -10,6 +10,12 @@ Loading order: built-in defaults, then the file. The file is
 ``/etc/clusterctl/clusterctl.toml`` unless ``--config`` or ``CLUSTERCTL_CONFIG``
 names another (the flag wins over the variable). A missing default file means
 built-in defaults; a missing file named explicitly is an error.
+
+``parse`` is pure: types, bounded ranges (every number has a maximum; sizes at
+most 1 PiB), usable URLs and cross-checks. ``load``, ``validate_file`` and
+``set_values`` add ``host_checks``, which only read the host: clusterctl's
+directories must have no parent another user controls, and each cleanup path
+must still be a cache with its symlinks resolved.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import dataclasses
 import difflib
 import ipaddress
 import itertools
+import json
 import math
 import os
 import re
@@ -29,7 +36,7 @@ from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from clusterctl.errors import ConfigError
-from clusterctl.units import GIB, MIB, format_size, parse_size
+from clusterctl.units import GIB, MAX_SIZE_BYTES, MIB, format_size, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,8 +49,8 @@ else:
 DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
 
-Kind = Literal["int", "float", "bool", "str", "strs", "size", "path", "paths", "actions",
-               "listen", "url", "choice"]
+Kind = Literal["int", "float", "bool", "str", "strs", "size", "path", "optpath", "paths",
+               "actions", "listen", "url", "unit", "choice"]
 ACTIONS = ("none", "command", "control", "systemd")
 ALLOCATIONS = ("auto", "fallocate", "zeros")
 
@@ -198,7 +205,8 @@ class GpuConfig:
         95, "memory_critical", "int", "VRAM use at or above: CRITICAL", minimum=0, maximum=100
     )
     memory_reserve_mb: int = setting(
-        512, "memory_reserve_mb", "int", "VRAM never handed out by placement", minimum=0
+        512, "memory_reserve_mb", "int", "VRAM never handed out by placement", minimum=0,
+        maximum=1024 * 1024,  # 1 TiB
     )
     hysteresis_c: float = setting(
         2, "hysteresis", "float", "degrees past a state's edge before the state is left",
@@ -239,7 +247,8 @@ class HibernateConfig:
         minimum=0, maximum=100,
     )
     pause_after_minutes: float = setting(
-        3, "pause_after_minutes", "float", "idle minutes before the action", minimum=0.1
+        3, "pause_after_minutes", "float", "idle minutes before the action", minimum=0.1,
+        maximum=525600,  # a year
     )
     action: tuple[str, ...] = setting(
         ("none",), "action", "actions", "none | command | control | systemd, or a list"
@@ -252,7 +261,7 @@ class HibernateConfig:
         maximum=86400,
     )
     systemd_unit: str = setting(
-        "hibernate.target", "systemd_unit", "str",
+        "hibernate.target", "systemd_unit", "unit",
         'the "systemd" action starts this unit (hibernate.target, suspend.target, ...)',
     )
     fallback: str = setting(
@@ -300,7 +309,7 @@ class ApiConfig:
         "root-only file with the bearer token the changing endpoints require"
     )
     textfile_dir: str = setting(
-        "", "textfile_dir", "str",
+        "", "textfile_dir", "optpath",
         "node_exporter textfile-collector directory for the metrics; empty: none"
     )
 
@@ -404,16 +413,17 @@ def resolve_path(
 
 
 def load(flag: Path | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
-    """Load and validate the effective config; raise the first ConfigError."""
+    """Load and validate the effective config, the host checks included; raise the first
+    ConfigError."""
     path, source = resolve_path(flag, env)
     text = _read(path, source)
-    if text is None:
-        return LoadedConfig(Config(), path, source, file_exists=False)
-    config, errors = parse(text, path=str(path))
+    config, errors = (Config(), []) if text is None else parse(text, path=str(path))
+    if config is not None:
+        errors = host_checks(config, str(path), text or "", swap_dir=False)
     if errors:
         raise errors[0]
     assert config is not None
-    return LoadedConfig(config, path, source, file_exists=True)
+    return LoadedConfig(config, path, source, file_exists=text is not None)
 
 
 def validate_file(
@@ -425,10 +435,10 @@ def validate_file(
         text = _read(path, source)
     except ConfigError as err:
         return path, source, True, [err]
-    if text is None:
-        return path, source, False, []
-    _config, errors = parse(text, path=str(path))
-    return path, source, True, errors
+    config, errors = (Config(), []) if text is None else parse(text, path=str(path))
+    if config is not None:
+        errors = host_checks(config, str(path), text or "")
+    return path, source, text is not None, errors
 
 
 def _read(path: Path, source: Source) -> str | None:
@@ -456,12 +466,20 @@ def _read(path: Path, source: Source) -> str | None:
         raise ConfigError(
             "config file is not UTF-8 text", path=str(path), fix="save it as UTF-8"
         ) from err
+    except OSError as err:  # a symlink loop, an I/O error
+        raise ConfigError(
+            f"cannot read the config file: {err.strerror or err}", path=str(path),
+            fix="point --config/CLUSTERCTL_CONFIG at a readable file",
+        ) from err
 
 
 def parse(text: str, *, path: str) -> tuple[Config | None, list[ConfigError]]:
     """Parse and validate TOML text; the Config (None if unusable) and all problems."""
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        return None, [ConfigError("TOML nested too deeply to read", path=path,
+                                  fix="write plain sections of key = value lines")]
     except tomllib.TOMLDecodeError as err:
         where = re.search(r"\(at line (\d+), column (\d+)\)$", str(err))
         reason = str(err)[: where.start()].rstrip() if where else str(err)
@@ -474,6 +492,9 @@ def parse(text: str, *, path: str) -> tuple[Config | None, list[ConfigError]]:
                 fix="fix the syntax (strings in double quotes, one key = value per line)",
             )
         ]
+    except ValueError:  # Python refuses to convert integers of over 4300 digits
+        return None, [ConfigError("TOML holds a number too long to read", path=path,
+                                  fix="write numbers of sane size")]
     locator = _LineLocator(text)
     errors: list[ConfigError] = []
     built: dict[str, Any] = {}
@@ -482,7 +503,8 @@ def parse(text: str, *, path: str) -> tuple[Config | None, list[ConfigError]]:
         if name not in known_sections:
             errors.append(
                 ConfigError(
-                    f"unknown section [{name}]{_suggest(name, known_sections, section=True)}",
+                    f"unknown section [{_name(name)}]"
+                    f"{_suggest(name, known_sections, section=True)}",
                     path=path,
                     line=locator.section(name),
                     fix=f"known sections: {', '.join(known_sections)}",
@@ -523,7 +545,7 @@ def _build_section(
                     f"unknown key{_suggest(key, settings)}",
                     path=path,
                     line=line,
-                    key=f"{section}.{key}",
+                    key=f"{section}.{_name(key)}",
                     fix=f"known keys in [{section}]: {', '.join(settings)}",
                 )
             )
@@ -548,29 +570,38 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
             raise ValueError(f"expected a whole number, got {_shown(raw)}")
         value = raw
     elif kind == "float":
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise ValueError(f"expected a number, got {_shown(raw)}")
+        if isinstance(raw, float) and not math.isfinite(raw):
+            raise ValueError(f"expected a finite number, got {raw}")
+        _check_range(fld, raw)  # before float(): a huge int would overflow it
         value = float(raw)
     elif kind == "size":
         if isinstance(raw, bool) or not isinstance(raw, (str, int)):
             raise ValueError(f'expected a size like "512M" or "2G", got {_shown(raw)}')
         value = parse_size(raw) if isinstance(raw, str) else raw
     elif kind == "path":
-        if not isinstance(raw, str) or not raw.startswith("/"):
+        if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
             raise ValueError(f'expected an absolute path like "/var/lib/x", got {_shown(raw)}')
         return Path(raw)
+    elif kind == "optpath":
+        if not isinstance(raw, str) or (raw and not raw.startswith("/")) or "\0" in raw:
+            raise ValueError(f'expected an absolute path like "/var/lib/x", or "" for none, '
+                             f"got {_shown(raw)}")
+        return raw
     elif kind == "paths":
         if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/")
-                                                for p in raw):
+                                                and "\0" not in p for p in raw):
             raise ValueError(f'expected a list of absolute paths like ["/root/.cache/pip"], '
                              f"got {_shown(raw)}")
-        if any(p.rstrip("/") in ("", "/etc", "/usr", "/var", "/home", "/root", "/boot")
-               for p in raw):
-            raise ValueError("refusing a system directory: list caches, like "
-                             '"/root/.cache/pip"')
+        for listed in raw:
+            refusal = cache_refusal(listed)
+            if refusal:
+                raise ValueError(refusal)
         return tuple(Path(p) for p in raw)
     elif kind == "strs":
-        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x and "\0" not in x
+                                                for x in raw):
             raise ValueError(f'expected a list of strings like ["a", "b"], got {_shown(raw)}')
         return tuple(raw)
     elif kind == "actions":
@@ -579,30 +610,42 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
         return _coerce_listen(raw)
     elif kind == "url":
         return _coerce_url(raw)
+    elif kind == "unit":
+        if not isinstance(raw, str) or not _UNIT_RE.match(raw) or len(raw) > 255:
+            raise ValueError(f'expected a systemd unit like "hibernate.target" or '
+                             f'"snapshot.service", got {_shown(raw)}')
+        return raw
     elif kind == "choice":
         choices = _CHOICES[fld.metadata["key"]]
         if raw not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}, got {_shown(raw)}")
         return raw
     else:
-        if not isinstance(raw, str):
+        if not isinstance(raw, str) or "\0" in raw:
             raise ValueError(f"expected a string in double quotes, got {_shown(raw)}")
         return raw
     _check_range(fld, cast(float, value))
     return value
 
 
+_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(target|service)$")
+
+
 _CHOICES = {"allocation": ALLOCATIONS, "fallback": ("suspend", "poweroff", "refuse")}
 
 
 def _check_range(fld: dataclasses.Field[Any], value: float) -> None:
+    """Every number is bounded: sizes by MAX_SIZE_BYTES, the rest by their field's range."""
     low, high = fld.metadata["minimum"], fld.metadata["maximum"]
     size = fld.metadata["kind"] == "size"
+    if size and high is None:
+        high = MAX_SIZE_BYTES
     show = format_size if size else _num
+    got = show(value) if abs(value) < 2**63 else "a number with more than 18 digits"
     if low is not None and value < low:
-        raise ValueError(f"must be at least {show(low)}, got {show(value)}")
+        raise ValueError(f"must be at least {show(low)}, got {got}")
     if high is not None and value > high:
-        raise ValueError(f"must be at most {show(high)}, got {show(value)}")
+        raise ValueError(f"must be at most {show(high)}, got {got}")
 
 
 def _coerce_actions(raw: object) -> tuple[str, ...]:
@@ -624,27 +667,136 @@ def _coerce_listen(raw: object) -> str:
     if not isinstance(raw, str):
         raise ValueError(f'expected "address:port" like "127.0.0.1:9408", got {_shown(raw)}')
     host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f'expected "address:port" with a port 1-65535, got "{raw}"')
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "address:port" with a port 1-65535, got {_quoted(raw)}')
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(bare)
     except ValueError as err:
         raise ValueError(
-            f'expected an IP address before the port ("127.0.0.1", "[::1]"), got "{host}"'
+            f'expected an IP address before the port ("127.0.0.1", "[::1]"), got {_quoted(host)}'
         ) from err
     return raw
 
 
+_LABEL_RE = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
 def _coerce_url(raw: object) -> str:
+    """An http(s) base URL every client in clusterctl can use: paths are appended to it."""
     if not isinstance(raw, str):
         raise ValueError(f'expected a URL like "https://control.example", got {_shown(raw)}')
     if raw == "":
         return raw
-    parts = urlsplit(raw)
+    if not raw.isascii() or not raw.isprintable() or " " in raw:
+        raise ValueError(f"a URL may not contain spaces, control or non-ASCII characters, "
+                         f"got {_quoted(raw)}")
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as err:
+        raise ValueError(f"not a usable URL ({err}): {_quoted(raw)}") from err
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f'expected an http:// or https:// URL, got "{raw}"')
+        raise ValueError(f"expected an http:// or https:// URL, got {_quoted(raw)}")
+    if "@" in parts.netloc:
+        raise ValueError(f"a user name or password does not belong in the URL, got {_quoted(raw)}")
+    if "?" in raw or "#" in raw:
+        raise ValueError(f"a base URL cannot have a ?query or #fragment (paths are added to it), "
+                         f"got {_quoted(raw)}")
+    if port == 0:
+        raise ValueError(f"expected a port 1-65535, got {_quoted(raw)}")
+    host = parts.hostname
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as err:
+            raise ValueError(f'expected an IPv6 address in brackets, like "http://[::1]:8080", '
+                             f"got {_quoted(raw)}") from err
+    elif not _is_host_name(host):
+        raise ValueError(f'expected a host name or IPv4 address, got "{host}"')
     return raw.rstrip("/")
+
+
+def _is_host_name(host: str) -> bool:
+    """A DNS name the resolver accepts (labels of 1-63 characters) or an IPv4 address."""
+    labels = host.split(".")
+    return len(host) <= 253 and all(_LABEL_RE.match(label) for label in labels)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+# Directories that are never clusterctl's own (swap, state, run dir) nor a cache to empty.
+SYSTEM_DIRS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys",
+    "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local", "/usr/sbin", "/usr/share",  # noqa: S108
+    "/var", "/var/cache", "/var/lib", "/var/log", "/var/mail", "/var/spool", "/var/tmp",  # noqa: S108
+})
+# Trees where monitor may empty nothing, except below the cache roots.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/root", "/run",
+                "/sbin", "/snap", "/sys", "/tmp", "/usr", "/var")  # noqa: S108
+CACHE_ROOTS = ("/var/cache", "/var/tmp", "/tmp", "/root/.cache", "/home/*/.cache")  # noqa: S108
+MIN_CACHE_DEPTH = 3  # outside the cache roots: "/opt/conda/pkgs", never "/data/x"
+
+
+def normal_path(path: str | Path) -> str:
+    """``path`` made absolute and normalised as text ("/etc/." -> "/etc", "//x" -> "/x")."""
+    return "/" + os.path.normpath(f"/{path}").lstrip("/")
+
+
+def is_inside(path: str, tree: str) -> bool:
+    """``path`` is ``tree`` or below it (both normalised)."""
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def cache_refusal(path: str | Path) -> str | None:
+    """Why ``path`` is not clearly a cache whose contents may be removed, or None.
+
+    On the text, normalised: check the resolved path again before removing."""
+    norm = normal_path(path)
+    parts = norm.split("/")[1:]
+    home_cache = len(parts) >= 4 and parts[0] == "home" and parts[2] == ".cache"
+    if home_cache or any(norm != root and is_inside(norm, root) for root in CACHE_ROOTS):
+        return None
+    fix = ("list a cache below " + ", ".join(CACHE_ROOTS).replace("*", "<user>")
+           + f", or one at least {MIN_CACHE_DEPTH} levels deep outside the system trees")
+    tree = "/" if norm == "/" else next((t for t in SYSTEM_TREES if is_inside(norm, t)), None)
+    if tree is None and parts[0].startswith("lib"):
+        tree = f"/{parts[0]}"
+    if tree is not None:
+        where = "a system directory" if norm == tree else f"inside {tree}"
+        return f"refusing {_quoted(str(path))}: {where}, not a cache; {fix}"
+    if len(parts) < MIN_CACHE_DEPTH:
+        return f"refusing {_quoted(str(path))}: too near / to be only a cache; {fix}"
+    return None
+
+
+def _clusterctl_dirs(config: Config) -> tuple[tuple[str, str, Path], ...]:
+    """The directories that hold clusterctl's own files: (section, key, path)."""
+    return (("swap", "dir", config.swap.dir), ("paths", "state_dir", config.paths.state_dir),
+            ("paths", "run_dir", config.paths.run_dir))
+
+
+def cleanup_refusal(listed: str | Path, config: Config, *, resolve: bool = False
+                    ) -> str | None:
+    """Why monitor must not empty ``listed``, or None. ``resolve`` also compares with
+    clusterctl's directories with their symlinks resolved (reads the host)."""
+    refusal = cache_refusal(listed)
+    if refusal:
+        return refusal
+    norm = normal_path(listed)
+    for section, key, own in _clusterctl_dirs(config):
+        forms = {normal_path(own), normal_path(os.path.realpath(own)) if resolve else ""}
+        for mine in forms - {""}:
+            if is_inside(norm, mine) or is_inside(mine, norm):
+                return (f"refusing {_quoted(str(listed))}: it holds or is inside [{section}] "
+                        f"{key} ({own}), clusterctl's own files; list only caches")
+    return None
 
 
 def _cross_checks(config: Config, path: str, locator: _LineLocator) -> list[ConfigError]:
@@ -703,6 +855,56 @@ def _cross_checks(config: Config, path: str, locator: _LineLocator) -> list[Conf
             ("memory_critical", gpu.memory_critical_percent),
         ],
     )
+    for section, key, own in _clusterctl_dirs(config):
+        if normal_path(own) in SYSTEM_DIRS:
+            fail(section, key, f"{own} is a system directory, not one for clusterctl's own "
+                 f'files; use a directory of its own, like "/var/lib/clusterctl"')
+    for listed in opt.cleanup_paths:
+        refusal = cleanup_refusal(listed, config)
+        if refusal:
+            fail("optimize", "cleanup_paths", refusal)
+    if "command" in config.hibernate.action and not config.hibernate.command:
+        fail("hibernate", "action", 'the "command" action needs a command; set [hibernate] '
+             'command = ["/path/to/program", "arg"]')
+    beat = config.heartbeat
+    host = urlsplit(beat.control_url).hostname or ""
+    if (beat.control_url.startswith("http:") and not beat.allow_insecure_http
+            and not _is_loopback(host)):
+        fail("heartbeat", "control_url",
+             f"{beat.control_url} is plain http to another machine: the token and the "
+             "node's data would cross the network in clear; use https://, or set "
+             "[heartbeat] allow_insecure_http = true")
+    return errors
+
+
+def host_checks(config: Config, path: str, text: str = "", *, swap_dir: bool = True
+                ) -> list[ConfigError]:
+    """What the host says about a parsed config: read-only (lstat, realpath).
+
+    clusterctl's directories must have no parent another user controls; a cache
+    in cleanup_paths must still be a cache with its symlinks resolved. ``swap_dir``
+    False leaves the swap dir to the swap step, which checks it again when it acts and
+    reports it in `swap status` (exit 1) rather than refusing the whole config."""
+    from clusterctl.host.trust import untrusted_ancestor
+
+    locator = _LineLocator(text)
+    errors: list[ConfigError] = []
+    for section, key, own in _clusterctl_dirs(config):
+        if section == "swap" and not swap_dir:
+            continue
+        reason = untrusted_ancestor(own)
+        if reason:
+            errors.append(ConfigError(
+                f"{own} is not safe for root's files: {reason}", path=path,
+                line=locator.key(section, key), key=f"{section}.{key}",
+                fix="use a directory whose parents are all root's and not writable by others"))
+    for listed in config.optimize.cleanup_paths:
+        real = os.path.realpath(listed)
+        refusal = cleanup_refusal(real, config, resolve=True)
+        if refusal:
+            errors.append(ConfigError(
+                f"{listed} resolves to {real}: {refusal}", path=path,
+                line=locator.key("optimize", "cleanup_paths"), key="optimize.cleanup_paths"))
     return errors
 
 
@@ -726,7 +928,7 @@ def with_changes(config: Config, section: str, changes: Mapping[str, object],
     """``config`` with ``[section]`` keys changed (values as TOML gives them), validated
     like a file: the first problem is raised as a ConfigError and nothing changes."""
     if section not in sections():
-        raise ConfigError(f"unknown section [{section}]", path=source)
+        raise ConfigError(f"unknown section [{_name(section)}]", path=source)
     values = {**as_toml_dict(config)[section], **changes}
     built, errors = _build_section(section, values, source, _LineLocator(""))
     if not errors:
@@ -759,13 +961,20 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         text = ""
+    except UnicodeDecodeError as err:
+        raise ConfigError("config file is not UTF-8 text, so it cannot be edited",
+                          path=str(path), fix="save it as UTF-8 (iconv -t utf-8), then set again"
+                          ) from err
     except OSError as err:
         raise ConfigError(f"cannot read the config file: {err.strerror}", path=str(path)) from err
+    _config, errors = parse(text, path=str(path))
+    if _config is None and any(e.reason.startswith("TOML") for e in errors):
+        raise errors[0]  # unreadable as TOML: nothing to edit
     try:
         document = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError:
-        _config, errors = parse(text, path=str(path))
-        raise errors[0] from None
+    except (tomlkit.exceptions.TOMLKitError, ValueError, RecursionError) as err:
+        raise ConfigError(f"cannot edit this file: {err}", path=str(path),
+                          fix="fix it by hand; `clusterctl config validate` says where") from None
     for dotted, typed in changes.items():
         section, key, fld = _setting_for(dotted)
         try:
@@ -778,6 +987,8 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
         table[key] = value
     new_text = tomlkit.dumps(document)
     config, errors = parse(new_text, path=str(path))
+    if config is not None:
+        errors = host_checks(config, str(path), new_text)
     if errors:
         raise errors[0]
     assert config is not None
@@ -787,6 +998,9 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
 
 
 def _setting_for(dotted: str) -> tuple[str, str, dataclasses.Field[Any]]:
+    if _name(dotted) != dotted:
+        raise ConfigError(f"not a key: {_quoted(dotted)}",
+                          fix="keys look like swap.max_size (section.key)")
     section, _, key = dotted.partition(".")
     known = sections()
     if section not in known:
@@ -889,10 +1103,24 @@ def _type_name(value: object) -> str:
 
 def _shown(value: object) -> str:
     if isinstance(value, str):
-        return f'"{value}" (a string)'
+        return f"{_quoted(value)} (a string)"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
-    return f"{value!r} ({_a(_type_name(value))})"
+    return f"{_clipped(repr(value))} ({_a(_type_name(value))})"
+
+
+def _name(text: str) -> str:
+    """A section or key name as written, or quoted when it is not plain printable text."""
+    return text if text.isprintable() and len(text) <= 120 else _quoted(text)
+
+
+def _quoted(text: str) -> str:
+    """``text`` in double quotes on one line: control characters escaped, long text cut."""
+    return _clipped(json.dumps(text, ensure_ascii=False))
+
+
+def _clipped(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _a(noun: str) -> str:

@@ -1,32 +1,49 @@
-"""Sizes as operators write them ("512M", "2G", "1.5G") and as people read them."""
+"""Sizes as operators write them ("512M", "2G", "1.5G") and as people read them.
+
+A parsed size is always a whole number of bytes from 0 to ``MAX_SIZE_BYTES`` (1 PiB):
+no size clusterctl handles is larger, and a bound keeps absurd input from overflowing.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 KIB = 1024
 MIB = 1024**2
 GIB = 1024**3
 TIB = 1024**4
+PIB = 1024**5
+MAX_SIZE_BYTES = PIB
 
 _MULTIPLIERS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": TIB}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
     """Bytes in a size string. Binary units: 1K = 1024 bytes, 1G = 1024**3.
 
-    Accepts "512M", "2G", "1.5G", "2GiB", "2gb", "4096" (bytes).
+    Accepts "512M", "2G", "1.5G", "2GiB", "2gb", "4096" (bytes), up to 1024T.
     Raises ValueError with a readable reason otherwise.
     """
     match = _SIZE_RE.match(text)
     if match is None:
-        raise ValueError(f'expected a size like "512M", "2G" or "1.5G", got "{text}"')
+        raise ValueError(f'expected a size like "512M", "2G" or "1.5G", got {_quoted(text)}')
     number, unit = match.groups()
     size = float(number) * _MULTIPLIERS[unit.upper()]
+    if not math.isfinite(size) or size > MAX_SIZE_BYTES:
+        raise ValueError(f"a size must be at most {format_size(MAX_SIZE_BYTES)} (1 PiB), "
+                         f"got {_quoted(text)}")
     if not size.is_integer() and unit == "":
-        raise ValueError(f'a size in bytes must be a whole number, got "{text}"')
+        raise ValueError(f"a size in bytes must be a whole number, got {_quoted(text)}")
     return int(size)
+
+
+def _quoted(text: str) -> str:
+    """``text`` in double quotes on one line (control characters escaped), cut when long."""
+    shown = json.dumps(text, ensure_ascii=False)
+    return shown if len(shown) <= 120 else f"{shown[:120]}..."
 
 
 def format_size(size_bytes: int | float) -> str:

@@ -244,14 +244,20 @@ def heartbeat_cmd(once: Annotated[bool, typer.Option("--once", help="Send one an
         raise typer.Exit(EXIT_FAILED)
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhd])$")
+MAX_INHIBIT_DAYS = 365
 
 
 def parse_duration(text: str) -> float:
+    """Seconds in "30m", "2h", "1d"; at most MAX_INHIBIT_DAYS, UsageError otherwise."""
     match = _DURATION.match(text.strip())
     if not match:
         raise UsageError(f'--for {text}: expected a duration like "30m", "2h" or "1d"')
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if not seconds <= MAX_INHIBIT_DAYS * 86400:  # also inf, from a thousand digits
+        raise UsageError(f"--for {text}: at most {MAX_INHIBIT_DAYS}d",
+                         fix="inhibit again when it ends, or set [hibernate] enabled = false")
+    return seconds
 
 
 @app.command("inhibit")

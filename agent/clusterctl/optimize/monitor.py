@@ -12,7 +12,10 @@ count in our env file) and the saved ``MonitorState`` go into the pure
   policy's own code, its limits included) and free memory; at most once a minute.
 - The state dir's disk at or over ``disk_threshold``: remove clusterctl's rotated
   event logs older than ``retention_days`` and the contents of the operator's
-  ``cleanup_paths``; at most every five minutes. Nothing else is ever removed.
+  ``cleanup_paths``; at most every five minutes. Nothing else is ever removed: each
+  listed cache is opened without following a symlink, and the directory actually
+  opened is checked again against the config's cache rules before anything in it
+  goes; inside it, no symlink is followed (a link is removed, never its target).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from typing import Any, Literal
 
 from clusterctl import swap, system
 from clusterctl.agent.outbox import Outbox
-from clusterctl.config import Config
+from clusterctl.config import Config, cleanup_refusal
 from clusterctl.errors import HostError
 from clusterctl.events import FILE_NAME as EVENTS_FILE
 from clusterctl.events import EventLog
@@ -239,33 +241,62 @@ def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -
             did.append(f"removed {path} ({format_size(st.st_size)}, older than "
                        f"{opt.retention_days:g} days)")
     for listed in opt.cleanup_paths:
-        directory = rooted(root, listed)
-        if not directory.is_dir() or directory.is_symlink():
-            notes.append(f"{listed}: not a directory, left alone")
-            continue
-        size = 0
-        for entry in list(directory.iterdir()):
-            size += _size(entry)
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-        did.append(f"emptied {listed} ({format_size(size)}; listed in cleanup_paths)")
+        size, problems = _empty_cache(listed, config, root)
+        if size is not None:
+            did.append(f"emptied {listed} ({format_size(size)}; listed in cleanup_paths)")
+        notes += problems
     if not did:
         notes.append("nothing of clusterctl's to remove; list caches in [optimize] "
                      "cleanup_paths to let monitor empty them")
     return Done(action, tuple(did), tuple(notes))
 
 
-def _size(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
-        return path.lstat().st_size
-    total = 0
-    for base, _dirs, names in os.walk(path):
+def _empty_cache(listed: Path, config: Config, root: Path) -> tuple[int | None, list[str]]:
+    """Remove what is in one listed cache; the bytes freed (None: left alone) and notes."""
+    try:
+        fd = os.open(rooted(root, listed), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:  # absent, not a directory, or a symlink (ELOOP)
+        return None, [f"{listed}: not a directory ({err.strerror}), left alone"]
+    try:
+        try:  # where the open really led, whatever was swapped in since validation
+            opened = Path(f"/proc/self/fd/{fd}").readlink()
+        except OSError as err:
+            return None, [f"{listed}: cannot tell where it leads ({err.strerror}), left alone"]
+        real_root = Path(os.path.realpath(root))
+        refusal = (cleanup_refusal(f"/{opened.relative_to(real_root)}", config, resolve=True)
+                   if opened.is_relative_to(real_root) else f"outside {root}")
+        if refusal:
+            return None, [f"{listed} is now {opened}, left alone: {refusal}"]
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries]
+        size, problems = 0, []
         for name in names:
-            with contextlib.suppress(OSError):
-                total += Path(base, name).lstat().st_size
-    return total
+            try:
+                size += _remove_at(fd, name)
+            except (OSError, RecursionError) as err:
+                problems.append(f"could not remove {listed}/{name}: "
+                                f"{getattr(err, 'strerror', None) or err}")
+        return size, problems
+    finally:
+        os.close(fd)
+
+
+def _remove_at(parent_fd: int, name: str) -> int:
+    """Remove ``name`` from the directory open as ``parent_fd`` without following any
+    symlink (a link goes, its target stays); the bytes of the files removed."""
+    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=parent_fd)
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    try:
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries]
+        size = sum(_remove_at(fd, child) for child in names)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+    return size
 
 
 def run_once(config: Config, *, root: Path = Path("/"), cpu_window_s: float = 1.0,
