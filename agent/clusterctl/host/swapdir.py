@@ -1,7 +1,16 @@
-"""The swap dir as it is on disk: is it trusted, and what files are in it."""
+"""The swap dir as it is on disk: is it trusted, and what files are in it.
+
+Trusted means that no user but root can change what the swap dir's path leads to:
+the swap dir is root's and writable by nobody else, and so is every directory
+above it (or it is sticky, like /tmp), and no component of the path is a symlink.
+``walk_to_dir`` checks this the way it opens the dir, from / one component at a
+time, each directory checked before anything is looked up in it, so what is
+checked is what is used.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -16,10 +25,14 @@ from clusterctl.host.procfs import SwapArea
 SWAP_MAGICS = (b"SWAPSPACE2", b"SWAP-SPACE")
 NAME_RE = re.compile(r"^swap-(\d{4})$")
 TMP_RE = re.compile(r"^\.(swap-\d{4})\.tmp$")
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+NOT_READABLE = "not readable (run as root)"
 
 
 def dir_problem(st: os.stat_result) -> str | None:
     """Why a directory may not hold clusterctl's swap files, or None if it may."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
     if not stat.S_ISDIR(st.st_mode):
         return "not a directory"
     if st.st_uid != 0:
@@ -27,6 +40,95 @@ def dir_problem(st: os.stat_result) -> str | None:
     if st.st_mode & 0o022:
         return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
+
+
+def ancestor_problem(st: os.stat_result, euid: int) -> str | None:
+    """Why a directory above the swap dir lets another user swap the dir for another."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid not in (0, euid):
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+@dataclass(frozen=True)
+class Distrust:
+    """The first directory on the way to the swap dir that fails the checks."""
+
+    directory: str
+    problem: str
+    target: bool  # the swap dir itself, not one above it
+
+    def describe(self) -> str:
+        """What follows "swap dir PATH is"."""
+        return self.problem if self.target else f"under {self.directory}, which is {self.problem}"
+
+    def fix(self) -> str:
+        where = self.directory
+        if self.problem == "a symlink":
+            return "set [swap] dir to its real path, with no symlink in it"
+        if self.problem == NOT_READABLE:
+            return "run it as root"
+        if self.target:
+            return f"chown root:root {where} && chmod 0700 {where}, or choose another dir"
+        return f"chown root {where} && chmod go-w {where}, or set [swap] dir elsewhere"
+
+
+def walk_to_dir(path: Path, *, create: bool = False, strict: bool = True
+                ) -> tuple[int | None, Distrust | None]:
+    """An O_RDONLY descriptor of the swap dir, reached from / without following symlinks.
+
+    Returns the descriptor (None when the dir does not exist or cannot be reached) and
+    the first directory that fails the checks (None when all pass). ``strict`` stops
+    at that directory, before anything is looked up or made in it; otherwise the walk
+    goes on where it can, to list a dir that is reported, not used. ``create`` makes
+    what is missing: 0755 above the dir, 0700 the dir itself.
+    """
+    if not path.is_absolute() or ".." in path.parts:
+        return None, Distrust(str(path), "not an absolute path without '..'", True)
+    euid = os.geteuid()
+    first: Distrust | None = None
+    here = Path("/")
+    fd = os.open("/", _PATH_FLAGS)
+    try:
+        while True:
+            target = here == path
+            st = os.fstat(fd)
+            problem = dir_problem(st) if target else ancestor_problem(st, euid)
+            if problem is not None:
+                first = first or Distrust(str(here), problem, target)
+                if strict or not stat.S_ISDIR(st.st_mode):
+                    return None, first
+            try:
+                if target:
+                    return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                   dir_fd=fd), first
+                part = path.parts[len(here.parts)]
+                child = _open_child(fd, part, 0o700 if here / part == path else 0o755,
+                                    create=create)
+            except FileNotFoundError:
+                return None, first
+            except PermissionError:
+                return None, first or Distrust(str(here), NOT_READABLE, target)
+            os.close(fd)
+            fd, here = child, here / part
+    finally:
+        os.close(fd)
+
+
+def _open_child(dfd: int, name: str, mode: int, *, create: bool) -> int:
+    try:
+        return os.open(name, _PATH_FLAGS, dir_fd=dfd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    with contextlib.suppress(FileExistsError):  # made by a concurrent run
+        os.mkdir(name, mode, dir_fd=dfd)
+    return os.open(name, _PATH_FLAGS, dir_fd=dfd)
 
 
 @dataclass(frozen=True)
@@ -51,29 +153,24 @@ class SwapDirEntry:
 class SwapDirListing:
     path: str
     exists: bool
-    problem: str | None  # why it is not trusted (symlink, owner, mode)
+    problem: str | None  # why it is not trusted: follows "swap dir PATH is"
     entries: tuple[SwapDirEntry, ...]
 
 
-def _signature(fd: int, page_size: int) -> bool:
+def has_swap_signature(fd: int, page_size: int) -> bool:
+    """Whether the open file has a swap header's magic at the end of its first page."""
     tail = os.pread(fd, 10, page_size - 10)
     return tail in SWAP_MAGICS
 
 
 def read_swap_dir(path: Path, *, page_size: int | None = None) -> SwapDirListing:
+    """The swap dir's files, and why it is not trusted (if it is not): reports, never raises."""
     page = page_size or os.sysconf("SC_PAGE_SIZE")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return SwapDirListing(str(path), False, None, ())
-    if stat.S_ISLNK(st.st_mode):
-        return SwapDirListing(str(path), True, "a symlink", ())
-    problem = dir_problem(st)
+    dfd, distrust = walk_to_dir(path, strict=False)
+    problem = distrust.describe() if distrust else None
+    if dfd is None:
+        return SwapDirListing(str(path), distrust is not None and distrust.target, problem, ())
     entries = []
-    try:
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except PermissionError:
-        return SwapDirListing(str(path), True, problem or "not readable (run as root)", ())
     try:
         for name in sorted(os.listdir(dfd)):  # noqa: PTH208 - listing by descriptor
             est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -81,12 +178,13 @@ def read_swap_dir(path: Path, *, page_size: int | None = None) -> SwapDirListing
             signature = False
             if regular and est.st_size >= page:
                 try:
-                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                 dir_fd=dfd)
                 except OSError:
                     fd = -1
                 if fd >= 0:
                     try:
-                        signature = _signature(fd, page)
+                        signature = has_swap_signature(fd, page)
                     finally:
                         os.close(fd)
             entries.append(SwapDirEntry(name, est.st_size, regular, signature))

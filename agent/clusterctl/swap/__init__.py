@@ -184,7 +184,7 @@ def _apply(action: Action, dfd: int, facts: SwapFacts, config: Config, ledger: l
                         "total_bytes": total + size, "method": method}
     if action.kind == "activate":
         log.info("activate %s: %s", path, action.reason)
-        swapfiles.swapon(path)
+        swapfiles.activate(dfd, directory, action.name, size)
         entry = ledger.file(action.name) or ledgers.LedgerFile(action.name, size, moment,
                                                                "adopted")
         ledger = ledger.with_file(replace(entry, boot_id=facts.boot_id, off_since=None))
@@ -193,7 +193,8 @@ def _apply(action: Action, dfd: int, facts: SwapFacts, config: Config, ledger: l
     if action.kind == "remove":
         label = f"swapoff {path} ({format_size(action.used_bytes)} in use)"
         log.info("%s: %s", label, action.reason)
-        swapfiles.deactivate(path, progress=progress(label, action.used_bytes)
+        swapfiles.deactivate(dfd, directory, action.name,
+                             progress=progress(label, action.used_bytes)
                              if progress and action.used_bytes else None)
         swapfiles.remove(dfd, action.name)
         return ledger.without(action.name), {

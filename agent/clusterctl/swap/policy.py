@@ -11,6 +11,7 @@ executor in ``clusterctl.swap`` carries one out.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -487,6 +488,12 @@ def fix_for(blocker: str) -> str | None:
         return "free space there, lower [swap] increment, or move [swap] dir"
     if "kernel's limit" in blocker:
         return "raise [swap] increment so fewer, larger files are needed"
+    above = re.search(r"^swap dir .* is under (/.*?), which is (?!a symlink)", blocker)
+    if above:  # a directory above the swap dir (host.swapdir.Distrust)
+        where = above.group(1)
+        return f"chown root {where} && chmod go-w {where}, or set [swap] dir elsewhere"
+    if "symlink" in blocker:
+        return "set [swap] dir to its real path, with no symlink in it"
     if "swap dir" in blocker:
         return "set [swap] dir to a root-owned directory on local ext4, XFS or btrfs"
     return None

@@ -1,7 +1,12 @@
 """Swap files on disk and in the kernel: create, activate, deactivate, remove.
 
 Everything happens relative to an open, verified directory descriptor and
-with O_NOFOLLOW, so a symlink planted in the swap dir is never followed. A
+with O_NOFOLLOW: the dir is reached from / one component at a time, and each
+directory on the way is checked before the next is looked up in it (see
+``clusterctl.host.swapdir``), so a symlink planted in the swap dir or above it
+is never followed. swapon(2) and swapoff(2) are given ``/proc/self/fd/N`` of a
+file opened that way, so the kernel acts on the file that was checked, not on
+whatever its path leads to by then; /proc/swaps still names it by its real path. A
 file is built under a temporary name (``.NAME.tmp``), allocated and given a
 swap header, renamed to its final name once it is a valid swap area, and
 then activated (the kernel refuses to rename an active swap file). A crash
@@ -32,7 +37,7 @@ from typing import Literal
 
 from clusterctl.errors import HostError
 from clusterctl.host.procfs import read_swaps
-from clusterctl.host.swapdir import dir_problem
+from clusterctl.host.swapdir import has_swap_signature, walk_to_dir
 from clusterctl.units import MIB, format_size
 
 log = logging.getLogger(__name__)
@@ -69,28 +74,23 @@ class SwapError(HostError):
 
 
 def open_dir(path: Path, *, create: bool) -> int:
-    """An O_DIRECTORY|O_NOFOLLOW descriptor of the swap dir, after checking it is trusted."""
-    if create and not os.path.lexists(path):
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700)
+    """An O_RDONLY descriptor of the swap dir, once it and every directory above it are trusted.
+
+    ``create`` makes the missing directories (0755 above, 0700 the dir), each only
+    after the one it is made in has passed the checks.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError as err:
+        dfd, distrust = walk_to_dir(path, create=create)
+    except OSError as err:
+        raise HostError(f"cannot open swap dir {path}: {err.strerror}") from err
+    if distrust is not None:
+        raise HostError(f"swap dir {path} is {distrust.describe()}; refusing it",
+                        fix=distrust.fix())
+    if dfd is None:
         raise HostError(f"swap dir {path} does not exist",
                         fix="create it (mode 0700, owned by root) or run a changing command "
-                        "as root") from err
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise HostError(f"swap dir {path} is a symlink or not a directory; refusing it",
-                            fix="point [swap] dir at a real directory owned by root") from err
-        raise HostError(f"cannot open swap dir {path}: {err.strerror}") from err
-    problem = dir_problem(os.fstat(fd))
-    if problem:
-        os.close(fd)
-        raise HostError(f"swap dir {path} is {problem}; refusing it",
-                        fix=f"chown root:root {path} && chmod 0700 {path}, or choose another dir")
-    return fd
+                        "as root")
+    return dfd
 
 
 def fsync_dir(dfd: int) -> None:
@@ -141,8 +141,14 @@ def zero_fill(fd: int, size_bytes: int, progress: Progress | None = None) -> Non
 # the kernel
 
 
-def swapon(path: str) -> None:
-    if _libc.swapon(os.fsencode(path), 0) == 0:
+def _by_fd(fd: int) -> bytes:
+    """A name for the open file that the kernel resolves to that file, whatever its path."""
+    return f"/proc/self/fd/{fd}".encode()
+
+
+def swapon(fd: int, path: str) -> None:
+    """Enable the open file ``fd`` as swap; ``path`` names it in messages."""
+    if _libc.swapon(_by_fd(fd), 0) == 0:
         return
     code = ctypes.get_errno()
     if code == errno.EINVAL:
@@ -162,8 +168,9 @@ def swapon(path: str) -> None:
     raise SwapError(f"swapon {path}: {os.strerror(code)}", errno_value=code)
 
 
-def swapoff(path: str) -> None:
-    if _libc.swapoff(os.fsencode(path), 0) == 0:
+def swapoff(fd: int, path: str) -> None:
+    """Disable the swap area that is the open file ``fd``; ``path`` names it in messages."""
+    if _libc.swapoff(_by_fd(fd)) == 0:
         return
     code = ctypes.get_errno()
     if code == errno.ENOMEM:
@@ -179,18 +186,85 @@ def swapoff(path: str) -> None:
     raise SwapError(f"swapoff {path}: {os.strerror(code)}", errno_value=code)
 
 
-def deactivate(path: str, *, progress: Progress | None = None,
+def open_swap_file(dfd: int, dir_path: Path, name: str, size_bytes: int) -> int:
+    """A descriptor of the swap dir's file ``name``, once it is fit to swap on.
+
+    Opened without following a symlink; a regular file of root's that group and
+    others cannot read or write, with a swap header, at least ``size_bytes`` long.
+    """
+    path = dir_path / name
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dfd)
+    except OSError as err:
+        what = "a symlink" if err.errno == errno.ELOOP else err.strerror
+        raise SwapError(f"cannot open {path} to swap on it: {what}",
+                        errno_value=err.errno) from err
+    try:
+        st = os.fstat(fd)
+        problem, fix = _swap_file_problem(fd, st, size_bytes, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    if problem is not None:
+        os.close(fd)
+        raise SwapError(f"{path} is {problem}; refusing to swap on it", fix=fix)
+    return fd
+
+
+def _swap_file_problem(fd: int, st: os.stat_result, size_bytes: int, path: Path
+                       ) -> tuple[str | None, str | None]:
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file", f"remove {path}"
+    if st.st_uid != 0:
+        return f"owned by uid {st.st_uid}, not root", f"chown root {path}, or remove it"
+    if st.st_mode & 0o077:
+        return (f"open to group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+                f"chmod 0600 {path}")
+    if st.st_size < size_bytes:
+        return (f"{format_size(st.st_size)}, shorter than the {format_size(size_bytes)} "
+                "recorded", "run `clusterctl swap clean`")
+    if st.st_size < PAGE_SIZE or not has_swap_signature(fd, PAGE_SIZE):
+        return "without a swap header", "run `clusterctl swap clean`"
+    return None, None
+
+
+def activate(dfd: int, dir_path: Path, name: str, size_bytes: int) -> None:
+    """swapon the swap dir's file ``name``: the file checked by ``open_swap_file``."""
+    fd = open_swap_file(dfd, dir_path, name, size_bytes)
+    try:
+        swapon(fd, str(dir_path / name))
+    finally:
+        os.close(fd)
+
+
+def deactivate(dfd: int, dir_path: Path, name: str, *, progress: Progress | None = None,
                poll_s: float = 0.25) -> None:
-    """swapoff, reporting how much of the file's pages are back in RAM as it goes."""
+    """swapoff the swap dir's file ``name``, reporting how much of its pages are back in RAM."""
+    path = str(dir_path / name)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as err:
+        raise SwapError(f"cannot open {path} to swap it off: {err.strerror}",
+                        errno_value=err.errno) from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SwapError(f"{path} is not a regular file; leaving it alone")
+        _swapoff_watched(fd, path, progress, poll_s)
+    finally:
+        os.close(fd)
+
+
+def _swapoff_watched(fd: int, path: str, progress: Progress | None, poll_s: float) -> None:
     if progress is None:
-        swapoff(path)
+        swapoff(fd, path)
         return
     used = {a.path: a.used_bytes for a in read_swaps(Path("/"))}.get(path, 0)
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            swapoff(path)
+            swapoff(fd, path)
         except BaseException as err:  # handed to the waiting thread
             failure.append(err)
 
@@ -245,7 +319,7 @@ def create(
         current = name
         fsync_dir(dfd)
         try:
-            swapon(final_path)
+            swapon(fd, final_path)
         except SwapError as err:
             if err.errno == errno.EINVAL and btrfs:
                 raise SwapError(
@@ -261,7 +335,7 @@ def create(
             _allocate(fd, size_bytes, used, allocate, progress)
             write_header(fd, size_bytes)
             os.fsync(fd)
-            swapon(final_path)
+            swapon(fd, final_path)
         return used
     except BaseException:
         with contextlib.suppress(OSError):
