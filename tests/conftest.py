@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,24 @@ def _no_host_config(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     monkeypatch.setattr(cfg, "DEFAULT_PATH", tmp_path_factory.mktemp("etc") / "absent.toml")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_swap_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Swap a test's agent turned on under its tmp_path is swapped off when the test ends,
+    pass or fail: an in-process agent runs a swap step whenever the kernel reports memory
+    pressure, and its swap dir is the test's own."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp = request.getfixturevalue("tmp_path")
+    yield
+    if not Path("/proc/swaps").exists():
+        return
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        path = line.split()[0].replace("\\040", " ")
+        if path.startswith(f"{tmp}/"):
+            subprocess.run(["swapoff", path], check=False, capture_output=True)
 
 
 @pytest.fixture
