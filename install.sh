@@ -13,6 +13,8 @@
 # overwritten: the new default goes beside it as clusterctl.toml.dist.
 # Everything installed is listed in /var/lib/clusterctl/install.manifest.
 set -euo pipefail
+# whatever the caller's umask, nothing installed is writable by group or others
+umask 022
 
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=/

@@ -1,21 +1,32 @@
 """Prometheus metrics: dcgm-exporter's names and labels for the GPUs, clusterctl_* for
-the rest. Built on each scrape from the agent's latest sample (prometheus_client)."""
+the rest. Built on each scrape from the agent's latest sample (prometheus_client).
+
+The textfile for node_exporter is written only into a directory that root alone can
+write (not a link, not group- or other-writable), through a fresh temporary name and a
+rename: a planted link can neither redirect the write nor receive the file.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from clusterctl import system
+from clusterctl.errors import HostError
 
 if TYPE_CHECKING:
     from clusterctl.agent.service import Agent
 
+TEXTFILE = "clusterctl.prom"
 GPU_LABELS = ["gpu", "UUID", "modelName", "pci_bus_id", "Hostname"]
 STATES = ("optimal", "normal", "throttled", "critical")
 # (dcgm-exporter name, help, GpuSample attribute, scale)
@@ -94,6 +105,12 @@ class AgentCollector:
         yield sent
         yield _gauge("clusterctl_outbox_unsent_bytes", "Event log bytes not yet acknowledged.",
                      agent.outbox.unsent_bytes() if agent.config.heartbeat.control_url else 0)
+        errors = CounterMetricFamily("clusterctl_loop_errors",
+                                     "Unexpected failures in the agent's loops (each retried).",
+                                     labels=["loop"])
+        for loop, count in sorted(agent.loop_errors.items()):
+            errors.add_metric([loop], count)
+        yield errors
         yield _gauge("clusterctl_agent_start_time_seconds", "When the agent started.",
                      time.time() - (time.monotonic() - agent.started_monotonic))
 
@@ -118,6 +135,35 @@ def render(agent: Agent) -> tuple[bytes, str]:
     return generate_latest(registry_for(agent)), CONTENT_TYPE_LATEST
 
 
+def check_textfile_dir(directory: Path) -> None:
+    """HostError unless ``directory`` is a real directory that only root (or we) can write."""
+    try:
+        st = directory.lstat()
+    except FileNotFoundError as err:
+        raise HostError(f"textfile_dir {directory} does not exist",
+                        fix=f"create it (install -d -m 0755 {directory}) or fix [api] "
+                        "textfile_dir") from err
+    except OSError as err:
+        raise HostError(f"cannot use textfile_dir {directory}: {err.strerror}") from err
+    if stat.S_ISLNK(st.st_mode):
+        raise HostError(f"textfile_dir {directory} is a symbolic link: whoever can change it "
+                        "could redirect the metrics file", fix="set [api] textfile_dir to the "
+                        "real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise HostError(f"textfile_dir {directory} is not a directory",
+                        fix="fix [api] textfile_dir")
+    if st.st_uid not in (0, os.geteuid()):
+        raise HostError(f"textfile_dir {directory} is owned by uid {st.st_uid}, not root: "
+                        "its owner could redirect the metrics file", fix=f"chown root {directory}")
+    if st.st_mode & 0o022:
+        raise HostError(f"textfile_dir {directory} is writable by group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):04o}): they could redirect the metrics file",
+                        fix=f"chmod go-w {directory}")
+
+
 def write_textfile(agent: Agent, directory: Path) -> None:
-    """Atomically, for node_exporter's textfile collector (it reads *.prom)."""
-    write_to_textfile(str(directory / "clusterctl.prom"), registry_for(agent))
+    """For node_exporter's textfile collector (it reads *.prom): atomically, 0644, and only
+    into a directory that passes ``check_textfile_dir``; HostError otherwise."""
+    check_textfile_dir(directory)
+    text = generate_latest(registry_for(agent)).decode()
+    system.atomic_write_text(directory / TEXTFILE, text, mode=0o644, keep_owner=False)

@@ -9,6 +9,14 @@
 - Main: READY=1 after the first GPU cycle, STATUS lines, WATCHDOG=1 while the loops
   make progress; SIGTERM stops (power limits given back, outbox on disk), SIGHUP
   reloads a validated config.
+
+Nothing a loop meets ends it: any exception is counted in /metrics
+(``clusterctl_loop_errors_total{loop=...}``), logged once per distinct cause (again
+only after the loop has succeeded in between), and the loop goes on. A loop thread
+that died, or one stuck past its limit, holds the watchdog pings back and is named
+in STATUS, so systemd restarts the agent; the pressure loop that found no PSI is
+"off", not dead. A reload never ends the agent, and the main loop always ends in
+``stop()`` (power limits given back).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import sdnotify
 from clusterctl import config as cfg
 from clusterctl import swap
 from clusterctl.agent.api import serve
-from clusterctl.agent.control import ControlClient
+from clusterctl.agent.control import TOTAL_TIMEOUT_S, ControlClient
 from clusterctl.agent.heartbeat import Delivery, status_payload
 from clusterctl.agent.metrics import write_textfile
 from clusterctl.agent.outbox import Outbox
@@ -45,7 +53,17 @@ from clusterctl.system.memory import unload_model
 
 log = logging.getLogger("clusterctl.agent")
 SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this often
-STALL_S = 300.0  # a loop silent this long (or 10 samples) stops the watchdog pings
+MAIN_PERIOD_S = 2.0  # STATUS and WATCHDOG=1 this often
+PRESSURE_RETRY_S = 5.0  # after an unexpected failure, the PSI trigger is armed again
+# a loop whose last iteration is older than this stops the watchdog pings
+GPU_STALL_MIN_S = 30.0  # or 10 sampling intervals, whichever is longer
+DELIVERY_STALL_MARGIN_S = 60.0  # beyond the interval and two requests' timeouts
+PRESSURE_STALL_S = 10.0  # it wakes every second
+SWAP_STEP_STALL_S = 900.0  # a swap step may write a swap file of many GiB
+LOOPS = {"gpu": "GPU sampling", "hibernate": "idle detection",
+         "textfile": "the metrics textfile", "delivery": "heartbeat/event delivery",
+         "pressure": "the memory pressure trigger", "api": "the local API",
+         "main": "the main loop"}
 
 
 class Notifier:
@@ -63,11 +81,23 @@ class Notifier:
 
 @dataclass
 class Progress:
+    """When each loop last went round (time.monotonic()), for the watchdog."""
+
     gpu_at: float | None = None
     delivery_at: float | None = None
     pressure_at: float | None = None
+    pressure_off: str | None = None  # why the trigger is off (no PSI): not a dead loop
+    swap_step_since: float | None = None  # a swap step on pressure is running
     swap_steps: int = 0
     last_swap: str | None = None
+
+
+def stall_limits_s(config: cfg.Config) -> dict[str, float]:
+    """How long each watched loop may go without an iteration (pure)."""
+    return {"gpu": max(GPU_STALL_MIN_S, 10 * config.gpu.monitor_interval_s),
+            "delivery": config.heartbeat.interval_s + 2 * TOTAL_TIMEOUT_S
+            + DELIVERY_STALL_MARGIN_S,
+            "pressure": PRESSURE_STALL_S}
 
 
 class Agent:
@@ -87,13 +117,51 @@ class Agent:
         self.first_cycle = threading.Event()
         self.started_monotonic = time.monotonic()
         self.delivery: Delivery | None = None
+        self._delivery_config: cfg.HeartbeatConfig | None = None  # what delivery was built for
         self.api_server: Any = None
-        self._threads: list[threading.Thread] = []
+        self.psi_root = Path("/")  # where /proc/pressure/memory is read
+        self.loops: dict[str, threading.Thread] = {}
+        self.loop_errors: dict[str, int] = dict.fromkeys(LOOPS, 0)
+        self._causes: dict[str, str] = {}  # loop -> the failure last logged
+        self._errors_lock = threading.Lock()
+        self._swap_step_at = 0.0
         self._reload = threading.Event()
-        self._textfile_failed = False
         self.hibernation = Hibernation(self.config, instance_id=swap.instance_id(self.config),
                                        record=self._record, drain=self._drain,
-                                       control=self._control_client, clock=clock)
+                                       control=self._control_client, clock=clock,
+                                       failed=lambda err: self.loop_failed("hibernate", err))
+
+    # -- failures in the loops -------------------------------------------------------
+
+    def loop_failed(self, loop: str, err: BaseException) -> None:
+        """Count a failure in ``loop``; log it once per distinct cause, until it succeeds."""
+        cause = (err.one_line() if isinstance(err, ClusterctlError)
+                 else f"{type(err).__name__}: {err}")
+        with self._errors_lock:
+            self.loop_errors[loop] = self.loop_errors.get(loop, 0) + 1
+            repeated = self._causes.get(loop) == cause
+            self._causes[loop] = cause
+        if repeated:
+            return
+        what = LOOPS.get(loop, loop)
+        if isinstance(err, ClusterctlError):  # a message with its fix, no traceback
+            log.error("%s: %s", what, cause)
+        else:
+            log.error("%s failed, will retry: %s", what, cause, exc_info=err)
+
+    def loop_ok(self, loop: str) -> None:
+        with self._errors_lock:
+            cause = self._causes.pop(loop, None)
+        if cause is not None:
+            log.info("%s works again", LOOPS.get(loop, loop))
+
+    def _guarded(self, loop: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as err:  # counted and logged; the loop goes on
+            self.loop_failed(loop, err)
+        else:
+            self.loop_ok(loop)
 
     # -- helpers shared with the API -------------------------------------------------
 
@@ -115,58 +183,61 @@ class Agent:
     # -- the loops -------------------------------------------------------------------
 
     def _gpu_loop(self) -> None:
-        self.monitor.restore()  # limits a crashed run left lowered go back first
+        # limits a crashed run left lowered go back first
+        self._guarded("gpu", self.monitor.restore)
         while not self.stopping.is_set():
-            try:
-                self.monitor.step()
-            except Exception:  # a bad sample must not end monitoring
-                log.exception("GPU sampling failed")
+            self._guarded("gpu", self.monitor.step)  # a bad sample must not end monitoring
             self.progress.gpu_at = time.monotonic()
             self.first_cycle.set()
-            try:
-                self.hibernation.observe(tuple(
-                    None if v.sample.lost else v.sample.utilization_gpu_percent
-                    for v in self.monitor.views))
-            except Exception:  # idle detection must not stop sampling
-                log.exception("idle detection failed")
+            self._guarded("hibernate", self._observe)
             if self.config.api.textfile_dir:
-                self._write_textfile(Path(self.config.api.textfile_dir))
+                self._guarded("textfile", lambda: write_textfile(
+                    self, Path(self.config.api.textfile_dir)))
             self.stopping.wait(self.monitor.config.gpu.monitor_interval_s)
 
-    def _write_textfile(self, directory: Path) -> None:
-        try:
-            write_textfile(self, directory)
-        except OSError as err:
-            if not self._textfile_failed:
-                log.error("cannot write metrics to %s: %s", directory, err)
-            self._textfile_failed = True
-        else:
-            self._textfile_failed = False
+    def _observe(self) -> None:
+        self.hibernation.observe(tuple(
+            None if v.sample.lost else v.sample.utilization_gpu_percent
+            for v in self.monitor.views))
 
     def _delivery_loop(self) -> None:
         while not self.stopping.is_set():
+            wait = float(self.config.heartbeat.interval_s)
             try:
                 wait = self._deliver_once()
-            except Exception:  # e.g. a full disk for the sequence file: retry, do not die
-                log.exception("heartbeat/event delivery failed")
-                wait = float(self.config.heartbeat.interval_s)
+            except Exception as err:  # e.g. a full disk for the sequence file: retry
+                self.loop_failed("delivery", err)
+            else:
+                self.loop_ok("delivery")
             self.progress.delivery_at = time.monotonic()
             self.stopping.wait(wait)
+
+    def _delivery_for(self, beat: cfg.HeartbeatConfig) -> Delivery | None:
+        """The Delivery for ``[heartbeat]``, rebuilt when any of it changed (a reload):
+        the new URL, token file... from the next request on; counters and backoff kept."""
+        if beat == self._delivery_config:
+            return self.delivery
+        old, self._delivery_config = self.delivery, beat
+        try:
+            client = ControlClient(beat)
+        except ClusterctlError as err:
+            log.error("heartbeats off: %s", err.one_line())
+            self.delivery = None
+            return None
+        fresh = Delivery(client, self.outbox, self.config.paths.state_dir)
+        if old is not None:
+            fresh.state, fresh.backoff = old.state, old.backoff
+        self.delivery = fresh
+        return fresh
 
     def _deliver_once(self) -> float:
         """One heartbeat and a drain of the outbox; seconds until the next."""
         config = self.config
         if not config.heartbeat.control_url:
             return float(config.heartbeat.interval_s)
-        if self.delivery is None or self.delivery.client.base != \
-                config.heartbeat.control_url.rstrip("/"):
-            try:
-                self.delivery = Delivery(ControlClient(config.heartbeat), self.outbox,
-                                         config.paths.state_dir)
-            except ClusterctlError as err:
-                log.error("heartbeats off: %s", err.one_line())
-                return float(config.heartbeat.interval_s)
-        delivery = self.delivery
+        delivery = self._delivery_for(config.heartbeat)
+        if delivery is None:
+            return float(config.heartbeat.interval_s)
         ok = delivery.heartbeat(self._payload(delivery.next_sequence()))
         dropped = self.outbox.bound()
         if dropped:
@@ -212,25 +283,49 @@ class Agent:
             self.delivery.flush()
 
     def _pressure_loop(self) -> None:
-        trigger = PressureTrigger(self.config.swap.pressure_threshold_percent)
-        try:
-            window = trigger.arm()
-        except ClusterctlError as err:
-            log.warning("memory pressure trigger off: %s", err.one_line())
-            return
-        log.info("memory pressure trigger armed (%g s window)", window)
-        last = 0.0
-        try:
-            while not self.stopping.is_set():
-                self.progress.pressure_at = time.monotonic()
-                if not trigger.wait(1.0):
-                    continue
-                if time.monotonic() - last < SWAP_STEP_MIN_GAP_S:
-                    continue
-                last = time.monotonic()
+        """Arm the PSI trigger and answer it; armed again after any failure. Returns
+        only on stop, or when this node cannot have a trigger (then it is "off")."""
+        arm_failed = False
+        while not self.stopping.is_set():
+            self.progress.pressure_at = time.monotonic()
+            trigger = PressureTrigger(self.config.swap.pressure_threshold_percent,
+                                      root=self.psi_root)
+            try:
+                window = trigger.arm()
+            except ClusterctlError as err:  # no PSI, not allowed: the timer's steps only
+                self.progress.pressure_off = err.one_line()
+                log.warning("memory pressure trigger off: %s", err.one_line())
+                return
+            except Exception as err:  # out of file descriptors, say: try again
+                arm_failed = True
+                self.loop_failed("pressure", err)
+                self.stopping.wait(PRESSURE_RETRY_S)
+                continue
+            if arm_failed:
+                arm_failed = False
+                self.loop_ok("pressure")
+            log.info("memory pressure trigger armed (%g s window)", window)
+            try:
+                self._watch_pressure(trigger)
+            except Exception as err:  # a full disk under swap.run, a torn-down trigger
+                self.loop_failed("pressure", err)
+                self.stopping.wait(PRESSURE_RETRY_S)
+            finally:
+                trigger.close()
+
+    def _watch_pressure(self, trigger: PressureTrigger) -> None:
+        while not self.stopping.is_set():
+            self.progress.pressure_at = time.monotonic()
+            if not trigger.wait(1.0):
+                continue
+            if time.monotonic() - self._swap_step_at < SWAP_STEP_MIN_GAP_S:
+                continue
+            self._swap_step_at = time.monotonic()
+            self.progress.swap_step_since = self._swap_step_at
+            try:
                 self._swap_step()
-        finally:
-            trigger.close()
+            finally:
+                self.progress.swap_step_since = None
 
     def _swap_step(self) -> None:
         try:
@@ -239,6 +334,7 @@ class Agent:
             self.progress.last_swap = f"failed: {err.message}"
             log.warning("swap step on memory pressure: %s", err.one_line())
             return
+        self.loop_ok("pressure")
         self.progress.swap_steps += 1
         self.progress.last_swap = result.plan.summary
         for action in result.applied:
@@ -250,6 +346,8 @@ class Agent:
                 kind, reason, details, now=self.clock())
         except ClusterctlError as err:
             log.error("cannot record %s: %s", kind, err.one_line())
+        except Exception as err:  # a full disk, no file descriptors: the caller goes on
+            log.error("cannot record %s: %s: %s", kind, type(err).__name__, err)
 
     # -- life ------------------------------------------------------------------------
 
@@ -271,59 +369,119 @@ class Agent:
                     else "heartbeat pending")
         return f"{gpus}; swap {swap_used} MiB in use; {beat}"
 
+    def problems(self, now: float | None = None) -> list[str]:
+        """The loops that died or are stuck past their limit; ``now`` as time.monotonic()."""
+        now = time.monotonic() if now is None else now
+        limits = stall_limits_s(self.config)
+        if self.progress.swap_step_since is not None:
+            limits["pressure"] = SWAP_STEP_STALL_S
+        last = {"gpu": self.progress.gpu_at, "delivery": self.progress.delivery_at,
+                "pressure": self.progress.pressure_at}
+        found = []
+        for name, limit_s in limits.items():
+            thread = self.loops.get(name)
+            if thread is None or (name == "pressure" and self.progress.pressure_off):
+                continue  # not started, or off on purpose
+            if not thread.is_alive():
+                found.append(f"{name} loop died")
+                continue
+            at = last[name]
+            since = self.started_monotonic if at is None else at
+            if now - since > limit_s:
+                found.append(f"{name} loop stuck for {now - since:.0f} s")
+        return found
+
     def _healthy(self) -> bool:
-        now = time.monotonic()
-        limit = max(STALL_S, 10 * self.monitor.config.gpu.monitor_interval_s)
-        return self.progress.gpu_at is not None and now - self.progress.gpu_at < limit
+        return not self.problems()
 
     def reload(self) -> None:
+        """Load the config again; a config that cannot be loaded is refused, the running
+        one stays, and nothing here can end the agent."""
         try:
             loaded = cfg.load(self.config_path)
         except ClusterctlError as err:
-            log.error("reload refused, the running config stays: %s", err.one_line())
-            self.notify(f"STATUS=reload refused: {err.message}")
+            self._refuse_reload(err.one_line())
+            return
+        except Exception as err:  # whatever the file held: refused, never fatal
+            self._refuse_reload(f"cannot load {self.config_path}: {type(err).__name__}: {err}",
+                                err)
+            return
+        try:
+            self.monitor.with_config(loaded.config)
+        except Exception as err:
+            self._refuse_reload(f"cannot apply it: {type(err).__name__}: {err}", err)
             return
         self.config = loaded.config
-        self.monitor.config = loaded.config
-        self.monitor.with_config(loaded.config)
+        self.hibernation.config = loaded.config
         log.info("config reloaded from %s", loaded.path)
+
+    def _refuse_reload(self, why: str, unexpected: Exception | None = None) -> None:
+        log.error("reload refused, the running config stays: %s", why, exc_info=unexpected)
+        self._tell(f"STATUS=reload refused: {why}")
+
+    def _tell(self, message: str) -> None:
+        """sd_notify; a failure (no buffer, no descriptor) is counted, never fatal."""
+        try:
+            self.notify(message)
+        except Exception as err:
+            self.loop_failed("main", err)
+
+    def _status(self) -> str:
+        try:
+            return self.status_line()
+        except Exception as err:  # /proc unreadable (no descriptor left, say)
+            self.loop_failed("main", err)
+            return "status unavailable"
 
     def start(self) -> None:
         for name, target in (("gpu", self._gpu_loop), ("delivery", self._delivery_loop),
                              ("pressure", self._pressure_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
-            self._threads.append(thread)
+            self.loops[name] = thread
         self.api_server = serve(self)
 
     def run(self) -> int:
-        """Until SIGTERM; the exit status."""
+        """Until SIGTERM; the exit status. Always ends in ``stop()``."""
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        self.start()
-        self.first_cycle.wait(timeout=60)
-        self.notify(f"READY=1\nSTATUS={self.status_line()}")
-        log.info("ready: %s", self.status_line())
-        while not self.stopping.is_set():
-            if self._reload.is_set():
-                self._reload.clear()
-                self.reload()
-            if self._healthy():
-                self.notify(f"WATCHDOG=1\nSTATUS={self.status_line()}")
-            else:
-                self.notify("STATUS=GPU loop stalled; watchdog pings held back")
-            self.stopping.wait(2.0)
-        self.stop()
+        try:
+            self.start()
+            self.first_cycle.wait(timeout=60)
+            status = self._status()
+            self._tell(f"READY=1\nSTATUS={status}")
+            log.info("ready: %s", status)
+            while not self.stopping.is_set():
+                try:
+                    self._main_step()
+                except Exception as err:  # the next round tries again
+                    self.loop_failed("main", err)
+                self.stopping.wait(MAIN_PERIOD_S)
+        finally:
+            self.stop()
         return 0
 
+    def _main_step(self) -> None:
+        if self._reload.is_set():
+            self._reload.clear()
+            self.reload()
+        problems = self.problems()
+        if problems:
+            self._tell(f"STATUS={'; '.join(problems)}: watchdog pings held back")
+        else:
+            self._tell(f"WATCHDOG=1\nSTATUS={self._status()}")
+
     def stop(self) -> None:
-        self.notify("STOPPING=1\nSTATUS=stopping: giving back power limits")
+        self._tell("STOPPING=1\nSTATUS=stopping: giving back power limits")
         self.stopping.set()
         if self.api_server is not None:
-            self.api_server.shutdown()
-            self.api_server.server_close()
-        for thread in self._threads:
+            try:
+                self.api_server.shutdown()
+                self.api_server.server_close()
+            except Exception as err:
+                log.error("stopping the API: %s: %s", type(err).__name__, err)
+        for thread in self.loops.values():
             # a request in flight may take its 10 s; its thread is a daemon and the
             # outbox is on disk already, so stopping does not wait for the network
             thread.join(timeout=2 if thread.name == "delivery" else 10)
@@ -331,5 +489,7 @@ class Agent:
             self.monitor.stop()  # every power limit back
         except ClusterctlError as err:
             log.error("could not give every power limit back: %s", err.one_line())
+        except Exception as err:
+            log.error("could not give every power limit back: %s: %s", type(err).__name__, err)
         self.nvml.shutdown()
         log.info("stopped")

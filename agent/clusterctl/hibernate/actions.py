@@ -7,10 +7,14 @@
 - ``systemd``: start ``[hibernate] systemd_unit`` (hibernate.target by default). For
   the sleep targets logind is asked first (CanHibernate...); when it says no, the
   ``fallback`` target is used, or the action is refused: never half asleep.
+
+Whatever an action raises, it is that action's failure (with the exception's text),
+never an exception out of ``run``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from clusterctl.config import Config
 from clusterctl.errors import ClusterctlError, HostError
 from clusterctl.system import sleep
 
+log = logging.getLogger("clusterctl.hibernate")
 FALLBACK_UNITS = {"suspend": "suspend.target", "poweroff": "poweroff.target"}
 
 
@@ -29,6 +34,13 @@ class Outcome:
     done: tuple[str, ...]  # what each action did
     failed_action: str | None = None
     error: str | None = None
+
+
+def describe(err: Exception) -> str:
+    """One line for an action's failure: the project's message, or the exception's text."""
+    if isinstance(err, ClusterctlError):
+        return err.one_line()
+    return f"unexpected {type(err).__name__}: {err}"
 
 
 def systemd_target(config: Config, can: Callable[[str], str | None]) -> str:
@@ -81,4 +93,7 @@ def run(config: Config, *, instance_id: str, control: Any | None,
                 done.append(f"started {unit}")
         except ClusterctlError as err:
             return Outcome(False, tuple(done), action, err.one_line())
+        except Exception as err:  # a bug or a surprise: this action failed, nothing escapes
+            log.error("the %s action failed unexpectedly", action, exc_info=err)
+            return Outcome(False, tuple(done), action, describe(err))
     return Outcome(True, tuple(done))

@@ -4,6 +4,11 @@ The state (running / idle / hibernating / hibernated, idle_since, last activity)
 in ``<state_dir>/hibernate.json`` so `clusterctl hibernate status` can show it and so
 the first start after a hibernation can say ``woke``. Inhibitors are a file written
 by `clusterctl hibernate inhibit` and logind's block inhibitors on sleep.
+
+An action that fails, for whatever reason (its own error, an unexpected exception in
+the draining, the wake alarm, the action or the event log), ends in
+``hibernate_failed`` and the state back to ``running``: the idle clock starts again
+and the next idle period acts again. Never "hibernating" for good.
 """
 
 from __future__ import annotations
@@ -90,17 +95,23 @@ def slept_s() -> float:
 SUSPEND_GAP_S = 5.0  # a smaller jump is clock noise, not a sleep
 
 
+def _log_failure(err: BaseException) -> None:
+    log.error("hibernation: %s: %s", type(err).__name__, err, exc_info=err)
+
+
 class Hibernation:
     def __init__(self, config: Config, *, instance_id: str,
                  record: Callable[[str, str, dict[str, Any]], None],
                  drain: Callable[[], None], control: Callable[[], Any | None],
                  clock: Callable[[], float] = time.time, logind: bool = True,
-                 suspended: Callable[[], float] = slept_s) -> None:
+                 suspended: Callable[[], float] = slept_s,
+                 failed: Callable[[BaseException], None] | None = None) -> None:
         self.config = config
         self.instance_id = instance_id
         self.record = record
         self.drain = drain
         self.control = control
+        self.failed = failed if failed is not None else _log_failure
         self.clock = clock
         self.logind = logind
         self.state = load_state(config.paths.state_dir)
@@ -122,6 +133,8 @@ class Hibernation:
             save_state(self.config.paths.state_dir, self.state)
         except ClusterctlError as err:
             log.error("cannot save the hibernation state: %s", err.one_line())
+        except OSError as err:  # the state dir cannot be made: the state lives in memory
+            log.error("cannot save the hibernation state: %s", err)
 
     def _event(self, kind: str, reason: str, util: float | None, **extra: Any) -> None:
         self.record(kind, reason, {"gpu_utilization": util, **extra})
@@ -165,7 +178,11 @@ class Hibernation:
             self.state = state
             self._save()
         if act:
-            threading.Thread(target=self._act, name="hibernate", daemon=True).start()
+            try:
+                threading.Thread(target=self._act, name="hibernate", daemon=True).start()
+            except RuntimeError as err:  # no thread to be had: a failure like any other
+                self.failed(err)
+                self._conclude(actions.Outcome(False, (), None, f"cannot start: {err}"))
 
     def _scheduled(self, now: float, state: IdleState) -> bool:
         """A scheduled sleep: warn at the time, act after the grace (busy or not)."""
@@ -223,20 +240,43 @@ class Hibernation:
     def _act(self) -> None:
         with self._busy:
             try:
-                self.drain()
-            except Exception:  # draining is best effort; the action still runs
-                log.exception("draining before the action failed")
+                outcome = self._attempt()
+            except Exception as err:  # whatever it was, the node must not stay "hibernating"
+                self.failed(err)
+                outcome = actions.Outcome(False, (), None, actions.describe(err))
+            self._conclude(outcome)
+
+    def _attempt(self) -> actions.Outcome:
+        try:
+            self.drain()
+        except Exception:  # draining is best effort; the action still runs
+            log.exception("draining before the action failed")
+        try:
             self._arm_wake()
-            outcome = actions.run(self.config, instance_id=self.instance_id,
-                                  control=self.control(), clock=self.clock)
-            util = self.state.last_utilization
+        except Exception as err:  # no wake alarm is no reason to stay awake
+            log.warning("no native wake: %s: %s", type(err).__name__, err)
+        wanted = self.config.hibernate.action
+        try:
+            control = self.control() if "control" in wanted else None
+        except Exception as err:  # a control_url the client cannot use
+            return actions.Outcome(False, (), "control", actions.describe(err))
+        return actions.run(self.config, instance_id=self.instance_id, control=control,
+                           clock=self.clock)
+
+    def _conclude(self, outcome: actions.Outcome) -> None:
+        """The event and the state after an action: hibernated, or running again."""
+        util = self.state.last_utilization
+        try:
             if outcome.ok:
                 self._event("hibernated", "; ".join(outcome.done), util)
                 log.warning("hibernated: %s", "; ".join(outcome.done))
             else:
-                self._event("hibernate_failed", f"{outcome.failed_action}: {outcome.error}",
+                step_name = outcome.failed_action or "hibernate"
+                self._event("hibernate_failed", f"{step_name}: {outcome.error}",
                             util, done=list(outcome.done))
-                log.error("hibernation failed at %s: %s", outcome.failed_action,
-                          outcome.error)
+                log.error("hibernation failed at %s: %s", step_name, outcome.error)
+        except Exception as err:  # the event log failed: the state still moves on
+            self.failed(err)
+        finally:
             self.state = finished(self.state, outcome.ok, self.clock())
             self._save()

@@ -16,17 +16,20 @@ from pathlib import Path
 from clusterctl.errors import HostError
 
 
-def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
+def atomic_write_text(path: Path, text: str, *, mode: int = 0o644,
+                      keep_owner: bool = True) -> None:
     """Replace ``path`` with ``text`` atomically.
 
-    Written to a temporary file in the same directory, fsync'd, renamed over
-    the target, and the directory fsync'd: a crash leaves the old file or the
-    new one, never half of either. An existing file keeps its mode and owner;
-    a new one gets ``mode`` and the caller's owner.
+    Written to a temporary file in the same directory (a fresh random name, created
+    with O_EXCL: never through a planted link), fsync'd, renamed over the target (a
+    link there is replaced, not followed), and the directory fsync'd: a crash leaves
+    the old file or the new one, never half of either. An existing file keeps its
+    mode and owner (``keep_owner=False``: it gets ``mode`` and the caller's owner, as
+    a new one does).
     """
     path = Path(path)
     try:
-        current = path.stat()
+        current = path.stat() if keep_owner else None
     except FileNotFoundError:
         current = None
     except OSError as err:  # a parent that is a file, a loop of links
@@ -49,13 +52,13 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            if current is not None:
+                os.fchmod(handle.fileno(), current.st_mode & 0o7777)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(handle.fileno(), current.st_uid, current.st_gid)
+            else:
+                os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        if current is not None:
-            tmp.chmod(current.st_mode & 0o7777)
-            with contextlib.suppress(PermissionError):
-                os.chown(tmp, current.st_uid, current.st_gid)
-        else:
-            tmp.chmod(mode)
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

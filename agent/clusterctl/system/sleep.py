@@ -7,7 +7,10 @@ harmless unit inside the systemd sandbox.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +24,66 @@ CAN = {"hibernate.target": "CanHibernate", "suspend.target": "CanSuspend",
 
 
 def run_command(argv: tuple[str, ...], timeout_s: float) -> str:
-    """Run the operator's command without a shell; its output tail, or HostError."""
+    """Run the operator's command without a shell; its output tail, or HostError.
+
+    It runs in a session of its own: on timeout the whole process group is stopped
+    (SIGTERM, then SIGKILL after ``KILL_GRACE_S``), so nothing it started lives on."""
     if not argv:
         raise HostError('the "command" action has no [hibernate] command',
                         fix='set [hibernate] command = ["/path/to/program", "arg"]')
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
-                              check=False)
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace",
+                                start_new_session=True)
     except FileNotFoundError as err:
         raise HostError(f"{argv[0]}: no such program", fix="fix [hibernate] command") from err
     except PermissionError as err:
         raise HostError(f"{argv[0]}: not executable", fix=f"chmod +x {argv[0]}") from err
+    except (OSError, ValueError) as err:  # not a program (no #! line), a NUL in an argument
+        raise HostError(f"cannot run {argv[0]}: {getattr(err, 'strerror', None) or err}",
+                        fix="fix [hibernate] command") from err
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
+        _kill_group(proc)
         raise HostError(f"{argv[0]} did not finish in {timeout_s:g} s (killed)",
                         fix="raise [hibernate] command_timeout, or make it faster") from err
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
-        raise HostError(f"{argv[0]} exited {done.returncode}: {tail[0][:200]}")
-    return (done.stdout.strip().splitlines() or [""])[-1][:200]
+    if proc.returncode != 0:
+        tail = (stderr or stdout).strip().splitlines()[-1:] or [""]
+        raise HostError(f"{argv[0]} exited {proc.returncode}: {tail[0][:200]}")
+    return (stdout.strip().splitlines() or [""])[-1][:200]
+
+
+KILL_GRACE_S = 2.0
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the command's process group, SIGKILL to what is left after the grace;
+    the command reaped, its pipes closed (a process that left the group may hold them)."""
+    group = proc.pid  # start_new_session: the group's id is the leader's pid
+    for sig, grace_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(proc, group):
+            time.sleep(0.05)
+        if not _group_alive(proc, group):
+            break
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def _group_alive(proc: subprocess.Popen[str], group: int) -> bool:
+    proc.poll()  # reap the leader, so that it does not count
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _login1() -> Any:
