@@ -66,6 +66,15 @@ def _no_swap_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
             subprocess.run(["swapoff", path], check=False, capture_output=True)
 
 
+def quiet_psi(tmp_path: Path) -> Path:
+    """A root whose /proc/pressure/memory takes a trigger and never fires (``Agent.psi_root``):
+    an in-process agent then makes no swap step on this machine's memory pressure."""
+    root = tmp_path / "quiet-psi"
+    (root / "proc/pressure").mkdir(parents=True, exist_ok=True)
+    (root / "proc/pressure/memory").touch()
+    return root
+
+
 @pytest.fixture
 def conf(tmp_path: Path) -> Path:
     """A config whose Ollama probe points at a closed port (no Ollama on test hosts)."""

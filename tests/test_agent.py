@@ -17,7 +17,7 @@ import pytest
 from clusterctl.agent.service import Agent
 from clusterctl.events import EventLog
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
 from tests.fakes.control_plane import free_port, running
 
 GIB = 2**30
@@ -59,6 +59,7 @@ class Node:
 
     def start(self) -> Agent:
         self.agent = Agent(self.conf, nvml=Nvml(module=self.nv), notify=self.notes.append)
+        self.agent.psi_root = quiet_psi(self.tmp)
         self.agent.start()
         assert self.agent.first_cycle.wait(10)
         return self.agent

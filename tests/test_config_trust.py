@@ -339,7 +339,7 @@ def test_config_set_on_a_non_utf8_file_is_a_config_error_and_changes_nothing(tmp
 @pytest.mark.parametrize("command", [("config", "show"), ("config", "validate"),
                                      ("config", "set", "swap.max_size", "8G"),
                                      ("hibernate", "status")])
-@pytest.mark.parametrize("kind", ["not-utf8", "directory", "symlink-loop"])
+@pytest.mark.parametrize("kind", ["not-utf8", "directory", "symlink-loop", "fifo", "huge"])
 def test_unreadable_config_files_are_one_line_and_exit_2(tmp_path: Path, command: tuple[str, ...],
                                                          kind: str) -> None:
     path = tmp_path / "clusterctl.toml"
@@ -347,6 +347,10 @@ def test_unreadable_config_files_are_one_line_and_exit_2(tmp_path: Path, command
         path.write_bytes(b"[swap]\ndir = \"/var/lib/\xff\"\n")
     elif kind == "directory":
         path.mkdir()
+    elif kind == "fifo":  # a reader that waited for a writer would hang (a reload: forever)
+        os.mkfifo(path)
+    elif kind == "huge":
+        path.write_bytes(b"#" * (2 << 20))
     else:
         path.symlink_to(tmp_path / "loop")
         (tmp_path / "loop").symlink_to(path)

@@ -18,7 +18,7 @@ from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.hibernate import actions
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
 from tests.fakes.control_plane import free_port, running
 
 
@@ -108,9 +108,11 @@ def agent_with(tmp_path: Path, idle_gpu: ModuleType) -> Iterator[Callable[..., A
             '[gpu]\nmonitor_interval = 0.2\n'
             f'[api]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
+            f'[swap]\ndir = "{tmp_path / "swap"}"\n'
             '[ollama]\nurl = "http://127.0.0.1:9"\n')
         agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=lambda _: None)
         agent.hibernation.logind = False  # this machine's logind is not asked
+        agent.psi_root = quiet_psi(tmp_path)
         made.append(agent)
         agent.start()
         return agent

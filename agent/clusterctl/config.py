@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import ipaddress
 import itertools
 import json
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -441,9 +443,29 @@ def validate_file(
     return path, source, text is not None, errors
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page or two; more is a mistake
+
+
+def read_config_text(path: Path) -> str:
+    """The config file's text. Opened without blocking and refused unless it is a regular
+    file (a FIFO in its place would hang the reader, a device would never end), at most
+    MAX_CONFIG_BYTES, UTF-8. OSError and UnicodeDecodeError for the caller to word."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    return data.decode("utf-8")
+
+
 def _read(path: Path, source: Source) -> str | None:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_config_text(path)
     except FileNotFoundError as err:
         if source == "default":
             return None
@@ -958,7 +980,7 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
     from clusterctl import system
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_config_text(path)
     except FileNotFoundError:
         text = ""
     except UnicodeDecodeError as err:
