@@ -3,8 +3,8 @@
 One source of truth: the frozen section dataclasses below. Each field carries
 its TOML key, its kind and its allowed range in ``metadata``; loading,
 validation, ``config show`` and ``config set`` are generic over those fields.
-Field names carry units (``min_size_bytes``); TOML keys are SPEC.md's contract
-(``min_size``) and never change.
+Field names carry units (``min_size_bytes``); TOML keys (``min_size``) are the
+documented contract of the config file and never change.
 
 Loading order: built-in defaults, then the file. The file is
 ``/etc/clusterctl/clusterctl.toml`` unless ``--config`` or ``CLUSTERCTL_CONFIG``

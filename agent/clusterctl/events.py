@@ -4,29 +4,56 @@ An append-only JSON-lines file under the state dir (``events.jsonl``). Each
 event has a unique ``id``, ``event_type``, an ISO-8601 UTC ``timestamp``,
 ``instance_id``, a ``reason`` and its details, flat, in the hibernation
 seed's shape. Appends take an exclusive lock on the file and fsync, so the
-timer, a manual command and the agent can write at once. The agent sends
-them to the control plane (``POST /api/agent/events``) from here.
+timer, a manual command and the agent can write at once; a writer that waited
+while another rotated the file writes to the new one. An event is written
+whole or not at all: a full disk gives a HostError and the file is cut back to
+its last complete line. The log is never written through a symlink, nor when it
+is not a regular file. The agent sends the events to the control plane
+(``POST /api/agent/events``) from here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
+import stat
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from clusterctl.errors import HostError
 
+log = logging.getLogger("clusterctl")
 FILE_NAME = "events.jsonl"
 ROTATE_BYTES = 8 * 2**20  # then renamed events.jsonl.<UTC time>; monitor removes old ones
+_NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+            errno.EIO: "I/O error", errno.EFBIG: "file too large"}
 
 
 def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def open_regular(path: Path, flags: int, *, what: str) -> int:
+    """``os.open`` that never follows a symlink at ``path`` and accepts only a regular file
+    (O_NONBLOCK: a FIFO planted there cannot hang the open)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise HostError(f"{what} {path} is a symlink; clusterctl never writes through one",
+                            fix=f"remove {path}") from err
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HostError(f"{what} {path} is not a regular file", fix=f"remove {path}")
+    return fd
 
 
 class EventLog:
@@ -47,36 +74,93 @@ class EventLog:
             **details,
         }
         line = (json.dumps(event, separators=(",", ":"), sort_keys=False) + "\n").encode()
+        fd = self._open_locked()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise HostError(f"cannot open the event log {self.path}: {err.strerror}") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line  # a crash cut the last line: start a fresh one
-            os.write(fd, line)
-            os.fsync(fd)
+            self._append(fd, line, size, event_type)
             if size + len(line) >= self.rotate_bytes:  # still under the lock
-                moment = datetime.fromtimestamp(now, tz=timezone.utc)
-                stamp = moment.strftime("%Y%m%dT%H%M%S.%fZ")  # sorts in time order
-                self.path.replace(self.path.with_name(f"{FILE_NAME}.{stamp}"))
+                self._rotate(now)
         finally:
             os.close(fd)
         return event
 
-    def read(self, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Events oldest first (the last ``limit`` when given); unparsable lines skipped."""
+    def _open_locked(self) -> int:
+        """The live file, open and locked; reopened if it was rotated while we waited."""
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT,
+                                  what="the event log")
+            except OSError as err:
+                raise HostError(f"cannot open the event log {self.path}: {err.strerror}") from err
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                now_there = self.path.lstat()
+            except FileNotFoundError:
+                now_there = None
+            if now_there is not None and (now_there.st_dev, now_there.st_ino) == \
+                    (mine.st_dev, mine.st_ino):
+                return fd
+            os.close(fd)  # rotated away while we waited for the lock: the new one
+
+    def _append(self, fd: int, line: bytes, size: int, event_type: str) -> None:
+        """Write ``line`` whole and fsync, or cut the file back to ``size`` and raise."""
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            written = 0
+            while written < len(line):  # a write may take fewer bytes than asked
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no half event stays behind
+            problem = _NO_ROOM.get(err.errno or 0)
+            if problem is not None:
+                raise HostError(f"{problem}: cannot record event {event_type} in {self.path}",
+                                fix=f"free space on the filesystem of {self.path.parent}"
+                                ) from err
+            raise HostError(f"cannot record event {event_type} in {self.path}: "
+                            f"{err.strerror}") from err
+
+    def _rotate(self, now: float) -> None:
+        """Rename the live file to a free ``events.jsonl.<UTC time>`` (under its lock)."""
+        moment = datetime.fromtimestamp(now, tz=timezone.utc)
+        while True:
+            stamp = moment.strftime("%Y%m%dT%H%M%S.%fZ")  # sorts in time order
+            target = self.path.with_name(f"{FILE_NAME}.{stamp}")
+            if not os.path.lexists(target):
+                break
+            moment += timedelta(microseconds=1)  # never over an older rotated file
+        try:
+            self.path.replace(target)
+        except OSError as err:  # the event is recorded; the next one tries again
+            log.warning("cannot rotate the event log %s: %s", self.path, err.strerror)
+
+    def read(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Events oldest first (the last ``limit`` when given); lines that are not events
+        (cut by a crash, not JSON objects, not UTF-8) skipped."""
+        try:
+            fd = open_regular(self.path, os.O_RDONLY, what="the event log")
         except FileNotFoundError:
             return []
-        events = []
-        for line in lines[-limit:] if limit else lines:
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write; the rest is intact
-        return events
+        except OSError as err:
+            raise HostError(f"cannot read the event log {self.path}: {err.strerror}") from err
+        with os.fdopen(fd, "rb") as handle:
+            lines = handle.read().splitlines()
+        events = [e for e in map(parse_event, lines) if e is not None]
+        return events[-limit:] if limit else events
+
+
+def parse_event(line: bytes) -> dict[str, Any] | None:
+    """The event on ``line``: a JSON object with a string ``id`` and ``event_type``; else
+    None (a line cut by a crash, junk, not UTF-8)."""
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):  # also a UnicodeDecodeError
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or \
+            not isinstance(event.get("event_type"), str):
+        return None
+    return event

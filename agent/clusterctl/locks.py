@@ -1,10 +1,16 @@
-"""One writer at a time: an flock under the run dir, waited for briefly."""
+"""One writer at a time: an flock under the run dir, waited for briefly.
+
+The lock file is never followed through a symlink nor taken when it is not a regular
+file: either is refused with a HostError naming the file, and nothing is written.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,11 +29,17 @@ def exclusive(path: Path, *, what: str, wait_s: float = 10.0,
     """
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise HostError(f"the lock {path} is a symlink; clusterctl never writes through one",
+                            fix=f"remove {path}") from err
         raise HostError(f"cannot open the lock {path}: {err.strerror}",
                         fix="run as root" if err.errno == 13 else None) from err
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HostError(f"the lock {path} is not a regular file", fix=f"remove {path}")
         deadline = clock() + wait_s
         while True:
             try:

@@ -4,12 +4,16 @@
 below (``schema_version`` 1), and the outbox's events as ``POST
 {control_url}/api/agent/events`` (a JSON list, oldest first, each with its ``id``).
 A 2xx answer acknowledges; anything else is retried with backoff, events in order.
+The sequence survives restarts in ``heartbeat.json``; a file there that cannot be read
+or written is logged once and the count goes on in memory. Each distinct failure is
+logged once, not every retry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -20,11 +24,31 @@ from clusterctl import __version__, system
 from clusterctl.agent.control import Backoff, ControlClient
 from clusterctl.agent.outbox import Outbox
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import iso_utc
+from clusterctl.events import iso_utc, open_regular
 
 log = logging.getLogger("clusterctl.agent")
 SCHEMA_VERSION = 1
 SEQUENCE_FILE = "heartbeat.json"
+MAX_SEQUENCE = 2**53  # exact in any JSON reader
+
+
+def parse_sequence(raw: bytes) -> int:
+    """The last sequence in ``heartbeat.json``, or ValueError saying what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError("not JSON") from err
+    sequence = data.get("sequence") if isinstance(data, dict) else None
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or \
+            not 0 <= sequence < MAX_SEQUENCE:
+        raise ValueError(f"sequence {sequence!r} is not a whole number from 0")
+    return sequence
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, ClusterctlError):
+        return err.one_line()
+    return getattr(err, "strerror", None) or str(err)
 
 
 def status_payload(*, instance_id: str, boot_id: str | None, sequence: int, now: float,
@@ -69,16 +93,38 @@ class Delivery:
         self.state_dir = state_dir
         self.backoff = Backoff()
         self.state = DeliveryState()
+        self._sequence = 0  # the last one sent by this process
+        self._told: set[str] = set()
+        self._logged: dict[str, str] = {}  # heartbeat | events: the failure last logged
 
     def next_sequence(self) -> int:
+        """One more than the last heartbeat's, kept in ``heartbeat.json`` across restarts.
+        Never raises: a file that cannot be read or written is logged once and the count
+        goes on in memory."""
         path = self.state_dir / SEQUENCE_FILE
+        problems = []
         try:
-            sequence = int(json.loads(path.read_text())["sequence"]) + 1
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            sequence = 1
-        self.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        system.atomic_write_text(path, json.dumps({"sequence": sequence}) + "\n", mode=0o600)
-        return sequence
+            fd = open_regular(path, os.O_RDONLY, what="the heartbeat sequence file")
+            with os.fdopen(fd, "rb") as handle:
+                stored = parse_sequence(handle.read(4096))
+        except FileNotFoundError:
+            stored = 0
+        except (OSError, ClusterctlError, ValueError) as err:
+            problems.append(f"cannot read {path}: {_why(err)}")
+            stored = 0
+        self._sequence = max(stored, self._sequence) + 1
+        try:
+            self.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            system.atomic_write_text(path, json.dumps({"sequence": self._sequence}) + "\n",
+                                     mode=0o600)
+        except (OSError, ClusterctlError) as err:
+            problems.append(f"cannot keep the heartbeat sequence in {path}: {_why(err)}")
+        for problem in problems:
+            if problem not in self._told:
+                self._told.add(problem)
+                log.warning("%s; heartbeats go on from sequence %d (fix or remove the file)",
+                            problem, self._sequence)
+        return self._sequence
 
     def heartbeat(self, payload: dict[str, Any]) -> bool:
         try:
@@ -89,28 +135,38 @@ class Delivery:
         self.state.last_heartbeat_at = time.time()
         self.state.last_heartbeat_ok = True
         self.state.last_error = None
+        self._logged.pop("heartbeat", None)
         self.backoff.succeeded()
         return True
 
     def flush(self, *, max_batches: int = 50) -> bool:
-        """Send pending events in order, batch by batch; False if something failed."""
+        """Send pending events in order, batch by batch; False if something failed. A batch
+        of lines that are not events only moves the cursor past them."""
         for _ in range(max_batches):
-            batch = self.outbox.pending()
-            if not batch.events or batch.cursor is None:
-                return True
             try:
-                self.client.post("/api/agent/events", list(batch.events))
+                batch = self.outbox.pending()
             except ClusterctlError as err:
                 self._failed(f"events: {err.one_line()}")
                 return False
-            self.outbox.ack(batch.cursor)
+            if batch.cursor is None:
+                return True
+            if batch.events:
+                try:
+                    self.client.post("/api/agent/events", list(batch.events))
+                except ClusterctlError as err:
+                    self._failed(f"events: {err.one_line()}")
+                    return False
+            self.outbox.ack(batch.cursor)  # kept in memory if it cannot be written
+            self._logged.pop("events", None)
             self.state.events_sent += len(batch.events)
             self.backoff.succeeded()
         return True
 
     def _failed(self, message: str, *, heartbeat: bool = False) -> None:
-        if self.state.last_error != message:
+        channel = "heartbeat" if heartbeat else "events"
+        if self._logged.get(channel) != message:
             log.warning("%s", message)  # once per distinct failure, not every retry
+        self._logged[channel] = message
         self.state.last_error = message
         if heartbeat:
             self.state.last_heartbeat_ok = False

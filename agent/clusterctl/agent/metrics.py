@@ -105,6 +105,10 @@ class AgentCollector:
         yield sent
         yield _gauge("clusterctl_outbox_unsent_bytes", "Event log bytes not yet acknowledged.",
                      agent.outbox.unsent_bytes() if agent.config.heartbeat.control_url else 0)
+        skipped = CounterMetricFamily("clusterctl_outbox_skipped_lines",
+                                      "Lines in the event log that are not events, passed over.")
+        skipped.add_metric([], agent.outbox.skipped_lines)
+        yield skipped
         errors = CounterMetricFamily("clusterctl_loop_errors",
                                      "Unexpected failures in the agent's loops (each retried).",
                                      labels=["loop"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,18 +24,20 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644,
     Written to a temporary file in the same directory (a fresh random name, created
     with O_EXCL: never through a planted link), fsync'd, renamed over the target (a
     link there is replaced, not followed), and the directory fsync'd: a crash leaves
-    the old file or the new one, never half of either. An existing file keeps its
-    mode and owner (``keep_owner=False``: it gets ``mode`` and the caller's owner, as
-    a new one does).
+    the old file or the new one, never half of either. An existing regular file keeps
+    its mode and owner (never those of what a planted link points at); with
+    ``keep_owner=False`` it gets ``mode`` and the caller's owner, as a new one does.
     """
     path = Path(path)
     try:
-        current = path.stat() if keep_owner else None
+        current = path.lstat() if keep_owner else None
     except FileNotFoundError:
         current = None
     except OSError as err:  # a parent that is a file, a loop of links
         raise HostError(f"cannot write {path}: {err.strerror}",
                         fix=f"{path.parent} must be a directory") from err
+    if current is not None and not stat.S_ISREG(current.st_mode):
+        current = None  # a link or other thing in its place: its mode and owner are not ours
     directory = path.parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)

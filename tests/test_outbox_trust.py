@@ -1,0 +1,333 @@
+"""The outbox against what a crash, a full disk or a hostile hand leaves in its files:
+junk lines, a cursor of the wrong shape or a symlink, a drop followed by a rotation, a
+broken heartbeat sequence file. Delivery goes on, every event arrives once, in order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterctl import config as cfg
+from clusterctl.agent.control import ControlClient
+from clusterctl.agent.heartbeat import Delivery
+from clusterctl.agent.outbox import Outbox
+from clusterctl.errors import ClusterctlError
+from clusterctl.events import EventLog
+from tests.fakes.control_plane import running
+
+FAST_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None  # fsync'd cursors: fast there
+ROTATED = "events.jsonl.20000101T000000.{:06d}Z"  # before any test event
+
+
+def record(log: EventLog, *numbers: int) -> list[str]:
+    return [log.record("swap_expanded", f"event {n}", {"n": n}, now=1_700_000_000 + n)["id"]
+            for n in numbers]
+
+
+def drain(outbox: Outbox, limit: int = 200, rounds: int = 100) -> list[int]:
+    """Batches taken and acknowledged until none is left; their events' numbers."""
+    numbers: list[int] = []
+    for _ in range(rounds):
+        batch = outbox.pending(limit=limit)
+        if batch.cursor is None:
+            break
+        numbers += [e["n"] for e in batch.events]
+        outbox.ack(batch.cursor)
+    return numbers
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def delivery(url: str, state: Path) -> Delivery:
+    client = ControlClient(cfg.HeartbeatConfig(control_url=url, token_file=state / "none"))
+    return Delivery(client, Outbox(state), state)
+
+
+# -- lines that are not events -----------------------------------------------------------
+
+JUNK = [b"42\n", b"[]\n", b"null\n", b'"text"\n', b'{"id": 5, "event_type": "x"}\n',
+        b'{"event_type": "x"}\n', b"\xff\xfe not utf-8\n", b"\0\0\0\0\n",
+        b'{"id":"a\0b","event_type":"x"}\n', b"[" * 100_000 + b"\n"]
+
+
+@pytest.mark.parametrize("junk", JUNK, ids=range(len(JUNK)))
+def test_a_line_that_is_not_an_event_is_skipped_counted_once_and_the_rest_arrive(
+        tmp_path: Path, junk: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    log, outbox = EventLog(tmp_path, "node"), Outbox(tmp_path)
+    record(log, 1)
+    with (tmp_path / "events.jsonl").open("ab") as handle:
+        handle.write(junk)
+    record(log, 2)
+    for _ in range(3):  # not acknowledged (the control plane is down): read again
+        assert [e["n"] for e in outbox.pending().events] == [1, 2]
+    assert outbox.skipped_lines == 1
+    assert len(warnings_of(caplog, "not events skipped")) == 1  # once, not every cycle
+    assert drain(outbox) == [1, 2]
+    record(log, 3)
+    assert drain(outbox) == [3]
+    assert outbox.skipped_lines == 1
+
+
+def test_a_10_mb_line_without_newline_at_the_end_of_a_rotated_file_is_skipped(
+        tmp_path: Path) -> None:
+    log, outbox = EventLog(tmp_path, "node"), Outbox(tmp_path)
+    record(log, 1)
+    with (tmp_path / "events.jsonl").open("ab") as handle:
+        handle.write(b'{"id": "' + b"x" * 10 * 2**20)  # cut by a crash, then rotated
+    (tmp_path / "events.jsonl").rename(tmp_path / ROTATED.format(0))
+    record(log, 2, 3)
+    assert drain(outbox, limit=1) == [1, 2, 3]
+    assert outbox.skipped_lines == 1
+    assert drain(outbox) == []
+
+
+def test_delivery_moves_past_a_batch_of_only_junk_once(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_bytes(b"42\n" * 300)  # more than one batch
+    with running() as plane:
+        sender = delivery(plane.url, tmp_path)
+        assert sender.flush() is True
+        assert sender.flush() is True
+        assert plane.events == []  # nothing to send, and no empty POST
+        assert sender.outbox.skipped_lines == 300
+        log = EventLog(tmp_path, "node")
+        record(log, 1, 2)
+        assert sender.flush() is True
+        assert [e["n"] for e in plane.events] == [1, 2]
+        assert sender.outbox.skipped_lines == 300  # the junk was not read again
+
+
+# -- the cursor --------------------------------------------------------------------------
+
+BAD_CURSORS = [
+    {"offset": "12"}, {"offset": 1.5}, {"offset": -1}, {"offset": 10**30}, {"offset": True},
+    {"offset": None}, {"file": "../x"}, {"file": 5}, {"file": "events.jsonl.bogus"},
+    {"file": "/etc/passwd"}, {"last_id": 7}, {"device": None}, {"device": "1", "inode": 2},
+    {"device": -1, "inode": 2},
+]
+
+
+@pytest.mark.parametrize("bad", [*BAD_CURSORS, b"42", b"[]", b"\xff\xfe", b'{"file":', b"{" * 5000],
+                         ids=range(len(BAD_CURSORS) + 5))
+def test_a_cursor_of_the_wrong_shape_is_reset_once_and_everything_is_sent_again(
+        tmp_path: Path, bad: dict[str, object] | bytes, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    log, outbox = EventLog(tmp_path, "node"), Outbox(tmp_path)
+    record(log, 1, 2, 3)
+    assert drain(outbox) == [1, 2, 3]
+    cursor = tmp_path / "outbox.json"
+    good = json.loads(cursor.read_text())
+    cursor.write_bytes(bad if isinstance(bad, bytes) else json.dumps({**good, **bad}).encode())
+    for _ in range(3):
+        assert outbox.unsent_files() == {"events.jsonl"}
+        assert outbox.unsent_bytes() == (tmp_path / "events.jsonl").stat().st_size
+        assert [e["n"] for e in outbox.pending().events] == [1, 2, 3]  # duplicates, no loss
+    assert len(warnings_of(caplog, "ignoring the cursor")) == 1
+    assert drain(outbox) == [1, 2, 3]
+    assert drain(outbox) == []
+
+
+def test_an_older_cursor_without_the_files_identity_still_works(tmp_path: Path) -> None:
+    log, outbox = EventLog(tmp_path, "node", rotate_bytes=600), Outbox(tmp_path)
+    record(log, 1, 2)
+    batch = outbox.pending(limit=1)
+    assert batch.cursor is not None
+    (tmp_path / "outbox.json").write_text(json.dumps(
+        {"file": batch.cursor.file, "offset": batch.cursor.offset,
+         "last_id": batch.cursor.last_id}))  # as versions before the identity wrote it
+    record(log, 3, 4, 5, 6)  # the live file rotates
+    assert len(outbox.files()) > 1
+    assert drain(outbox) == [2, 3, 4, 5, 6]
+
+
+def test_a_symlink_planted_as_the_cursor_is_not_followed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log, outbox = EventLog(tmp_path, "node"), Outbox(tmp_path)
+    record(log, 1, 2)
+    assert drain(outbox) == [1, 2]
+    target = tmp_path / "elsewhere"
+    (tmp_path / "outbox.json").rename(target)  # a cursor that says "all sent"
+    planted = target.read_text()
+    (tmp_path / "outbox.json").symlink_to(target)
+    assert [e["n"] for e in outbox.pending().events] == [1, 2]
+    assert warnings_of(caplog, "is a symlink")
+    assert drain(outbox) == [1, 2]
+    assert target.read_text() == planted
+    assert not (tmp_path / "outbox.json").is_symlink()
+
+
+def test_a_cursor_that_cannot_be_written_is_kept_in_memory_and_nothing_is_sent_twice(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = EventLog(tmp_path, "node")
+    record(log, 1, 2)
+    (tmp_path / "outbox.json").mkdir()  # as unwritable as a full disk
+    with running() as plane:
+        sender = delivery(plane.url, tmp_path)
+        assert sender.flush() is True
+        assert sender.flush() is True
+        record(log, 3)
+        assert sender.flush() is True
+        assert [e["n"] for e in plane.events] == [1, 2, 3]  # once each, in order
+        assert len(warnings_of(caplog, f"cannot write {tmp_path / 'outbox.json'}")) == 1
+        (tmp_path / "outbox.json").rmdir()
+        record(log, 4)
+        assert sender.flush() is True
+        assert [e["n"] for e in plane.events] == [1, 2, 3, 4]
+    assert Outbox(tmp_path).pending().events == ()  # written again: a restart resends none
+
+
+# -- a drop, then a rotation -------------------------------------------------------------
+
+
+def test_a_drop_then_a_rotation_of_the_live_file_loses_no_event(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, "node", rotate_bytes=600)
+    outbox = Outbox(tmp_path, max_unsent_bytes=100)
+    record(log, *range(1, 15))
+    assert len(outbox.files()) > 2
+    dropped = outbox.bound()
+    assert outbox.files() == ["events.jsonl"]  # every rotated file went; the cursor: live@0
+    kept = [e["n"] for e in log.read()]
+    assert dropped + len(kept) == 14
+    live_inode = (tmp_path / "events.jsonl").stat().st_ino
+    record(log, *range(15, 21))  # the live file rotates
+    rotated = [p.name for p in tmp_path.glob("events.jsonl.*") if p.stat().st_ino == live_inode]
+    assert len(rotated) == 1  # what was the live file at the drop
+    assert rotated[0] in outbox.unsent_files()  # optimize monitor keeps it
+    assert drain(outbox, limit=4) == [*kept, *range(15, 21)]
+
+
+def test_a_drop_cursor_of_an_older_version_still_finds_the_rotated_events(
+        tmp_path: Path) -> None:
+    log, outbox = EventLog(tmp_path, "node", rotate_bytes=600), Outbox(tmp_path)
+    record(log, 1, 2)
+    assert drain(outbox) == [1, 2]
+    (tmp_path / "events.jsonl").rename(tmp_path / ROTATED.format(0))  # sent, then rotated
+    (tmp_path / "outbox.json").write_text('{"file": "events.jsonl", "offset": 0, '
+                                          '"last_id": ""}')  # an older bound() wrote it
+    record(log, *range(3, 10))  # rotates again
+    assert len(outbox.files()) > 2
+    assert drain(outbox) == list(range(3, 10))
+
+
+# -- the heartbeat sequence file ---------------------------------------------------------
+
+BROKEN_SEQUENCES = [b'{"sequ', b"\xff\0", b"42", b"[]", b'{"sequence": 1e400}',
+                    b'{"sequence": "7"}', b'{"sequence": -5}', b'{"sequence": true}',
+                    "symlink", "directory"]
+
+
+@pytest.mark.parametrize("broken", BROKEN_SEQUENCES, ids=range(len(BROKEN_SEQUENCES)))
+def test_a_broken_heartbeat_sequence_file_never_stops_heartbeats(
+        tmp_path: Path, broken: bytes | str, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "heartbeat.json"
+    target = tmp_path / "elsewhere"
+    target.write_text('{"sequence": 41}\n')
+    if broken == "symlink":
+        path.symlink_to(target)
+    elif broken == "directory":
+        path.mkdir()
+    else:
+        assert isinstance(broken, bytes)
+        path.write_bytes(broken)
+    sender = delivery("http://127.0.0.1:9", tmp_path)
+    assert sender.next_sequence() == 1  # never from the symlink's target
+    told = warnings_of(caplog, str(path))
+    assert told  # said what is wrong with the file
+    assert [sender.next_sequence() for _ in range(3)] == [2, 3, 4]
+    assert warnings_of(caplog, str(path)) == told  # once, not every heartbeat
+    assert target.read_text() == '{"sequence": 41}\n'
+
+
+# -- any files, any cursor: a property ---------------------------------------------------
+
+_JUNK_LINE = st.sampled_from([b"42", b"[]", b"null", b'{"id": 5, "event_type": "t"}',
+                              b'{"id": "x"}', b"\xff\xfe", b"\0\0", b'{"id":"a']) | \
+    st.binary(max_size=30).filter(lambda b: b"\n" not in b)
+_LINE = st.one_of(st.just(None), _JUNK_LINE)  # None: a valid event
+_FILE = st.tuples(st.lists(_LINE, max_size=8), st.none() | _JUNK_LINE | st.just(b"EVENT"))
+_BAD_CURSOR = st.binary(max_size=40) | st.sampled_from(
+    [json.dumps({"file": "events.jsonl", "offset": x, "last_id": "e0"}).encode()
+     for x in ("1", 1.5, -1, 10**30, None)])
+_CURSOR = st.one_of(st.none(), st.tuples(st.just("bad"), _BAD_CURSOR),
+                    st.tuples(st.integers(0, 40), st.booleans()))
+
+
+def _write(state: Path, files: list[tuple[list[bytes | None], bytes | None]]
+           ) -> list[tuple[str, int, str]]:
+    """The files on disk; each valid event as (file, offset past it, id), in order."""
+    events: list[tuple[str, int, str]] = []
+    names = [ROTATED.format(i) for i in range(len(files) - 1)] + ["events.jsonl"]
+    for name, (lines, tail) in zip(names, files, strict=True):
+        data = b""
+        for line in lines:
+            if line is None:
+                event_id = f"e{len(events)}"
+                data += json.dumps({"id": event_id, "event_type": "t"}).encode() + b"\n"
+                events.append((name, len(data), event_id))
+            else:
+                data += line + b"\n"
+        if tail is not None:  # an unfinished last line: never an event
+            data += b'{"id": "tail", "event_type": "t"}' if tail == b"EVENT" else tail
+        (state / name).write_bytes(data)
+    return events
+
+
+def _contents(state: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in state.iterdir() if p.name != "outbox.json"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(files=st.lists(_FILE, min_size=1, max_size=4), cursor=_CURSOR,
+       limit=st.integers(1, 5), max_unsent=st.none() | st.integers(0, 600))
+def test_the_outbox_sends_every_event_once_in_order_whatever_its_files_hold(
+        files: list[tuple[list[bytes | None], bytes | None]],
+        cursor: tuple[str, bytes] | tuple[int, bool] | None, limit: int,
+        max_unsent: int | None) -> None:
+    with tempfile.TemporaryDirectory(dir=FAST_DIR) as tmp:
+        state = Path(tmp)
+        events = _write(state, files)
+        expected = events
+        if cursor is not None and cursor[0] == "bad":
+            (state / "outbox.json").write_bytes(cursor[1])
+        elif cursor is not None and events:
+            at, with_identity = cursor
+            name, offset, last_id = events[int(at) % len(events)]
+            data: dict[str, object] = {"file": name, "offset": offset, "last_id": last_id}
+            if with_identity:
+                st_ = (state / name).stat()
+                data |= {"device": st_.st_dev, "inode": st_.st_ino}
+            (state / "outbox.json").write_text(json.dumps(data))
+            expected = events[int(at) % len(events) + 1:]
+        outbox = Outbox(state, max_unsent_bytes=max_unsent or 0)
+        before = _contents(state)
+        try:
+            assert outbox.unsent_bytes() >= 0
+            assert {name for name, _, _ in expected} <= outbox.unsent_files()
+            if max_unsent is not None:
+                outbox.bound()
+        except ClusterctlError:
+            pass
+        after = _contents(state)
+        if max_unsent is None:
+            assert after == before  # nothing deleted, nothing changed, except by bound()
+        gone = set(before) - set(after)
+        assert all(before[name] == after[name] for name in after)
+        assert "events.jsonl" in after  # the live file is never dropped
+        sent: list[str] = []
+        for _ in range(len(events) + sum(len(lines) + 1 for lines, _ in files) + 2):
+            batch = outbox.pending(limit=limit)
+            if batch.cursor is None:
+                break
+            sent += [e["id"] for e in batch.events]
+            outbox.ack(batch.cursor)
+        assert outbox.pending().cursor is None  # all read: nothing loops
+        assert sent == [event_id for name, _, event_id in expected if name not in gone]
+        assert _contents(state) == after
