@@ -183,3 +183,27 @@ def test_monitoring_trend_callbacks_and_config_updates(nv: ModuleType, tmp_path:
     with pytest.raises(UsageError):
         gpu_manager.update_config({"memory_limit_mb": 7168})
     gpu_manager.shutdown()
+
+
+@pytest.mark.parametrize("content", [b'{"gpus": {"GPU-0": {"bogus": 1}}}', b"\xff\xfe",
+                                     b'{"gpus": ', b"42"])
+def test_an_unreadable_power_record_is_set_aside_and_monitoring_goes_on(
+        nv: ModuleType, tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged gpu-power.json never stops sampling nor throttling; it is kept beside, for
+    the operator to read the originals from, and said once."""
+    nv.machine.gpus[0].temperature = [60, 88, 88]
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "gpu-power.json").write_bytes(content)
+    clock = Clock()
+    monitor = GpuMonitor(config(tmp_path, throttle_enabled=True, throttle_step_interval=0),
+                         Nvml(module=nv), clock=clock)
+    with caplog.at_level("ERROR", logger="clusterctl.gpu"):
+        assert monitor.restore() == []
+        views = [monitor.step()[0] for _ in range(3)]
+    assert [v.state.value for v in views] == ["optimal", "throttled", "throttled"]
+    assert views[-1].throttled  # a new record, with the original, was written
+    aside = state / f"gpu-power.json.corrupt-{int(clock.now)}"
+    assert aside.read_bytes() == content
+    assert json.loads((state / "gpu-power.json").read_text())["gpus"]["GPU-0"]
+    assert sum("gpu-power.json" in r.getMessage() for r in caplog.records) == 1

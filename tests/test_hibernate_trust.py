@@ -183,3 +183,48 @@ def test_a_command_that_is_not_a_program_fails_and_the_next_idle_period_acts_aga
                                 "error; fix [hibernate] command")
     wait_until(lambda: kinds().count("hibernate_failed") >= 2, 20)  # it acts again
     assert kinds()[:6] == ["idle_detected", "hibernate_started", "hibernate_failed"] * 2
+
+
+def test_a_busy_node_writes_its_state_at_most_once_a_minute_and_a_full_disk_is_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    node = Node(settings(tmp_path), control=lambda: None)
+    state_file = tmp_path / "state/hibernate.json"
+    inodes = set()
+    for _ in range(30):  # busy samples 3 s apart: only the last activity moves
+        node.hibernation.observe((90.0,))
+        inodes.add(state_file.stat().st_ino)  # each write is a new file (atomic rename)
+        node.now += 3
+    assert 2 <= len(inodes) <= 3  # 90 s of samples: written at the start and each minute
+    node.hibernation.observe((1.0,))  # idle: a change of status is written at once
+    node.hibernation.observe((1.0,))
+    node.now += PAUSE_S + 1
+    before = state_file.stat().st_ino
+    (tmp_path / "state").rename(tmp_path / "state.away")
+    (tmp_path / "state").write_text("a file where the state dir was: every write fails")
+    with caplog.at_level("ERROR", logger="clusterctl.hibernate"):
+        for _ in range(20):
+            node.hibernation.observe((90.0,))
+            node.now += 70
+    said = [r for r in caplog.records if "cannot save the hibernation state" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert node.hibernation.state.status == "running"  # the state lives on in memory
+    assert (tmp_path / "state.away/hibernate.json").stat().st_ino == before
+
+
+@pytest.mark.parametrize("content", [
+    '{"wake": "25:99", "sleep": "18:00", "tz": "UTC"}', '{"wake": null, "sleep": "18:00", '
+    '"tz": "Mars/Olympus"}', '{"wake": 9, "sleep": [], "tz": "UTC"}', '[1, 2]', '"x"',
+    '{"wake": "09:00", "sleep": "18:00"}', '{"wake": "09:00", "sleep": "18:00", "tz": "UTC", '
+    '"extra": 1}', "\udcff"])
+def test_a_damaged_schedule_or_inhibit_file_never_stops_idle_detection_or_heartbeats(
+        tmp_path: Path, content: str) -> None:
+    node = Node(settings(tmp_path), control=lambda: None)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    for name in ("hibernate-schedule.json", "hibernate-inhibit.json"):
+        (state / name).write_bytes(content.encode("utf-8", "surrogateescape"))
+    node.hibernation.observe((90.0,))
+    node.now += 3
+    node.hibernation.observe((90.0,))  # no exception: the sample is taken
+    times = node.hibernation.next_times(node.now)  # what every heartbeat carries
+    assert times is None or times["timezone"] == "UTC"

@@ -86,8 +86,19 @@ class GpuMonitor:
     # -- one cycle -------------------------------------------------------------------
 
     def records(self) -> dict[str, Throttled]:
+        """The saved power-limit records. An unreadable file never stops monitoring: it
+        is set aside (kept, for the operator to read the originals from) and monitoring
+        goes on with no record."""
         if self._records is None:
-            self._records = power.load(self.state_dir)
+            try:
+                self._records = power.load(self.state_dir)
+            except ClusterctlError as err:
+                aside = None if self.plan_only else power.set_aside(self.state_dir,
+                                                                    now=self.clock())
+                log.error("%s; %s", err.one_line(),
+                          f"kept as {aside}; limits it held are no longer given back by "
+                          "clusterctl" if aside else "left where it is")
+                self._records = {}
         return self._records
 
     def step(self) -> tuple[GpuView, ...]:

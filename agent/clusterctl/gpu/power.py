@@ -35,6 +35,18 @@ def load(state_dir: Path) -> dict[str, Throttled]:
                         "(nvidia-smi -q -d POWER shows the default limits)") from err
 
 
+def set_aside(state_dir: Path, *, now: float) -> Path | None:
+    """Move an unreadable record file out of the way, never deleting it: where it went,
+    or None when it could not be moved."""
+    path = state_dir / FILE_NAME
+    aside = path.with_name(f"{FILE_NAME}.corrupt-{int(now)}")
+    try:
+        path.rename(aside)
+    except OSError:
+        return None
+    return aside
+
+
 def save(state_dir: Path, records: dict[str, Throttled]) -> None:
     path = state_dir / FILE_NAME
     if not records:

@@ -73,8 +73,8 @@ def inhibited_by(state_dir: Path, now: float, *, logind: bool = True) -> str | N
         if float(data["until"]) > now:
             left = (float(data["until"]) - now) / 60
             return f"clusterctl hibernate inhibit ({left:.0f} min left): {data.get('why', '')}"
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        pass
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        pass  # no inhibit file, or one `hibernate inhibit` did not write: nothing inhibits
     if logind:
         try:
             found = sleep.inhibitors()
@@ -92,6 +92,7 @@ def slept_s() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
 
 
+SAVE_EVERY_S = 60.0  # a busy node's last activity reaches disk this often, not every sample
 SUSPEND_GAP_S = 5.0  # a smaller jump is clock noise, not a sleep
 
 
@@ -123,18 +124,34 @@ class Hibernation:
         self.rtc_root = Path("/")
         self.suspended = suspended
         self._slept = suspended()
+        self._saved_at: float | None = None  # when hibernate.json was last written
+        self._save_error: str | None = None  # the last failure to write it, said once
         if self.state.status in ("hibernating", "hibernated"):
             self._event("woke", "the agent started after a hibernation", None)
             self.state = IdleState("running", None, clock(), self.state.last_utilization)
             self._save()
 
     def _save(self) -> None:
+        """Write the state; a failure (a full disk) is said once until a write succeeds,
+        and the state lives on in memory."""
         try:
             save_state(self.config.paths.state_dir, self.state)
-        except ClusterctlError as err:
-            log.error("cannot save the hibernation state: %s", err.one_line())
-        except OSError as err:  # the state dir cannot be made: the state lives in memory
-            log.error("cannot save the hibernation state: %s", err)
+        except (ClusterctlError, OSError) as err:
+            problem = err.one_line() if isinstance(err, ClusterctlError) else str(err)
+            if problem != self._save_error:
+                log.error("cannot save the hibernation state: %s", problem)
+            self._save_error = problem
+            return
+        self._saved_at = self.clock()
+        self._save_error = None
+
+    def _keep(self, before: IdleState, state: IdleState, now: float) -> None:
+        """Take a new state: written when the status or idle clock changed; a mere newer
+        last activity (each busy sample) at most every SAVE_EVERY_S."""
+        self.state = state
+        if (state.status, state.idle_since) != (before.status, before.idle_since) or \
+                self._saved_at is None or now - self._saved_at >= SAVE_EVERY_S:
+            self._save()
 
     def _event(self, kind: str, reason: str, util: float | None, **extra: Any) -> None:
         self.record(kind, reason, {"gpu_utilization": util, **extra})
@@ -175,8 +192,7 @@ class Hibernation:
             act = True
             state = replace(state, status="hibernating")
         if state != before:
-            self.state = state
-            self._save()
+            self._keep(before, state, now)
         if act:
             try:
                 threading.Thread(target=self._act, name="hibernate", daemon=True).start()

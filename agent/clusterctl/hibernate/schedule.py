@@ -73,9 +73,22 @@ def due(schedule: Schedule, last_checked: float, now: float) -> float | None:
 
 
 def load(state_dir: Path) -> Schedule | None:
+    """The saved schedule; None when there is none, or when the file cannot be read or
+    holds anything `hibernate schedule set` would not have written (a damaged file must
+    never stop idle detection or heartbeats; `schedule set` writes a good one again)."""
     try:
-        return Schedule(**json.loads((state_dir / FILE_NAME).read_text()))
-    except (FileNotFoundError, ValueError, TypeError):
+        data = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    wake, sleep, tz = data.get("wake"), data.get("sleep"), data.get("tz")
+    if not all(v is None or isinstance(v, str) for v in (wake, sleep)) or \
+            not isinstance(tz, str):
+        return None
+    try:
+        return validate(wake, sleep, tz)
+    except UsageError:
         return None
 
 
