@@ -10,22 +10,33 @@ GET  /healthz                                 200 healthy/degraded, 503 unhealth
 
 POST and PUT need ``Authorization: Bearer <token>`` from ``[api] token_file`` (root-only);
 without that file they are refused. Bodies are limited to 64 KiB; a malformed request
-gets a 4xx with {"success": false, "error": ...} and changes nothing.
+gets a 4xx with {"success": false, "error": ...} and changes nothing; no request gets a
+500. One request per connection (every answer says ``Connection: close``).
+
+It cannot be starved: a request has 10 s to arrive whole (head and body), at most 32
+connections are served at once, and when all are taken a new one pushes out the oldest
+that has not yet sent its request head, or is answered 503 at once. So a flood of
+half-sent or idle connections holds neither threads nor file descriptors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hmac
+import io
 import json
 import logging
+import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from clusterctl import config as cfg
-from clusterctl.agent.control import read_token
+from clusterctl.agent.control import DeadlineReader, read_token
 from clusterctl.agent.metrics import render
 from clusterctl.errors import ClusterctlError, ConfigError
 from clusterctl.gpu import placement, shapes
@@ -35,6 +46,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clusterctl.agent")
 MAX_BODY_BYTES = 64 * 1024
+REQUEST_TIMEOUT_S = 10.0  # for the whole request, head and body; also for the answer
+MAX_CONNECTIONS = 32
+_BUSY_BODY = json.dumps({"success": False, "error": f"over {MAX_CONNECTIONS} connections at "
+                         "once; retry in a moment"}).encode()
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 class ApiError(Exception):
@@ -46,7 +63,63 @@ class ApiError(Exception):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst is accepted (and sorted) at once
     agent: Agent
+
+    def __init__(self, address: tuple[str, int], handler: type[Handler]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.lock = threading.Lock()
+        self.reading: dict[socket.socket, None] = {}  # no whole request head yet, oldest first
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)  # out of descriptors: do not spin on a readable listener
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.push_out_oldest_reader()
+            if not self.slots.acquire(timeout=0.5):
+                with contextlib.suppress(OSError):
+                    request.setblocking(False)
+                    request.send(BUSY)
+                self.shutdown_request(request)
+                return
+        with self.lock:
+            self.reading[request] = None
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.done_reading(request)
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.done_reading(request)
+            self.slots.release()
+
+    def done_reading(self, request: socket.socket) -> None:
+        with self.lock:
+            self.reading.pop(request, None)
+
+    def push_out_oldest_reader(self) -> None:
+        with self.lock:
+            oldest = next(iter(self.reading), None)
+            if oldest is None:
+                return
+            del self.reading[oldest]
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)  # its thread sees the end and lets go
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("api: a connection from %s ended badly", client_address, exc_info=True)
 
 
 def serve(agent: Agent) -> Server:
@@ -70,10 +143,35 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         log.debug("api: " + format, *args)
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # reads go through a deadline instead
+        self.reader = DeadlineReader(self.connection, time.monotonic() + REQUEST_TIMEOUT_S)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        super().handle_one_request()
+        self.close_connection = True
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.server.done_reading(self.connection)
+        return parsed
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        self.log_error("code %d, message %s", code, message)
+        self._json(code, {"success": False,
+                          "error": message or self.responses.get(code, ("refused",))[0]})
+
     def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.close_connection = True
+        self.connection.settimeout(REQUEST_TIMEOUT_S)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -82,18 +180,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         try:
-            route = ROUTES.get((method, urlsplit(self.path).path))
+            path = self.split().path
+            route = ROUTES.get((method, path))
             if route is None:
-                known = {m for m, p in ROUTES if p == urlsplit(self.path).path}
+                known = {m for m, p in ROUTES if p == path}
                 if known:
                     raise ApiError(405, f"{method} not allowed here; use {', '.join(known)}")
-                raise ApiError(404, f"no endpoint {urlsplit(self.path).path}")
+                raise ApiError(404, f"no endpoint {path[:200]}")
             route(self)
         except ApiError as err:
             self._json(err.status, {"success": False, "error": err.message})
-        except Exception:
-            log.exception("api: %s %s failed", method, self.path)
+        except Exception as err:  # the last guard: a bug, never the caller's input
+            self.server.agent.loop_failed("api", err)  # logged once per cause, counted
             self._json(500, {"success": False, "error": "internal error (see the journal)"})
+
+    def split(self) -> SplitResult:
+        try:
+            return urlsplit(self.path)
+        except ValueError as err:
+            raise ApiError(400, f"the request target is not a URL path: {err}") from err
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -107,16 +212,14 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
-    def query(self, name: str, default: float | None = None) -> float:
-        values = parse_qs(urlsplit(self.path).query).get(name)
+    def query(self, name: str, default: float) -> float:
+        """A query parameter that must be a plain decimal number (no nan, inf, 1e400)."""
+        values = parse_qs(self.split().query).get(name)
         if not values:
-            if default is None:
-                raise ApiError(400, f"missing query parameter {name}")
             return default
-        try:
-            return float(values[0])
-        except ValueError as err:
-            raise ApiError(400, f"{name} must be a number, got {values[0]!r}") from err
+        if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})?", values[0]):
+            raise ApiError(400, f"{name} must be a plain decimal number, got {values[0][:40]!r}")
+        return float(values[0])
 
     def authorised(self) -> None:
         agent = self.server.agent
@@ -133,25 +236,39 @@ class Handler(BaseHTTPRequestHandler):
 
     def body(self) -> dict[str, Any]:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError(411, "a JSON body with Content-Length is required")
+        if length is None or not re.fullmatch(r"[0-9]{1,9}", length):
+            raise ApiError(411, "a JSON body with Content-Length (ASCII digits) is required")
         if int(length) > MAX_BODY_BYTES:
             raise ApiError(413, f"body over {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(int(length))
         try:
-            data = json.loads(raw)
-        except ValueError as err:
+            raw = self.rfile.read(int(length))
+        except TimeoutError as err:
+            raise ApiError(408, f"the body did not arrive within {REQUEST_TIMEOUT_S:g} s"
+                           ) from err
+        except OSError as err:
+            raise ApiError(400, f"the body could not be read: {err}") from err
+        if len(raw) < int(length):
+            raise ApiError(400, "the body ended before Content-Length bytes")
+        try:
+            data = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as err:
             raise ApiError(400, f"the body is not JSON: {err}") from err
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         return data
 
     def view(self) -> Any:
-        gpu_id = int(self.query("gpu_id", 0))
+        gpu_id = self.query("gpu_id", 0)
+        if not gpu_id.is_integer():
+            raise ApiError(400, f"gpu_id must be a GPU index, got {gpu_id:g}")
         for view in self.server.agent.monitor.views:
             if view.sample.index == gpu_id:
                 return view
-        raise ApiError(404, f"no GPU {gpu_id}")
+        raise ApiError(404, f"no GPU {int(gpu_id)}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 # -- the endpoints --------------------------------------------------------------------
