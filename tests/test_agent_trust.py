@@ -347,3 +347,37 @@ def test_every_loop_survives_running_out_of_file_descriptors(
         assert max(Counter(errors).values()) <= 3
         assert loop_errors(n, "textfile") >= 10  # each failed write counted
         assert agent.problems() == []
+
+
+def test_a_backlog_to_a_slow_control_plane_never_holds_heartbeats_or_the_watchdog_back(
+        tmp_path: Path) -> None:
+    """A delivery pass stops after its budget (the heartbeat interval), so heartbeats go
+    on while a long backlog drains, and every event still arrives once, in order."""
+    from clusterctl import config as cfg
+    from clusterctl.agent.control import ControlClient
+    from clusterctl.agent.heartbeat import Delivery
+    from clusterctl.agent.outbox import Outbox
+    from clusterctl.events import EventLog
+
+    state = tmp_path / "state"
+    log_ = EventLog(state, "node-1")
+    for n in range(900):  # five batches of at most 200
+        log_.record("swap_expanded", f"event {n}", {"n": n}, now=time.time())
+    with running() as plane:
+        plane.delay_s = 0.3  # each request
+        config = cfg.with_changes(cfg.Config(), "heartbeat", {"control_url": plane.url,
+                                                             "token_file": str(tmp_path / "t")})
+        outbox = Outbox(state)
+        delivery = Delivery(ControlClient(config.heartbeat), outbox, state)
+        started = time.monotonic()
+        assert delivery.flush(max_batches=50, budget_s=1.0) is True
+        took = time.monotonic() - started
+        assert took < 1.0 + 0.3 + 0.5  # the budget, one request in flight, slack
+        assert delivery.more  # events are left for the next pass
+        for _ in range(40):
+            if not delivery.more:
+                break
+            delivery.flush(max_batches=50, budget_s=1.0)
+        with plane.lock:
+            got = [e["n"] for e in plane.events]
+    assert got == list(range(900))

@@ -228,3 +228,49 @@ def test_a_damaged_schedule_or_inhibit_file_never_stops_idle_detection_or_heartb
     node.hibernation.observe((90.0,))  # no exception: the sample is taken
     times = node.hibernation.next_times(node.now)  # what every heartbeat carries
     assert times is None or times["timezone"] == "UTC"
+
+
+def test_an_action_ending_during_a_sample_is_not_overwritten_by_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU thread computes the next state from "hibernating" while the action thread
+    concludes: the sample must not write the stale "hibernating" back (the node would
+    stay there for good)."""
+    from clusterctl.hibernate import controller
+
+    node = Node(settings(tmp_path, action="command", command=["/bin/false"]),
+                control=lambda: None)
+    node.hibernation.observe((1.0,))
+    node.now += PAUSE_S + 1
+    real_step = controller.step
+
+    def step_while_the_action_ends(*args: Any) -> Any:
+        out = real_step(*args)
+        for thread in threading.enumerate():  # let the action finish in between, if it can
+            if thread.name == "hibernate":
+                thread.join(0.5)
+        return out
+
+    node.hibernation.observe((1.0,))  # the action starts
+    monkeypatch.setattr(controller, "step", step_while_the_action_ends)
+    node.hibernation.observe((2.0,))
+    monkeypatch.setattr(controller, "step", real_step)
+    wait_until(lambda: "hibernate_failed" in (k for k, _ in node.events), 5)
+    node.now += 60
+    node.hibernation.observe((1.0,))
+    assert node.hibernation.state.status in ("running", "idle")
+
+
+def test_an_inhibit_is_said_once_not_each_minute_it_has_left(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from clusterctl.hibernate.controller import inhibit
+
+    node = Node(settings(tmp_path, action="command", command=["/bin/true"]),
+                control=lambda: None)
+    inhibit(tmp_path / "state", node.now + 7200, "training run", "test")
+    with caplog.at_level("INFO", logger="clusterctl.hibernate"):
+        for _ in range(30):
+            node.hibernation.observe((1.0,))
+            node.now += 60
+    said = [r.getMessage() for r in caplog.records if "held off" in r.getMessage()]
+    assert len(said) == 1, said
+    assert node.hibernation.state.status != "hibernating"

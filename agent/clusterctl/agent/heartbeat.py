@@ -139,10 +139,17 @@ class Delivery:
         self.backoff.succeeded()
         return True
 
-    def flush(self, *, max_batches: int = 50) -> bool:
+    def flush(self, *, max_batches: int = 50, budget_s: float | None = None) -> bool:
         """Send pending events in order, batch by batch; False if something failed. A batch
-        of lines that are not events only moves the cursor past them."""
+        of lines that are not events only moves the cursor past them. Stops after
+        ``budget_s`` (a long backlog to a slow control plane must not hold heartbeats or
+        the watchdog back); ``more`` then says that events are left for the next pass."""
+        self.more = False
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         for _ in range(max_batches):
+            if deadline is not None and time.monotonic() >= deadline:
+                self.more = True
+                return True
             try:
                 batch = self.outbox.pending()
             except ClusterctlError as err:
@@ -160,6 +167,7 @@ class Delivery:
             self._logged.pop("events", None)
             self.state.events_sent += len(batch.events)
             self.backoff.succeeded()
+        self.more = True  # max_batches sent: there may be more
         return True
 
     def _failed(self, message: str, *, heartbeat: bool = False) -> None:

@@ -58,6 +58,7 @@ PRESSURE_RETRY_S = 5.0  # after an unexpected failure, the PSI trigger is armed 
 # a loop whose last iteration is older than this stops the watchdog pings
 GPU_STALL_MIN_S = 30.0  # or 10 sampling intervals, whichever is longer
 DELIVERY_STALL_MARGIN_S = 60.0  # beyond the interval and two requests' timeouts
+BACKLOG_PASS_S = 1.0  # between delivery passes while a backlog drains
 PRESSURE_STALL_S = 10.0  # it wakes every second
 SWAP_STEP_STALL_S = 900.0  # a swap step may write a swap file of many GiB
 LOOPS = {"gpu": "GPU sampling", "hibernate": "idle detection",
@@ -243,9 +244,9 @@ class Agent:
         if dropped:
             self._record("outbox_overflow", f"{dropped} unsent events dropped",
                          {"dropped": dropped})
-        ok = delivery.flush() and ok
-        if ok:
-            return float(config.heartbeat.interval_s)
+        ok = delivery.flush(budget_s=float(config.heartbeat.interval_s)) and ok
+        if ok:  # a backlog left: the next pass (a heartbeat, more events) soon
+            return BACKLOG_PASS_S if delivery.more else float(config.heartbeat.interval_s)
         return min(float(config.heartbeat.interval_s), delivery.backoff.failed())
 
     def _payload(self, sequence: int) -> dict[str, Any]:
@@ -443,9 +444,17 @@ class Agent:
 
     def run(self) -> int:
         """Until SIGTERM; the exit status. Always ends in ``stop()``."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        wake = threading.Event()  # a signal ends the main loop's wait at once
+
+        def on(flag: threading.Event) -> Callable[..., None]:
+            def handler(*_: object) -> None:
+                flag.set()
+                wake.set()
+            return handler
+
+        signal.signal(signal.SIGTERM, on(self.stopping))
+        signal.signal(signal.SIGINT, on(self.stopping))
+        signal.signal(signal.SIGHUP, on(self._reload))
         try:
             self.start()
             self.first_cycle.wait(timeout=60)
@@ -453,11 +462,12 @@ class Agent:
             self._tell(f"READY=1\nSTATUS={status}")
             log.info("ready: %s", status)
             while not self.stopping.is_set():
+                wake.clear()  # before the step: a signal during it is not slept through
                 try:
                     self._main_step()
                 except Exception as err:  # the next round tries again
                     self.loop_failed("main", err)
-                self.stopping.wait(MAIN_PERIOD_S)
+                wake.wait(MAIN_PERIOD_S)
         finally:
             self.stop()
         return 0

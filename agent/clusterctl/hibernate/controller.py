@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -86,6 +87,11 @@ def inhibited_by(state_dir: Path, now: float, *, logind: bool = True) -> str | N
     return None
 
 
+def _without_counts(reason: str) -> str:
+    """A hold-off reason without its numbers ("(42 min left)"), to say each cause once."""
+    return re.sub(r"\d+", "N", reason)
+
+
 def slept_s() -> float:
     """Seconds this machine has spent suspended since boot: CLOCK_BOOTTIME counts them,
     CLOCK_MONOTONIC does not. A jump means a suspend, ours or anyone's."""
@@ -118,6 +124,7 @@ class Hibernation:
         self.state = load_state(config.paths.state_dir)
         self._cpu = read_cpu_times(Path("/"))
         self._busy = threading.Lock()
+        self._state_lock = threading.RLock()
         self._held_reason: str | None = None
         self._schedule_checked = clock()
         self._scheduled_at: float | None = None  # when a scheduled sleep's grace ends
@@ -163,9 +170,10 @@ class Hibernation:
         if slept - self._slept > SUSPEND_GAP_S:  # resumed from a suspend or hibernation
             self._event("woke", f"resumed after {slept - self._slept:.0f} s asleep",
                         self.state.last_utilization)
-            if not self._busy.locked():
-                self.state = IdleState("running", None, now, self.state.last_utilization)
-                self._save()
+            with self._state_lock:
+                if not self._busy.locked():
+                    self.state = IdleState("running", None, now, self.state.last_utilization)
+                    self._save()
         self._slept = slept
         h = self.config.hibernate
         cpu = None
@@ -176,13 +184,25 @@ class Hibernation:
         obs = Observation(now, utilization, cpu_percent=cpu,
                           ssh_sessions=ssh_sessions() if h.require_no_ssh else None,
                           busy_processes=running(h.busy_processes))
+        with self._state_lock:  # an action that ends meanwhile must not be overwritten
+            act = self._next(obs, now)
+        if act:
+            try:
+                threading.Thread(target=self._act, name="hibernate", daemon=True).start()
+            except RuntimeError as err:  # no thread to be had: a failure like any other
+                self.failed(err)
+                self._conclude(actions.Outcome(False, (), None, f"cannot start: {err}"))
+
+    def _next(self, obs: Observation, now: float) -> bool:
+        """Take one observation: the new state kept, its events recorded; whether to act.
+        Called with the state lock held."""
         before = self.state
         state, events, act = step(before, obs, rules_of(self.config))
         if act:
             held = inhibited_by(self.config.paths.state_dir, now, logind=self.logind)
             if held is not None:
-                if held != self._held_reason:
-                    log.info("hibernation held off: %s", held)
+                if _without_counts(held) != _without_counts(self._held_reason or ""):
+                    log.info("hibernation held off: %s", held)  # once, not each minute left
                 self._held_reason = held
                 state, events, act = before, tuple(e for e in events
                                                    if e.event_type != "hibernate_started"), False
@@ -193,12 +213,7 @@ class Hibernation:
             state = replace(state, status="hibernating")
         if state != before:
             self._keep(before, state, now)
-        if act:
-            try:
-                threading.Thread(target=self._act, name="hibernate", daemon=True).start()
-            except RuntimeError as err:  # no thread to be had: a failure like any other
-                self.failed(err)
-                self._conclude(actions.Outcome(False, (), None, f"cannot start: {err}"))
+        return act
 
     def _scheduled(self, now: float, state: IdleState) -> bool:
         """A scheduled sleep: warn at the time, act after the grace (busy or not)."""
@@ -221,7 +236,7 @@ class Hibernation:
             return False
         held = inhibited_by(self.config.paths.state_dir, now, logind=self.logind)
         if held is not None:
-            if held != self._held_reason:
+            if _without_counts(held) != _without_counts(self._held_reason or ""):
                 log.info("scheduled sleep held off: %s", held)
             self._held_reason = held
             return False
@@ -294,5 +309,6 @@ class Hibernation:
         except Exception as err:  # the event log failed: the state still moves on
             self.failed(err)
         finally:
-            self.state = finished(self.state, outcome.ok, self.clock())
-            self._save()
+            with self._state_lock:
+                self.state = finished(self.state, outcome.ok, self.clock())
+                self._save()

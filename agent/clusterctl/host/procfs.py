@@ -85,9 +85,12 @@ def parse_meminfo(text: str) -> MemoryFacts:
 
 def read_memory(root: Path) -> MemoryFacts:
     path = root / "proc/meminfo"
-    text = read_text(root, "proc/meminfo")
-    if text is None:
-        raise HostError(f"cannot read {path}", fix="is /proc mounted (or --root a host tree)?")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:  # absent, or no descriptor left (EMFILE): say which
+        raise HostError(f"cannot read {path}: {err.strerror}",
+                        fix="is /proc mounted (or --root a host tree)?"
+                        if isinstance(err, FileNotFoundError) else None) from err
     try:
         return parse_meminfo(text)
     except ValueError as err:
