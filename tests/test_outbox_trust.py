@@ -1,6 +1,8 @@
 """The outbox against what a crash, a full disk or a hostile hand leaves in its files:
 junk lines, a cursor of the wrong shape or a symlink, a drop followed by a rotation, a
-broken heartbeat sequence file. Delivery goes on, every event arrives once, in order."""
+deleted file whose inode another file got, a writer rotating the log while the outbox
+reads it, a broken heartbeat sequence file. Delivery goes on, every event arrives once
+(at least once where the files do not say more), in order."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from clusterctl.agent.outbox import Outbox
 from clusterctl.errors import ClusterctlError
 from clusterctl.events import EventLog
 from tests.fakes.control_plane import running
+from tests.faults import fill, tmpfs
 
 FAST_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None  # fsync'd cursors: fast there
 ROTATED = "events.jsonl.20000101T000000.{:06d}Z"  # before any test event
@@ -215,6 +218,116 @@ def test_a_drop_cursor_of_an_older_version_still_finds_the_rotated_events(
     record(log, *range(3, 10))  # rotates again
     assert len(outbox.files()) > 2
     assert drain(outbox) == list(range(3, 10))
+
+
+# -- a deleted file's inode, reused -------------------------------------------------------
+
+
+def numbers_on_disk(state: Path) -> list[int]:
+    return [json.loads(line)["n"] for name in Outbox(state).files()
+            for line in (state / name).read_bytes().splitlines()]
+
+
+@pytest.mark.parametrize("cursor_at", ["an acknowledged event", "the start after a drop"])
+def test_a_cursor_whose_file_was_deleted_and_its_inode_reused_loses_no_event(
+        tmp_path: Path, cursor_at: str) -> None:
+    log, outbox = EventLog(tmp_path, "node", rotate_bytes=600), Outbox(tmp_path)
+    record(log, *range(1, 8))
+    if cursor_at == "an acknowledged event":
+        assert drain(outbox, limit=1, rounds=1) == [1]  # then the control plane went down
+    else:
+        outbox.ack(outbox.pending().cursor or pytest.fail("no cursor"))
+        first = outbox.files()[0]
+        (tmp_path / "outbox.json").write_text(json.dumps(  # what bound() writes
+            {"file": first, "offset": 0, "last_id": ""}))
+    record(log, *range(100, 130))  # more rotations; longer lines (3 digits)
+    files = outbox.files()
+    assert len(files) >= 4
+    cursor = json.loads((tmp_path / "outbox.json").read_text())
+    (tmp_path / cursor["file"]).unlink()  # an operator frees space
+    reused = tmp_path / files[2]  # a later file got the inode (ext4 reuses one at once)
+    if cursor["offset"]:
+        assert reused.read_bytes()[cursor["offset"] - 1:cursor["offset"]] != b"\n"  # mid-line
+    st_ = reused.stat()
+    (tmp_path / "outbox.json").write_text(json.dumps(
+        {**cursor, "device": st_.st_dev, "inode": st_.st_ino}))
+    kept = numbers_on_disk(tmp_path)
+    sent = drain(Outbox(tmp_path))  # a restart
+    assert set(kept) <= set(sent)  # duplicates at worst, never a loss
+    assert sent == sorted(sent)
+    assert drain(Outbox(tmp_path)) == []
+
+
+def test_a_drop_on_a_full_disk_deletes_nothing_while_the_cursor_cannot_be_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with tmpfs(tmp_path / "small", 64 * 1024) as state:
+        log = EventLog(state, "node", rotate_bytes=600)
+        record(log, *range(1, 15))
+        assert drain(Outbox(state), limit=2, rounds=1) == [1, 2]  # then the plane went down
+        filler = fill(state)
+        before = _contents(state)
+        outbox = Outbox(state, max_unsent_bytes=100)
+        assert outbox.bound() == 0
+        assert _contents(state) == before  # every event file kept: outbox.json names them
+        assert warnings_of(caplog, f"cannot write {state / 'outbox.json'}: No space left")
+        filler.unlink()  # space again, and a restart
+        assert drain(Outbox(state)) == list(range(3, 15))
+        assert Outbox(state, max_unsent_bytes=100).bound() == 0  # all sent: nothing to drop
+
+
+# -- a writer rotating the log while the outbox reads it ---------------------------------
+
+
+class RotatedWhileListing(Outbox):
+    """An outbox whose ``at``-th listing of the files is followed at once by a writer (a CLI
+    command, the monitor timer) recording ``numbers``, which rotates the live file."""
+
+    def __init__(self, state: Path, log: EventLog, numbers: range, *, at: int,
+                 max_unsent_bytes: int = 2**20) -> None:
+        super().__init__(state, max_unsent_bytes=max_unsent_bytes)
+        self.log, self.numbers, self.at, self.listings = log, numbers, at, 0
+
+    def files(self) -> list[str]:
+        names = super().files()
+        self.listings += 1
+        if self.listings == self.at:
+            before = len(super().files())
+            record(self.log, *self.numbers)
+            assert len(super().files()) > before  # it did rotate
+        return names
+
+
+def test_a_rotation_between_listing_and_reading_loses_no_event(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, "node", rotate_bytes=1000)
+    record(log, *range(1, 10))
+    assert drain(Outbox(tmp_path)) == list(range(1, 10))
+    record(log, 10, 11)  # unsent, in the live file
+    sent = drain(RotatedWhileListing(tmp_path, log, range(12, 25), at=1))
+    sent += drain(Outbox(tmp_path))
+    assert sent == list(range(10, 25))
+
+
+def test_a_file_rotated_while_the_unsent_ones_are_listed_is_unsent(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, "node", rotate_bytes=1000)
+    record(log, *range(1, 10))
+    assert drain(Outbox(tmp_path)) == list(range(1, 10))
+    record(log, 10, 11)
+    live_inode = (tmp_path / "events.jsonl").stat().st_ino
+    unsent = RotatedWhileListing(tmp_path, log, range(12, 25), at=1).unsent_files()
+    rotated = [p.name for p in tmp_path.glob("events.jsonl.*") if p.stat().st_ino == live_inode]
+    assert rotated and rotated[0] in unsent  # optimize monitor must keep it
+    assert drain(Outbox(tmp_path)) == list(range(10, 25))
+
+
+def test_a_rotation_during_a_drop_loses_no_event_it_did_not_count(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, "node", rotate_bytes=600)
+    record(log, *range(1, 6))
+    assert len(Outbox(tmp_path).files()) == 2  # the next after the oldest is the live file
+    outbox = RotatedWhileListing(tmp_path, log, range(6, 21), at=2, max_unsent_bytes=100)
+    dropped = outbox.bound()  # its 2nd listing: which file comes after the one it drops
+    sent = drain(Outbox(tmp_path))
+    assert sent == list(range(21 - len(sent), 21))  # the newest, in order
+    assert dropped + len(sent) == 20  # each event sent or counted as dropped
 
 
 # -- the heartbeat sequence file ---------------------------------------------------------

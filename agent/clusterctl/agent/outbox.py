@@ -4,11 +4,16 @@ Every event is appended to ``events.jsonl`` (fsync'd) by whoever records it, bef
 anything tries to send it; the log rotates into ``events.jsonl.<UTC time>`` files. The
 outbox keeps one small cursor file, ``outbox.json``: the file (by name, and by device and
 inode so that it is found again after a rotation renamed it), the byte offset just past
-what was acknowledged, and the id of the last event acknowledged. Sending reads on from
-there, in order; an acknowledgement moves the cursor (atomically; kept in memory while
-the file cannot be written, e.g. on a full disk). A crash between sending and moving the
-cursor resends a batch: each event has a unique ``id``, so the control plane can drop
-what it already has.
+what was acknowledged, and the id of the last event acknowledged. A file found by its
+inode counts only when the acknowledged event is the last one before the offset there (a
+deleted file's inode is soon another's); else the event is looked for by id, and when it
+is gone sending starts again from the oldest event kept. Sending reads on from there, in
+order; an acknowledgement moves the cursor (atomically; kept in memory while the file
+cannot be written, e.g. on a full disk). A crash between sending and moving the cursor
+resends a batch: each event has a unique ``id``, so the control plane can drop what it
+already has. A writer may rotate the log at any moment: when a new rotated file appeared
+since the files were listed, the live file is not read from that listing (nor named as
+the file after a dropped one), and ``unsent_files`` counts the new file as unsent.
 
 Nothing in these files can stop delivery: a line that is not an event (not a JSON object
 with a string ``id`` and ``event_type``, not UTF-8, longer than ``MAX_LINE_BYTES``, or the
@@ -18,7 +23,8 @@ sending starts again from the oldest event kept (duplicates, never a loss). Only
 symlink or other non-regular file in place of the live log stops reading, with a
 HostError. Unsent events are bounded (``max_unsent_bytes``): past that, the oldest
 rotated files are dropped whole, and how many events went is logged (the agent records
-it as an ``outbox_overflow`` event); ``bound`` is the only thing here that deletes.
+it as an ``outbox_overflow`` event); ``bound`` is the only thing here that deletes, and
+only once the cursor past the file is on disk.
 
 Cursors written before the device and inode were kept (``file``, ``offset``,
 ``last_id`` only) are still read; a version from before reads a new cursor as unusable
@@ -48,6 +54,7 @@ MAX_LINE_BYTES = 2**20  # a longer line is not an event: skipped
 MAX_CURSOR_BYTES = 4096
 MAX_OFFSET = 2**62
 _MAX_TOLD = 4096  # distinct problems remembered for "log once"
+_MAX_LISTINGS = 3  # rotations met mid-read before pending()/bound() settle for less
 
 
 @dataclass(frozen=True)
@@ -110,14 +117,17 @@ class Outbox:
         """Move the cursor (an atomic write). When the file cannot be written (a full disk),
         the cursor is kept in memory until it can: nothing is sent twice while this process
         runs, and a restart before then sends those events again (duplicates, no loss)."""
-        path = self.state_dir / CURSOR_FILE
         try:
-            system.atomic_write_text(path, json.dumps(asdict(cursor)) + "\n", mode=0o600)
+            self._save(cursor)
         except ClusterctlError as err:
             self._once(("ack", err.one_line()), "outbox: %s; the acknowledged position is "
                        "kept in memory until it can be written", err.one_line())
             self._unsaved = cursor
-            return
+
+    def _save(self, cursor: Cursor) -> None:
+        """Write the cursor to ``outbox.json``, or raise ClusterctlError and change nothing."""
+        path = self.state_dir / CURSOR_FILE
+        system.atomic_write_text(path, json.dumps(asdict(cursor)) + "\n", mode=0o600)
         if self._unsaved is not None:
             log.info("outbox: %s written again", path)
             self._told = {key for key in self._told if not _is_ack_key(key)}
@@ -144,22 +154,22 @@ class Outbox:
         return [*sorted(rotated), EVENTS_FILE]
 
     def _start(self, files: list[str]) -> tuple[int, int, Cursor | None]:
-        """(file index, offset) of the first unsent event, and the cursor it came from."""
+        """(file index, offset) of the first unsent event, and the cursor it came from.
+        A file found by the cursor's identity must also hold the acknowledged event just
+        before the offset: a deleted file's inode is soon another file's."""
         cursor = self.cursor()
         if cursor is None:
             return 0, 0, None
-        if cursor.inode is not None:  # the same file, whatever it is called now
-            for index, name in enumerate(files):
-                path = self.state_dir / name
-                st = _lstat(path)
-                if st is not None and (st.st_dev, st.st_ino) == (cursor.device, cursor.inode) \
-                        and cursor.offset <= st.st_size and \
-                        _id_ending_at(path, cursor.offset) in (None, cursor.last_id):
-                    return index, cursor.offset, cursor  # (not another event: inode reused)
+        same = self._same_file(files, cursor)
         if cursor.offset == 0 and cursor.file in files:  # the start of a file (after a drop)
             if cursor.file != EVENTS_FILE:
-                return files.index(cursor.file), 0, cursor
-            return self._rotated_since_cursor(files), 0, cursor
+                return files.index(cursor.file), 0, cursor  # a rotated file keeps its name
+            if same is not None and same <= self._rotated_since_cursor(files, strictly=True):
+                return same, 0, cursor  # no file written after the drop comes before it
+            return self._rotated_since_cursor(files, strictly=False), 0, cursor
+        if same is not None and _acked_upto(self.state_dir / files[same], cursor.offset,
+                                            cursor.last_id):
+            return same, cursor.offset, cursor
         # where it was; else, rotated since: the live file became one of the rotated ones
         candidates = [cursor.file] if cursor.file != EVENTS_FILE else []
         candidates += [cursor.file, *reversed(files[:-1])]
@@ -172,28 +182,54 @@ class Outbox:
                 offset = _find(self.state_dir / name, cursor.last_id)
                 if offset is not None:
                     return index, offset, cursor
-        self._once(("gone", cursor), "outbox: the last acknowledged event %s is gone; sending "
-                   "from the oldest event kept (the control plane drops duplicates by id)",
-                   cursor.last_id or f"({cursor.file} at {cursor.offset})")
+        if not self._new_files(files):  # else a rotation since listing hid it: no news
+            self._once(("gone", cursor), "outbox: the last acknowledged event %s is gone; "
+                       "sending from the oldest event kept (the control plane drops duplicates "
+                       "by id)", cursor.last_id or f"({cursor.file} at {cursor.offset})")
         return 0, 0, None
 
-    def _rotated_since_cursor(self, files: list[str]) -> int:
-        """For a cursor of an older version at the start of the live file (after a drop):
-        the live file may have rotated since, so start at the first rotated file last
-        written after the cursor was (duplicates rather than a loss when unsure)."""
+    def _same_file(self, files: list[str], cursor: Cursor) -> int | None:
+        """The index of the file with the cursor's device and inode, whatever its name."""
+        if cursor.inode is None:
+            return None
+        for index, name in enumerate(files):
+            st = _lstat(self.state_dir / name)
+            if st is not None and (st.st_dev, st.st_ino) == (cursor.device, cursor.inode):
+                return index
+        return None
+
+    def _rotated_since_cursor(self, files: list[str], *, strictly: bool) -> int:
+        """For a cursor at the start of the live file (after a drop): the live file may have
+        rotated since, so the first rotated file last written after the cursor was (or at
+        the same time, unless ``strictly``: duplicates rather than a loss when unsure)."""
         cursor_st = _lstat(self.state_dir / CURSOR_FILE)
         if cursor_st is None:
             return 0
         for index, name in enumerate(files[:-1]):
             st = _lstat(self.state_dir / name)
-            if st is not None and st.st_mtime_ns >= cursor_st.st_mtime_ns:
+            if st is not None and (st.st_mtime_ns > cursor_st.st_mtime_ns or (
+                    not strictly and st.st_mtime_ns == cursor_st.st_mtime_ns)):
                 return index
         return len(files) - 1
 
     def pending(self, *, limit: int = 200, max_bytes: int = 1 << 20) -> Batch:
         """The next unsent events, in order. A batch may hold no events and still move the
-        cursor: past lines that are not events, which are never read again once acked."""
-        files = self.files()
+        cursor: past lines that are not events, which are never read again once acked.
+        A rotation between listing the files and opening the live one (which is then another
+        file) is seen as a new rotated file: the files are listed and read again."""
+        batch = Batch((), None)
+        for _ in range(_MAX_LISTINGS):
+            batch, whole = self._read_batch(self.files(), limit, max_bytes)
+            if whole:
+                break
+        return batch  # else what came before the live file: the rest next time
+
+    def _new_files(self, files: list[str]) -> bool:
+        """Whether a rotation added a file since ``files`` were listed."""
+        return not set(self.files()) <= set(files)
+
+    def _read_batch(self, files: list[str], limit: int, max_bytes: int) -> tuple[Batch, bool]:
+        """The batch from ``files``, and False when it stopped at a rotation since listed."""
         index, offset, start = self._start(files)
         last_id = start.last_id if start else ""
         events: list[dict[str, Any]] = []
@@ -209,6 +245,8 @@ class Outbox:
             except OSError as err:
                 raise HostError(f"cannot read the event file {path}: {err.strerror}") from err
             with os.fdopen(fd, "rb") as handle:
+                if name == EVENTS_FILE and self._new_files(files):
+                    return Batch(tuple(events), cursor), False  # not the live file listed
                 st = os.fstat(handle.fileno())
                 seen = self._read_upto.get((st.st_dev, st.st_ino), 0)
                 skipped: list[int] = []  # where each line not seen before that was junk starts
@@ -228,14 +266,14 @@ class Outbox:
                             last_id = event["id"]
                         cursor = Cursor(name, offset, last_id, st.st_dev, st.st_ino)
                         if len(events) >= limit or size >= max_bytes:
-                            return Batch(tuple(events), cursor)
+                            return Batch(tuple(events), cursor), True
                 except OSError as err:
                     raise HostError(f"cannot read the event file {path}: "
                                     f"{err.strerror}") from err
                 finally:
                     self._read(path, st, max(seen, offset), skipped)
             offset = 0
-        return Batch(tuple(events), cursor)
+        return Batch(tuple(events), cursor), True
 
     def _read(self, path: Path, st: os.stat_result, upto: int, skipped: list[int]) -> None:
         """Remember how far ``path`` was read; count and log (once) the junk lines found."""
@@ -258,16 +296,19 @@ class Outbox:
         return total
 
     def unsent_files(self) -> set[str]:
+        """The event files holding events not yet acknowledged; a file that a rotation
+        created meanwhile is one of them."""
         files = self.files()
         index, _, _ = self._start(files)
-        return set(files[index:])
+        return set(files[index:]) | (set(self.files()) - set(files))
 
     def bound(self) -> int:
         """Drop the oldest rotated files while too much is unsent; how many events went.
-        The cursor moves to the next file first, so a crash between never loses one. A
-        file that cannot be dropped is logged once and kept."""
-        dropped = 0
-        while self.unsent_bytes() > self.max_unsent_bytes:
+        The cursor moves to the next file, on disk, before the file goes, so a crash between
+        never loses one; while the cursor cannot be written nothing is dropped. A file that
+        cannot be dropped is logged once and kept."""
+        dropped, rotations = 0, 0
+        while self.unsent_bytes() > self.max_unsent_bytes and rotations < _MAX_LISTINGS:
             files = self.files()
             index, offset, _ = self._start(files)
             if files[index] == EVENTS_FILE:
@@ -277,10 +318,13 @@ class Outbox:
             try:
                 count = _count_lines(path, offset)
                 device, inode = _identity(following)
-                self.ack(Cursor(following.name, 0, "", device, inode))
+                if self._new_files(files):  # rotated meanwhile: ``following`` may be another
+                    rotations += 1
+                    continue
+                self._save(Cursor(following.name, 0, "", device, inode))  # first
                 path.unlink(missing_ok=True)
-            except (OSError, HostError) as err:
-                problem = err.one_line() if isinstance(err, HostError) else err.strerror
+            except (OSError, ClusterctlError) as err:
+                problem = err.one_line() if isinstance(err, ClusterctlError) else err.strerror
                 self._once(("bound", path.name, problem), "outbox: cannot drop %s to keep "
                            "unsent events under %d MiB: %s", path, self.max_unsent_bytes // 2**20,
                            problem)
@@ -290,7 +334,6 @@ class Outbox:
             log.error("outbox: %d unsent events dropped (over %d MiB unsent)", dropped,
                       self.max_unsent_bytes // 2**20)
         return dropped
-
 
 def _is_ack_key(key: Hashable) -> bool:
     return isinstance(key, tuple) and bool(key) and key[0] == "ack"
@@ -391,6 +434,32 @@ def _id_ending_at(path: Path, offset: int) -> str | None:
         return None
     event = parse_event(chunk[:-1].rsplit(b"\n", 1)[-1])
     return None if event is None else str(event["id"])
+
+
+def _acked_upto(path: Path, offset: int, last_id: str) -> bool:
+    """Whether ``offset`` in ``path`` is where a cursor acknowledging ``last_id`` points: the
+    end of a line, with ``last_id`` the last event before it (or none in this file: the
+    cursor came past lines that are not events, from an earlier file or a drop)."""
+    if offset <= 0:
+        return False  # the start of a file says nothing about which file it is
+    ending = _id_ending_at(path, offset)
+    if ending is not None:
+        return ending == last_id
+    try:  # no event ends there: lines that are not events, mid-line, or past the end
+        fd = open_regular(path, os.O_RDONLY, what="the event file")
+    except (OSError, HostError):
+        return False
+    at, seen = 0, ""
+    with os.fdopen(fd, "rb") as handle:
+        for line, length in _lines(handle):
+            at += length
+            if at > offset:
+                return False
+            event = parse_event(line) if line is not None and line.endswith(b"\n") else None
+            seen = str(event["id"]) if event is not None else seen
+            if at == offset:
+                return seen in ("", last_id)
+    return False
 
 
 def _find(path: Path, event_id: str) -> int | None:
