@@ -132,3 +132,32 @@ def test_config_set_writes_a_valid_file_or_changes_nothing(dotted: str, typed: s
             return
         event("accepted")
         assert cfg.load(path).config == new
+
+
+NOT_TABLES = st.sampled_from(['1', '"x"', "[]", "[1, 2]", "true", "1.5", "inf", "1979-05-27",
+                              "07:32:00", "1979-05-27T07:32:00Z", "[[1]]", "[{a = 1}]", "{}",
+                              '{max_size = "4G"}'])
+
+
+@settings(max_examples=150, deadline=None)
+@given(setting=st.sampled_from(SETTINGS), value=NOT_TABLES, aot=st.booleans(), typed=TYPED)
+def test_config_set_where_a_section_is_not_a_table_is_a_config_error(
+        setting: tuple[str, str], value: str, aot: bool, typed: str) -> None:
+    """A [section] written as a value or as [[section]]: `config set` on one of its keys
+    ends in a valid file or a ConfigError, and then the file is as it was."""
+    section, key = setting
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "clusterctl.toml"
+        path.write_text(f"[[{section}]]\n{key} = {value}\n" if aot else f"{section} = {value}\n")
+        before = path.read_bytes()
+        try:
+            new = cfg.set_values(path, {f"{section}.{key}": typed})
+        except ClusterctlError as err:
+            assert isinstance(err, ConfigError), err
+            assert "\n" not in err.one_line(), err.one_line()
+            assert path.read_bytes() == before
+            assert [p.name for p in Path(workdir).iterdir()] == ["clusterctl.toml"]
+            event("refused")
+            return
+        event("accepted")
+        assert cfg.load(path).config == new

@@ -172,6 +172,116 @@ def test_a_cache_swapped_for_a_symlink_after_validation_is_left_alone(tmp_path: 
     assert f"{pip}: not a directory" in "\n".join(done[0].notes)
 
 
+def fake_host(tmp_path: Path) -> Path:
+    """A host tree in tmp_path with a shared model store in /srv/models (never "/")."""
+    host = tmp_path / "host"
+    (host / "home/u").mkdir(parents=True)
+    (host / "srv/models/huggingface").mkdir(parents=True)
+    (host / "srv/models/huggingface/llama-70b.safetensors").write_text("precious")
+    return host
+
+
+def clean_disk(config: cfg.Config, host: Path, tmp_path: Path) -> tuple[tuple[str, ...], str]:
+    """`optimize monitor`'s disk cleanup on ``host``, a fake host tree that must be in
+    tmp_path (never "/"): what it did, and its notes."""
+    assert host.resolve().is_relative_to(tmp_path.resolve()) and tmp_path.resolve() != Path("/")
+    log.setup()
+    done = execute((MonitorAction("clean_disk", "test"),), config, root=host)
+    return done[0].did, "\n".join(done[0].notes)
+
+
+def test_a_link_above_the_listed_cache_is_never_followed(tmp_path: Path) -> None:
+    """User u replaces ~/.cache with a link to the shared model store: the listed
+    /home/u/.cache/huggingface now leads to /srv/models/huggingface, which stays."""
+    host = fake_host(tmp_path)
+    (host / "home/u/.cache").symlink_to(host / "srv/models")
+    config, errors = cfg.parse('[optimize]\ncleanup_paths = ["/home/u/.cache/huggingface"]\n',
+                               path="c.toml")
+    assert config is not None, errors
+    keep = tree(host / "srv")
+    did, notes = clean_disk(config, host, tmp_path)
+    assert untouched(keep, host / "srv") and tree(host / "srv") == keep
+    assert not [line for line in did if "emptied" in line]
+    assert ("/home/u/.cache/huggingface now leads to /srv/models/huggingface, left alone; "
+            "list /srv/models/huggingface itself if that is meant") in notes
+
+
+def test_a_cache_listed_as_it_really_is_is_emptied_even_under_a_linked_root(
+        tmp_path: Path) -> None:
+    host = fake_host(tmp_path)
+    (tmp_path / "linked").symlink_to(host)  # the root itself may be reached through a link
+    config = cfg.Config(optimize=cfg.OptimizeConfig(
+        cleanup_paths=(Path("/srv/models/huggingface"),)))
+    did, notes = clean_disk(config, tmp_path / "linked", tmp_path)
+    assert list((host / "srv/models/huggingface").iterdir()) == []
+    assert "emptied /srv/models/huggingface (8B; listed in cleanup_paths)" in did, notes
+
+
+def mount(*args: str) -> None:
+    done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+
+
+def test_emptying_a_cache_never_enters_another_filesystem_or_a_mount(tmp_path: Path) -> None:
+    """Like rm --one-file-system: a tmpfs and a bind mount of the model store inside the
+    cache keep what they hold, and are said; the rest of the cache goes."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount")
+    host = fake_host(tmp_path)
+    cache = host / "var/cache/pip"
+    for d in ("tmpfs", "deep/models", "plain"):
+        (cache / d).mkdir(parents=True)
+    (cache / "plain/wheel.whl").write_bytes(b"w" * 10)
+    mounted = []
+    try:
+        mount("-t", "tmpfs", "-o", "size=1M", "tmpfs", str(cache / "tmpfs"))
+        mounted.append(cache / "tmpfs")
+        (cache / "tmpfs/on-tmpfs").write_text("kept")
+        mount("--bind", str(host / "srv/models"), str(cache / "deep/models"))
+        mounted.append(cache / "deep/models")
+        keep = tree(host / "srv")
+        config = cfg.Config(optimize=cfg.OptimizeConfig(cleanup_paths=(Path("/var/cache/pip"),)))
+        did, notes = clean_disk(config, host, tmp_path)
+        assert (cache / "tmpfs/on-tmpfs").read_text() == "kept"
+        assert tree(host / "srv") == keep
+        assert not (cache / "plain").exists()
+        assert "kept /var/cache/pip/tmpfs: another filesystem is mounted there" in notes
+        assert "kept /var/cache/pip/deep/models: another filesystem is mounted there" in notes
+        assert "emptied /var/cache/pip (10B; listed in cleanup_paths)" in did
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", str(point)], check=False)
+
+
+@pytest.mark.parametrize(("listed", "why"), [
+    ("/var/cache/debconf", "debconf's answers"), ("/var/cache/debconf/x", "debconf's answers"),
+    ("/tmp/systemd-private-0123-ollama.service-AbCd", "PrivateTmp"),
+    ("/var/tmp/systemd-private-0123-x.service-y/tmp", "PrivateTmp"),
+    ("/tmp/.X11-unix", "X11 and ICE sockets"), ("/tmp/.ICE-unix", "X11 and ICE sockets"),
+    ("/tmp/.font-unix", "X11 and ICE sockets"), ("/var/tmp/.XIM-unix", "X11 and ICE sockets"),
+    ("/tmp/.Test-unix/x", "X11 and ICE sockets"),
+])
+def test_system_state_below_the_cache_roots_is_refused(tmp_path: Path, listed: str,
+                                                      why: str) -> None:
+    refused(tmp_path, f'[optimize]\ncleanup_paths = ["{listed}"]\n', "optimize.cleanup_paths",
+            f'refusing "{listed}"', why, "not a cache")
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("optimize", "cleanup_paths", '["/var/cache/pip\\n/etc"]'),
+    ("optimize", "cleanup_paths", '["/tmp/hf\\tcache"]'),
+    ("paths", "state_dir", '"/var/lib/clusterctl\\n"'),
+    ("paths", "run_dir", '"/run/cluster\\u0007ctl"'),
+    ("swap", "dir", '"/var/lib/swap\\tfiles"'),
+    ("api", "textfile_dir", '"/var/lib/node_exporter\\r"'),
+])
+def test_a_path_with_a_control_character_is_refused(tmp_path: Path, section: str, key: str,
+                                                    value: str) -> None:
+    refused(tmp_path, f"[{section}]\n{key} = {value}\n", f"{section}.{key}",
+            "control character")
+
+
 # -- finding 10: sizes and numbers are finite and bounded -------------------------------------
 
 
@@ -377,3 +487,24 @@ def test_inhibit_for_an_absurd_duration_is_refused_before_writing(tmp_path: Path
                           env=env, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads((state / "hibernate-inhibit.json").read_text())["until"] > 0
+
+
+# -- config set where the section is not a table ------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ('[[swap]]\nmax_size = "4G"\n', "an array of tables ([[...]])"), ("swap = 1\n", "an integer"),
+    ('swap = "x"\n', "a string"), ("swap = []\n", "a list"), ("swap = true\n", "a boolean"),
+    ("swap = 1979-05-27\n", "a date"), ("swap = 1979-05-27T07:32:00Z\n", "a datetime"),
+])
+def test_config_set_on_a_section_that_is_not_a_table_is_one_line_and_changes_nothing(
+        tmp_path: Path, text: str, kind: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    code, _out, err = clusterctl("config", "set", "--config", str(path), "swap.min_size", "1G")
+    assert code == 2, err
+    assert err == (f"clusterctl: {path}: swap.min_size: swap is {kind} in this file, not a "
+                   "[swap] table, so min_size cannot be set in it; make it a table by hand: a "
+                   "[swap] line, then key = value lines\n")
+    assert path.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["c.toml"]

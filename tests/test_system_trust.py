@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +96,40 @@ def test_a_command_that_is_not_a_program_is_a_clear_error(tmp_path: Path) -> Non
         run_command((str(script),), 5)
     assert caught.value.one_line() == (f"cannot run {script}: Exec format error; "
                                        "fix [hibernate] command")
+
+
+# What a chatty command's output may cost the agent: run_command in a process of its own,
+# its peak RSS (VmHWM, KiB) before and after, and what it returned or raised.
+_CHATTY = """
+import sys
+from pathlib import Path
+from clusterctl.errors import HostError
+from clusterctl.system.sleep import run_command
+def hwm_kib():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith("VmHWM:"))
+    return int(line.split()[1])
+before = hwm_kib()
+try:
+    said = run_command(("sh", "-c", sys.argv[1]), 60)
+except HostError as err:
+    said = err.one_line()
+print(before, hwm_kib(), said)
+"""
+
+
+@pytest.mark.parametrize(("script", "said"), [
+    ("yes | head -c 500000000; echo the last line", "the last line"),
+    ("yes | head -c 500000000; echo failed here >&2; exit 3", "sh exited 3: failed here"),
+])
+def test_a_chatty_command_runs_in_bounded_memory(script: str, said: str) -> None:
+    """~500 MB of output: the agent's peak memory grows by a few MiB at most (it was the
+    whole output, twice), and the last line is still what is reported."""
+    done = subprocess.run([sys.executable, "-c", _CHATTY, script], capture_output=True,
+                          text=True, timeout=120, check=True)
+    before_kib, after_kib, got = done.stdout.split(maxsplit=2)
+    assert got.strip() == said
+    assert int(after_kib) - int(before_kib) < 32 * 1024, done.stdout
 
 
 def test_an_atomic_write_never_follows_a_planted_link(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ names another (the flag wins over the variable). A missing default file means
 built-in defaults; a missing file named explicitly is an error.
 
 ``parse`` is pure: types, bounded ranges (every number has a maximum; sizes at
-most 1 PiB), usable URLs and cross-checks. ``load``, ``validate_file`` and
-``set_values`` add ``host_checks``, which only read the host: clusterctl's
-directories must have no parent another user controls, and each cleanup path
-must still be a cache with its symlinks resolved.
+most 1 PiB), usable URLs, paths without control characters, and cross-checks.
+``load``, ``validate_file`` and ``set_values`` add ``host_checks``, which only read
+the host: clusterctl's directories must have no parent another user controls, and
+each cleanup path must still be a cache with its symlinks resolved.
 """
 
 from __future__ import annotations
@@ -602,25 +602,8 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
         if isinstance(raw, bool) or not isinstance(raw, (str, int)):
             raise ValueError(f'expected a size like "512M" or "2G", got {_shown(raw)}')
         value = parse_size(raw) if isinstance(raw, str) else raw
-    elif kind == "path":
-        if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
-            raise ValueError(f'expected an absolute path like "/var/lib/x", got {_shown(raw)}')
-        return Path(raw)
-    elif kind == "optpath":
-        if not isinstance(raw, str) or (raw and not raw.startswith("/")) or "\0" in raw:
-            raise ValueError(f'expected an absolute path like "/var/lib/x", or "" for none, '
-                             f"got {_shown(raw)}")
-        return raw
-    elif kind == "paths":
-        if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/")
-                                                and "\0" not in p for p in raw):
-            raise ValueError(f'expected a list of absolute paths like ["/root/.cache/pip"], '
-                             f"got {_shown(raw)}")
-        for listed in raw:
-            refusal = cache_refusal(listed)
-            if refusal:
-                raise ValueError(refusal)
-        return tuple(Path(p) for p in raw)
+    elif kind in ("path", "optpath", "paths"):
+        return _coerce_path(kind, raw)
     elif kind == "strs":
         if not isinstance(raw, list) or not all(isinstance(x, str) and x and "\0" not in x
                                                 for x in raw):
@@ -651,6 +634,30 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
 
 
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(target|service)$")
+
+
+def _coerce_path(kind: Kind, raw: object) -> object:
+    """A "path", "optpath" ("" for none) or "paths" (caches) value: absolute, and no
+    control character (a newline or tab in a path is a typo or a trap, never a name)."""
+    items = raw if kind == "paths" else [raw]
+    absolute = isinstance(items, list) and all(
+        isinstance(p, str) and "\0" not in p
+        and (p.startswith("/") or (kind == "optpath" and p == "")) for p in items)
+    if not absolute:
+        expected = {"path": 'an absolute path like "/var/lib/x"',
+                    "optpath": 'an absolute path like "/var/lib/x", or "" for none',
+                    "paths": 'a list of absolute paths like ["/root/.cache/pip"]'}[kind]
+        raise ValueError(f"expected {expected}, got {_shown(raw)}")
+    for item in cast(list[str], items):
+        if _CONTROL.search(item):
+            raise ValueError(f"a path may not hold a control character (a newline, a tab), "
+                             f"got {_quoted(item)}")
+        refusal = cache_refusal(item) if kind == "paths" else None
+        if refusal:
+            raise ValueError(refusal)
+    if kind == "paths":
+        return tuple(Path(p) for p in cast(list[str], raw))
+    return Path(cast(str, raw)) if kind == "path" else raw
 
 
 _CHOICES = {"allocation": ALLOCATIONS, "fallback": ("suspend", "poweroff", "refuse")}
@@ -764,6 +771,15 @@ SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/roo
                 "/sbin", "/snap", "/sys", "/tmp", "/usr", "/var")  # noqa: S108
 CACHE_ROOTS = ("/var/cache", "/var/tmp", "/tmp", "/root/.cache", "/home/*/.cache")  # noqa: S108
 MIN_CACHE_DEPTH = 3  # outside the cache roots: "/opt/conda/pkgs", never "/data/x"
+# Below the cache roots, what holds the system's state, not a cache (and why).
+NOT_CACHES = (
+    (re.compile(r"^/var/cache/debconf(/|$)"), "it holds debconf's answers"),
+    (re.compile(r"^/(var/)?tmp/systemd-private-[^/]*(/|$)"),
+     "a service's private /tmp (systemd PrivateTmp)"),
+    (re.compile(r"^/(var/)?tmp/\.(X11|ICE|font|XIM|Test)-unix(/|$)"),
+     "the X11 and ICE sockets"),
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def normal_path(path: str | Path) -> str:
@@ -782,11 +798,17 @@ def cache_refusal(path: str | Path) -> str | None:
     On the text, normalised: check the resolved path again before removing."""
     norm = normal_path(path)
     parts = norm.split("/")[1:]
+    fix = ("list a cache below " + ", ".join(CACHE_ROOTS).replace("*", "<user>")
+           + f", or one at least {MIN_CACHE_DEPTH} levels deep outside the system trees")
+    if _CONTROL.search(str(path)):
+        return (f"refusing {_quoted(str(path))}: a control character (a newline, a tab) in "
+                "a path; write the path without it")
+    held = next((why for pattern, why in NOT_CACHES if pattern.match(norm)), None)
+    if held:
+        return f"refusing {_quoted(str(path))}: {held}, not a cache; {fix}"
     home_cache = len(parts) >= 4 and parts[0] == "home" and parts[2] == ".cache"
     if home_cache or any(norm != root and is_inside(norm, root) for root in CACHE_ROOTS):
         return None
-    fix = ("list a cache below " + ", ".join(CACHE_ROOTS).replace("*", "<user>")
-           + f", or one at least {MIN_CACHE_DEPTH} levels deep outside the system trees")
     tree = "/" if norm == "/" else next((t for t in SYSTEM_TREES if is_inside(norm, t)), None)
     if tree is None and parts[0].startswith("lib"):
         tree = f"/{parts[0]}"
@@ -1006,6 +1028,13 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
         if section not in document:
             document.add(section, tomlkit.table())
         table = cast(Any, document[section])
+        if not isinstance(table, tomlkit.items.AbstractTable):
+            kind = ("an array of tables ([[...]])" if isinstance(table, tomlkit.items.AoT)
+                    else _a(_type_name(document.unwrap()[section])))
+            raise ConfigError(f"{section} is {kind} in this file, not a [{section}] table, so "
+                              f"{key} cannot be set in it", path=str(path), key=dotted,
+                              fix=f"make it a table by hand: a [{section}] line, then "
+                              "key = value lines")
         table[key] = value
     new_text = tomlkit.dumps(document)
     config, errors = parse(new_text, path=str(path))

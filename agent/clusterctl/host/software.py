@@ -1,12 +1,17 @@
-"""Init system, cgroups, and the AI services on the node (Ollama, Dask), rooted at ``root``."""
+"""Init system, cgroups, and the AI services on the node (Ollama, Dask), rooted at ``root``.
+
+Whatever answers on Ollama's port, asking it (``ollama_call``) ends in a JSON object or a
+HostError that says which: an HTTP error, no answer, or something that is not its API.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from clusterctl.errors import HostError
 from clusterctl.host.procfs import read_text
 
 # Where services and operators install programs; systemd's own default PATH.
@@ -83,24 +88,15 @@ class OllamaFacts:
 
 
 def read_ollama(root: Path, api_url: str, *, timeout_s: float = 0.5) -> OllamaFacts:
-    # urllib's HTTP stack costs ~25 ms to import: only `check` pays for it
-    import json
-    import urllib.error
-    import urllib.request
-
     version = error = None
     try:
-        # api_url is validated as http(s) by the config
-        url = f"{api_url}/api/version"
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310
-            body = json.loads(response.read(4096) or b"{}")
-            version = str(body.get("version") or "unknown")
-    except urllib.error.HTTPError as err:
+        body = ollama_call(api_url, "/api/version", timeout_s=timeout_s)
+        version = str(body.get("version") or "unknown")
+    except _HttpStatus as err:
         error = f"HTTP {err.code} from {api_url}"
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        error = f"no answer from {api_url} ({reason})"
-    except (ValueError, AttributeError):
+    except _NoAnswer as err:
+        error = f"no answer from {api_url} ({err.reason})"
+    except HostError:
         error = f"{api_url} answered, but not like Ollama"
     return OllamaFacts(
         binary=find_binary(root, "ollama"),
@@ -170,22 +166,97 @@ class LoadedModel:
 
 def read_loaded_models(api_url: str, *, timeout_s: float = 2.0) -> tuple[LoadedModel, ...]:
     """What Ollama has loaded now; HostError when it does not answer like Ollama."""
+    models = ollama_call(api_url, "/api/ps", timeout_s=timeout_s).get("models") or []
+    if not isinstance(models, list):
+        raise not_ollama(api_url, f"/api/ps gave models as {_json_kind(models)}")
+    return tuple(_loaded_model(api_url, entry) for entry in models)
+
+
+def _loaded_model(api_url: str, entry: object) -> LoadedModel:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise not_ollama(api_url, f"/api/ps listed {_json_kind(entry)} where a model belongs")
+    sizes = [entry.get(key) or 0 for key in ("size", "size_vram")]
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**63:
+            raise not_ollama(api_url, f"/api/ps gave {entry['name']!r:.80} a size of "
+                             f"{_json_kind(size) if not isinstance(size, float) else size}")
+    return LoadedModel(entry["name"], sizes[0], sizes[1])
+
+
+# -- talking to Ollama -------------------------------------------------------------------
+
+OLLAMA_ANSWER_LIMIT_BYTES = 1 << 20  # /api/ps with hundreds of models is a few KiB
+
+
+def not_ollama(api_url: str, what: str) -> HostError:
+    return HostError(f"Ollama at {api_url} answered something that is not its API: {what}",
+                     fix="check that [ollama] url is Ollama's address")
+
+
+def ollama_call(api_url: str, path: str, *, timeout_s: float,
+                body: dict[str, object] | None = None) -> dict[str, Any]:
+    """Ollama's answer (a JSON object) to GET ``path``, or POST ``body`` as JSON.
+
+    Whatever listens on Ollama's port, this ends in the object or a HostError: HTTP
+    errors, no answer, or an answer that is not Ollama's API (broken HTTP, a header line
+    too long, more than OLLAMA_ANSWER_LIMIT_BYTES, not JSON, JSON nested too deeply, not
+    an object)."""
+    # urllib's HTTP stack costs ~25 ms to import: only what asks Ollama pays for it
+    import http.client
     import json
     import urllib.error
     import urllib.request
 
-    from clusterctl.errors import HostError
-
+    data = None if body is None else json.dumps(body).encode()
+    # api_url is validated as http(s) by the config
+    request = urllib.request.Request(f"{api_url}{path}", data=data,  # noqa: S310
+                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(f"{api_url}/api/ps", timeout=timeout_s) as response:  # noqa: S310
-            body = json.loads(response.read(1 << 20) or b"{}")
-        return tuple(LoadedModel(str(m["name"]), int(m.get("size") or 0),
-                                 int(m.get("size_vram") or 0)) for m in body.get("models") or ())
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+            raw = response.read(OLLAMA_ANSWER_LIMIT_BYTES + 1)
     except urllib.error.HTTPError as err:
-        raise HostError(f"Ollama at {api_url} answered HTTP {err.code} to /api/ps",
-                        fix="is it Ollama 0.1.38 or newer?") from err
+        err.close()
+        raise _HttpStatus(f"Ollama at {api_url} answered HTTP {err.code} to {path}",
+                          code=err.code) from err
+    except http.client.HTTPException as err:  # a bad status line, a header line too long
+        raise not_ollama(api_url, f"broken HTTP ({_clipped(str(err) or type(err).__name__)})"
+                         ) from err
     except (urllib.error.URLError, OSError) as err:
-        raise HostError(f"no answer from Ollama at {api_url} ({getattr(err, 'reason', err)})",
-                        fix="is ollama.service running? check [ollama] url") from err
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise HostError(f"{api_url}/api/ps did not answer like Ollama") from err
+        raise _NoAnswer(str(getattr(err, "reason", err)), api_url) from err
+    except ValueError as err:  # http.client on a malformed chunk size
+        raise not_ollama(api_url, f"broken HTTP ({_clipped(str(err))})") from err
+    if len(raw) > OLLAMA_ANSWER_LIMIT_BYTES:
+        raise not_ollama(api_url, f"more than {OLLAMA_ANSWER_LIMIT_BYTES >> 20} MiB to {path}")
+    try:
+        answer = json.loads(raw or b"{}")
+    except RecursionError:
+        raise not_ollama(api_url, f"JSON nested too deeply from {path}") from None
+    except ValueError as err:  # not JSON, not UTF-8
+        raise not_ollama(api_url, f"not JSON from {path} ({_clipped(str(err))})") from err
+    if not isinstance(answer, dict):
+        raise not_ollama(api_url, f"{_json_kind(answer)} from {path}, not a JSON object")
+    return answer
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _clipped(text: str, limit: int = 80) -> str:
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _NoAnswer(HostError):
+    def __init__(self, reason: str, api_url: str) -> None:
+        super().__init__(f"no answer from Ollama at {api_url} ({reason})",
+                         fix="is ollama.service running? check [ollama] url")
+        self.reason = reason
+
+
+class _HttpStatus(HostError):
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message, fix="is it Ollama 0.1.38 or newer?")
+        self.code = code

@@ -14,8 +14,11 @@ count in our env file) and the saved ``MonitorState`` go into the pure
   event logs older than ``retention_days`` and the contents of the operator's
   ``cleanup_paths``; at most every five minutes. Nothing else is ever removed: each
   listed cache is opened without following a symlink, and the directory actually
-  opened is checked again against the config's cache rules before anything in it
-  goes; inside it, no symlink is followed (a link is removed, never its target).
+  opened must be the listed path itself, normalised (a symlink anywhere on the way
+  leaves it alone) and pass the config's cache rules again before anything in it
+  goes; inside it, no symlink is followed (a link is removed, never its target), and
+  nothing on another filesystem or under a mount point is touched (rm
+  --one-file-system).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -33,7 +37,7 @@ from typing import Any, Literal
 
 from clusterctl import swap, system
 from clusterctl.agent.outbox import Outbox
-from clusterctl.config import Config, cleanup_refusal
+from clusterctl.config import Config, cleanup_refusal, normal_path
 from clusterctl.errors import HostError
 from clusterctl.events import FILE_NAME as EVENTS_FILE
 from clusterctl.events import EventLog
@@ -230,9 +234,14 @@ def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -
     notes: list[str] = []
     cutoff = now - opt.retention_days * 86400
     state_dir = rooted(root, config.paths.state_dir)
+    # list first, then ask: a file rotated in between is one the outbox already counts
+    candidates = sorted(state_dir.glob(f"{EVENTS_FILE}.*"))
     unsent = Outbox(state_dir).unsent_files() if config.heartbeat.control_url else set()
-    for path in sorted(state_dir.glob(f"{EVENTS_FILE}.*")):
-        st = path.lstat()
+    for path in candidates:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # gone since the listing
+            continue
         if path.name in unsent:
             notes.append(f"kept {path}: it holds events the control plane has not had yet")
             continue
@@ -263,39 +272,71 @@ def _empty_cache(listed: Path, config: Config, root: Path) -> tuple[int | None, 
         except OSError as err:
             return None, [f"{listed}: cannot tell where it leads ({err.strerror}), left alone"]
         real_root = Path(os.path.realpath(root))
-        refusal = (cleanup_refusal(f"/{opened.relative_to(real_root)}", config, resolve=True)
-                   if opened.is_relative_to(real_root) else f"outside {root}")
+        if not opened.is_relative_to(real_root):
+            return None, [f"{listed} is now {opened}, left alone: outside {root}"]
+        now = normal_path(f"/{opened.relative_to(real_root)}")
+        refusal = cleanup_refusal(now, config, resolve=True)
         if refusal:
-            return None, [f"{listed} is now {opened}, left alone: {refusal}"]
+            return None, [f"{listed} is now {now}, left alone: {refusal}"]
+        if now != normal_path(listed):  # a symlink on the way, however harmless it looks
+            return None, [f"{listed} now leads to {now}, left alone; list {now} itself if "
+                          "that is meant"]
+        walk = _Walk(os.fstat(fd).st_dev, _mount_points(), [])
         with os.scandir(fd) as entries:
             names = [entry.name for entry in entries]
         size, problems = 0, []
         for name in names:
             try:
-                size += _remove_at(fd, name)
+                size += _remove_at(fd, name, opened / name, walk)
             except (OSError, RecursionError) as err:
                 problems.append(f"could not remove {listed}/{name}: "
                                 f"{getattr(err, 'strerror', None) or err}")
-        return size, problems
+        kept = [f"kept {listed}/{p.relative_to(opened)}: {why}" for p, why in walk.skipped]
+        return size, kept + problems
     finally:
         os.close(fd)
 
 
-def _remove_at(parent_fd: int, name: str) -> int:
-    """Remove ``name`` from the directory open as ``parent_fd`` without following any
-    symlink (a link goes, its target stays); the bytes of the files removed."""
+@dataclass(frozen=True)
+class _Walk:
+    """What one emptying stays within: the cache's filesystem, and no mount point."""
+
+    dev: int  # st_dev of the cache
+    mounts: frozenset[str]  # every mount point, as the kernel names it
+    skipped: list[tuple[Path, str]]  # (real path, why) of what was kept
+
+
+def _mount_points() -> frozenset[str]:
+    """The mount points in /proc/self/mountinfo (the fifth field, its octal escapes read)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                            line.split()[4]) for line in lines if len(line.split()) > 4)
+
+
+def _remove_at(parent_fd: int, name: str, path: Path, walk: _Walk) -> int:
+    """Remove ``name`` (really ``path``) from the directory open as ``parent_fd``, without
+    following any symlink (a link goes, its target stays) nor entering another filesystem
+    or a mount point (kept, and said in ``walk.skipped``); the bytes of the files removed."""
     st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if st.st_dev != walk.dev or str(path) in walk.mounts:
+        walk.skipped.append((path, "another filesystem is mounted there"))
+        return 0
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    kept = len(walk.skipped)
     try:
         with os.scandir(fd) as entries:
             names = [entry.name for entry in entries]
-        size = sum(_remove_at(fd, child) for child in names)
+        size = sum(_remove_at(fd, child, path / child, walk) for child in names)
     finally:
         os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
+    if len(walk.skipped) == kept:  # else it still holds what was kept
+        os.rmdir(name, dir_fd=parent_fd)
     return size
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from clusterctl.errors import HostError
+from clusterctl.host.software import ollama_call
 
 
 def drop_page_cache(root: Path) -> None:
@@ -36,20 +34,12 @@ def _write(path: Path, value: str) -> None:
 
 
 def unload_model(api_url: str, name: str, *, timeout_s: float = 30.0) -> None:
-    """Ollama unloads ``name`` from memory (keep_alive 0); the model stays on disk."""
-    body = json.dumps({"model": name, "keep_alive": 0}).encode()
-    # api_url is validated as http(s) by the config
-    request = urllib.request.Request(f"{api_url}/api/generate", data=body,  # noqa: S310
-                                     method="POST", headers={"Content-Type": "application/json"})
+    """Ollama unloads ``name`` from memory (keep_alive 0); the model stays on disk.
+    HostError when it refuses, does not answer, or answers other than its API does."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            answer = json.loads(response.read(1 << 16) or b"{}")
-    except urllib.error.HTTPError as err:
-        raise HostError(f"Ollama refused to unload {name}: HTTP {err.code}") from err
-    except (urllib.error.URLError, OSError) as err:
-        raise HostError(f"no answer from Ollama at {api_url} while unloading {name} "
-                        f"({getattr(err, 'reason', err)})") from err
-    except ValueError as err:
-        raise HostError(f"Ollama's answer to unloading {name} was not JSON") from err
-    if not answer.get("done"):
-        raise HostError(f"Ollama did not confirm unloading {name}: {answer!r:.200}")
+        answer = ollama_call(api_url, "/api/generate", timeout_s=timeout_s,
+                             body={"model": name, "keep_alive": 0})
+    except HostError as err:
+        raise HostError(f"{name} not unloaded: {err.message}", fix=err.fix) from err
+    if answer.get("done") is not True:
+        raise HostError(f"Ollama did not confirm unloading {name}: {str(answer)[:200]}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from clusterctl.errors import HostError
 
@@ -23,43 +24,59 @@ CAN = {"hibernate.target": "CanHibernate", "suspend.target": "CanSuspend",
        "CanSuspendThenHibernate", "poweroff.target": "CanPowerOff"}
 
 
-def run_command(argv: tuple[str, ...], timeout_s: float) -> str:
-    """Run the operator's command without a shell; its output tail, or HostError.
+TAIL_BYTES = 64 << 10  # what is read back of a command's output, from its end
 
-    It runs in a session of its own: on timeout the whole process group is stopped
-    (SIGTERM, then SIGKILL after ``KILL_GRACE_S``), so nothing it started lives on."""
+
+def run_command(argv: tuple[str, ...], timeout_s: float) -> str:
+    """Run the operator's command without a shell; the last line of its output, or HostError.
+
+    Its stdout and stderr go to unnamed temporary files, never into memory: only the
+    last TAIL_BYTES are read back, so a chatty command costs disk (freed on return), not
+    the agent's RAM. It runs in a session of its own: on timeout the whole process group
+    is stopped (SIGTERM, then SIGKILL after ``KILL_GRACE_S``), so nothing it started
+    lives on. A process that leaves the group (``setsid``, a double fork into a new
+    session) cannot be found without a cgroup and is left running."""
     if not argv:
         raise HostError('the "command" action has no [hibernate] command',
                         fix='set [hibernate] command = ["/path/to/program", "arg"]')
-    try:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, errors="replace",
-                                start_new_session=True)
-    except FileNotFoundError as err:
-        raise HostError(f"{argv[0]}: no such program", fix="fix [hibernate] command") from err
-    except PermissionError as err:
-        raise HostError(f"{argv[0]}: not executable", fix=f"chmod +x {argv[0]}") from err
-    except (OSError, ValueError) as err:  # not a program (no #! line), a NUL in an argument
-        raise HostError(f"cannot run {argv[0]}: {getattr(err, 'strerror', None) or err}",
-                        fix="fix [hibernate] command") from err
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired as err:
-        _kill_group(proc)
-        raise HostError(f"{argv[0]} did not finish in {timeout_s:g} s (killed)",
-                        fix="raise [hibernate] command_timeout, or make it faster") from err
-    if proc.returncode != 0:
-        tail = (stderr or stdout).strip().splitlines()[-1:] or [""]
-        raise HostError(f"{argv[0]} exited {proc.returncode}: {tail[0][:200]}")
-    return (stdout.strip().splitlines() or [""])[-1][:200]
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=stderr, start_new_session=True)
+        except FileNotFoundError as err:
+            raise HostError(f"{argv[0]}: no such program", fix="fix [hibernate] command"
+                            ) from err
+        except PermissionError as err:
+            raise HostError(f"{argv[0]}: not executable", fix=f"chmod +x {argv[0]}") from err
+        except (OSError, ValueError) as err:  # not a program (no #! line), a NUL in an arg
+            raise HostError(f"cannot run {argv[0]}: {getattr(err, 'strerror', None) or err}",
+                            fix="fix [hibernate] command") from err
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            _kill_group(proc)
+            raise HostError(f"{argv[0]} did not finish in {timeout_s:g} s (killed)",
+                            fix="raise [hibernate] command_timeout, or make it faster") from err
+        out = _last_line(stdout)
+        if proc.returncode != 0:
+            raise HostError(f"{argv[0]} exited {proc.returncode}: {_last_line(stderr) or out}")
+    return out
+
+
+def _last_line(output: IO[bytes]) -> str:
+    """The last non-empty line in the last TAIL_BYTES of ``output``, cut to 200 characters."""
+    size = output.seek(0, os.SEEK_END)
+    output.seek(max(0, size - TAIL_BYTES))
+    text = output.read(TAIL_BYTES).decode(errors="replace")
+    return (text.strip().splitlines() or [""])[-1][:200]
 
 
 KILL_GRACE_S = 2.0
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the command's process group, SIGKILL to what is left after the grace;
-    the command reaped, its pipes closed (a process that left the group may hold them)."""
+    the command reaped."""
     group = proc.pid  # start_new_session: the group's id is the leader's pid
     for sig, grace_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
         try:
@@ -72,12 +89,9 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         if not _group_alive(proc, group):
             break
     proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
 
 
-def _group_alive(proc: subprocess.Popen[str], group: int) -> bool:
+def _group_alive(proc: subprocess.Popen[bytes], group: int) -> bool:
     proc.poll()  # reap the leader, so that it does not count
     try:
         os.killpg(group, 0)
