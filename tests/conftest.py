@@ -48,6 +48,24 @@ def _no_host_config(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     yield
 
 
+HOST_PATHS = (Path("/etc/clusterctl"), Path("/var/lib/clusterctl"), Path("/run/clusterctl"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_left_as_it_was() -> Iterator[None]:
+    """No test writes clusterctl's real directories on this machine, nor empties /etc: a
+    test that uses the default paths (or a product bug that ignores the configured ones)
+    fails the run here, naming what appeared."""
+    existed = {path: path.exists() for path in HOST_PATHS}
+    etc = {entry.name for entry in Path("/etc").iterdir()}
+    yield
+    appeared = [str(path) for path, was in existed.items() if not was and path.exists()]
+    gone = sorted(etc - {entry.name for entry in Path("/etc").iterdir()})
+    assert not appeared and not gone, (
+        f"the tests changed this machine: created {appeared or 'nothing'}, removed from /etc "
+        f"{gone or 'nothing'}")
+
+
 @pytest.fixture(autouse=True)
 def _no_swap_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     """Swap a test's agent turned on under its tmp_path is swapped off when the test ends,
