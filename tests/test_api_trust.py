@@ -256,3 +256,10 @@ def test_the_api_token_file_follows_the_same_rules(agent_node: Node) -> None:
                                         {"Authorization": "Bearer t0"})
     assert status == 403 and "holds whitespace" in answer["error"]
     assert "ken" not in answer["error"].replace("token", "")
+
+
+def test_the_gpu_endpoints_without_a_gpu_id_mean_gpu_0(agent_node: Node) -> None:
+    for path in ("/api/gpu/status", "/api/gpu/temperature/trend"):
+        status, body = agent_node.get(path)
+        assert status == 200, body
+        assert body["data"]["gpu_id"] == 0, body

@@ -216,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
         """A query parameter that must be a plain decimal number (no nan, inf, 1e400)."""
         values = parse_qs(self.split().query).get(name)
         if not values:
-            return default
+            return float(default)  # an int default has no is_integer() before Python 3.12
         if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})?", values[0]):
             raise ApiError(400, f"{name} must be a plain decimal number, got {values[0][:40]!r}")
         return float(values[0])
