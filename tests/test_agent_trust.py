@@ -95,14 +95,23 @@ def test_the_textfile_write_never_follows_a_planted_link(node: Callable[..., Nod
     assert (prom.stat().st_mode & 0o777) == 0o644 and prom.stat().st_uid == os.geteuid()
 
 
-@pytest.mark.parametrize("how", ["world-writable", "owned by nobody", "a symlink"])
+@pytest.mark.parametrize("how", ["world-writable", "owned by nobody", "a symlink",
+                                 "under a parent of nobody's"])
 def test_a_textfile_dir_others_control_is_refused_once_with_the_fix(
         node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture,
         how: str) -> None:
     real = tmp_path / "textfiles"
     real.mkdir(mode=0o755)
     textfiles = real
-    if how == "world-writable":
+    if how == "under a parent of nobody's":  # nobody could rename it away and plant a link
+        parent = tmp_path / "theirs"
+        parent.mkdir()
+        real = textfiles = parent / "textfiles"
+        real.mkdir(mode=0o755)
+        os.chown(parent, 65534, 65534)
+        words = "is under a directory another user controls"
+        fix = "use a directory whose parents are all root's"
+    elif how == "world-writable":
         real.chmod(0o777)
         words, fix = "is writable by group or others (mode 0777)", f"chmod go-w {real}"
     elif how == "owned by nobody":

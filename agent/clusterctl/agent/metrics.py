@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from clusterctl import system
 from clusterctl.errors import HostError
+from clusterctl.host.trust import untrusted_ancestor
 
 if TYPE_CHECKING:
     from clusterctl.agent.service import Agent
@@ -163,6 +164,10 @@ def check_textfile_dir(directory: Path) -> None:
         raise HostError(f"textfile_dir {directory} is writable by group or others (mode "
                         f"{stat.S_IMODE(st.st_mode):04o}): they could redirect the metrics file",
                         fix=f"chmod go-w {directory}")
+    above = untrusted_ancestor(directory.parent)
+    if above:
+        raise HostError(f"textfile_dir {directory} is under a directory another user controls: "
+                        f"{above}", fix="use a directory whose parents are all root's")
 
 
 def write_textfile(agent: Agent, directory: Path) -> None:

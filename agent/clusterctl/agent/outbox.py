@@ -46,6 +46,7 @@ from clusterctl import system
 from clusterctl.errors import ClusterctlError, HostError
 from clusterctl.events import FILE_NAME as EVENTS_FILE
 from clusterctl.events import open_regular, parse_event
+from clusterctl.units import format_size
 
 log = logging.getLogger("clusterctl.agent")
 CURSOR_FILE = "outbox.json"
@@ -326,13 +327,13 @@ class Outbox:
             except (OSError, ClusterctlError) as err:
                 problem = err.one_line() if isinstance(err, ClusterctlError) else err.strerror
                 self._once(("bound", path.name, problem), "outbox: cannot drop %s to keep "
-                           "unsent events under %d MiB: %s", path, self.max_unsent_bytes // 2**20,
-                           problem)
+                           "unsent events under %s: %s", path,
+                           format_size(self.max_unsent_bytes), problem)
                 break
             dropped += count
         if dropped:
-            log.error("outbox: %d unsent events dropped (over %d MiB unsent)", dropped,
-                      self.max_unsent_bytes // 2**20)
+            log.error("outbox: %d unsent events dropped (over %s unsent)", dropped,
+                      format_size(self.max_unsent_bytes))
         return dropped
 
 def _is_ack_key(key: Hashable) -> bool:
