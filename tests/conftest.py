@@ -94,6 +94,32 @@ def quiet_psi(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def node(tmp_path: Path, nv: ModuleType) -> Iterator[Callable[..., Any]]:
+    """Agents in-process (tests.test_agent.Node) on the test module's ``nv`` fake GPUs,
+    stopped at the end."""
+    from tests.test_agent import Node
+
+    made: list[Node] = []
+
+    def make(control_url: str = "", **extra: str) -> Node:
+        n = Node(tmp_path, nv, control_url, **extra)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.stop()
+
+
+@pytest.fixture
+def idle_gpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """One H100 at 1 % utilization: idle as hibernation sees it."""
+    nv = load_fake_nvml(monkeypatch)
+    nv.configure({"gpus": [{**H100, "uuid": "GPU-0", "utilization_gpu": 1}]})
+    return nv
+
+
+@pytest.fixture
 def conf(tmp_path: Path) -> Path:
     """A config whose Ollama probe points at a closed port (no Ollama on test hosts)."""
     path = tmp_path / "clusterctl.toml"

@@ -7,7 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,20 +89,6 @@ class Node:
         if "json" in kind.get("Content-Type", ""):
             return status, json.loads(raw)
         return status, raw.decode()
-
-
-@pytest.fixture
-def node(tmp_path: Path, nv: ModuleType) -> Iterator[Callable[..., Node]]:
-    made: list[Node] = []
-
-    def make(control_url: str = "", **extra: str) -> Node:
-        n = Node(tmp_path, nv, control_url, **extra)
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        n.stop()
 
 
 # -- heartbeats and events -----------------------------------------------------------

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -37,20 +37,6 @@ def nv(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     fake.configure({"gpus": [{**H100, "uuid": f"GPU-{i}", "pci_bus_id": f"00000000:{i:02x}:00.0",
                               "utilization_gpu": 50, "memory_used": GIB} for i in range(2)]})
     return fake
-
-
-@pytest.fixture
-def node(tmp_path: Path, nv: ModuleType) -> Iterator[Callable[..., Node]]:
-    made: list[Node] = []
-
-    def make(control_url: str = "", **extra: str) -> Node:
-        n = Node(tmp_path, nv, control_url, **extra)
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        n.stop()
 
 
 def loop_errors(n: Node, loop: str) -> float:

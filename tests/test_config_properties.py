@@ -120,18 +120,7 @@ def test_config_set_writes_a_valid_file_or_changes_nothing(dotted: str, typed: s
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "clusterctl.toml"
         path.write_text(SHIPPED)
-        before = path.read_bytes()
-        try:
-            new = cfg.set_values(path, {dotted: typed})
-        except ClusterctlError as err:
-            assert isinstance(err, ConfigError), err
-            assert "\n" not in err.one_line(), err.one_line()
-            assert path.read_bytes() == before
-            assert [p.name for p in Path(workdir).iterdir()] == ["clusterctl.toml"]
-            event("refused")
-            return
-        event("accepted")
-        assert cfg.load(path).config == new
+        set_and_check(path, dotted, typed)
 
 
 NOT_TABLES = st.sampled_from(['1', '"x"', "[]", "[1, 2]", "true", "1.5", "inf", "1979-05-27",
@@ -149,15 +138,21 @@ def test_config_set_where_a_section_is_not_a_table_is_a_config_error(
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "clusterctl.toml"
         path.write_text(f"[[{section}]]\n{key} = {value}\n" if aot else f"{section} = {value}\n")
-        before = path.read_bytes()
-        try:
-            new = cfg.set_values(path, {f"{section}.{key}": typed})
-        except ClusterctlError as err:
-            assert isinstance(err, ConfigError), err
-            assert "\n" not in err.one_line(), err.one_line()
-            assert path.read_bytes() == before
-            assert [p.name for p in Path(workdir).iterdir()] == ["clusterctl.toml"]
-            event("refused")
-            return
-        event("accepted")
-        assert cfg.load(path).config == new
+        set_and_check(path, f"{section}.{key}", typed)
+
+
+def set_and_check(path: Path, dotted: str, typed: str) -> None:
+    """`config set` either leaves a file that loads as the config it returned, or refuses
+    with one ConfigError line and leaves the file, and its directory, as they were."""
+    before = path.read_bytes()
+    try:
+        new = cfg.set_values(path, {dotted: typed})
+    except ClusterctlError as err:
+        assert isinstance(err, ConfigError), err
+        assert "\n" not in err.one_line(), err.one_line()
+        assert path.read_bytes() == before
+        assert [p.name for p in path.parent.iterdir()] == [path.name]
+        event("refused")
+        return
+    event("accepted")
+    assert cfg.load(path).config == new

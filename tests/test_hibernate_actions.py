@@ -18,7 +18,7 @@ from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.hibernate import actions
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import quiet_psi, wait_until
 from tests.fakes.control_plane import free_port, running
 
 
@@ -86,13 +86,6 @@ def test_systemd_asks_logind_then_falls_back_or_refuses() -> None:
 
 
 # -- the agent ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def idle_gpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    nv = load_fake_nvml(monkeypatch)
-    nv.configure({"gpus": [{**H100, "uuid": "GPU-0", "utilization_gpu": 1}]})
-    return nv
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from clusterctl.agent.service import Agent
 from clusterctl.hibernate import actions
 from clusterctl.hibernate.controller import Hibernation
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import quiet_psi, wait_until
 from tests.fakes.control_plane import free_port
 
 PAUSE_S = 6.0  # pause_after_minutes = 0.1
@@ -134,13 +134,6 @@ def test_an_event_log_that_cannot_be_written_still_ends_the_action(tmp_path: Pat
 
 
 # -- the agent ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def idle_gpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    nv = load_fake_nvml(monkeypatch)
-    nv.configure({"gpus": [{**H100, "uuid": "GPU-0", "utilization_gpu": 1}]})
-    return nv
 
 
 @pytest.fixture
