@@ -280,3 +280,24 @@ def test_a_file_unfit_for_swap_is_refused_before_swapon(
     assert f"{swap_dir / 'swap-0001'} {problem}" in caught.value.message
     assert active_swaps_under(swap_dir) == []
     assert sorted((p.name, stat.S_IFMT(p.lstat().st_mode)) for p in swap_dir.iterdir()) == before
+
+
+def test_a_fifo_in_place_of_a_swap_file_never_hangs_the_in_use_probe(tmp_path: Path) -> None:
+    """`swap status` asks the kernel whether each listed file is an active swap area; a
+    FIFO planted under that name must give "cannot tell", not a hang."""
+    import threading
+
+    from clusterctl.host.swapdir import swap_in_use
+
+    fifo = tmp_path / "swap-0001"
+    os.mkfifo(fifo)
+    answers: list[bool | None] = []
+    probe = threading.Thread(target=lambda: answers.append(swap_in_use(str(fifo))), daemon=True)
+    probe.start()
+    probe.join(3)
+    hung = probe.is_alive()
+    if hung:  # let the old code's blocked open go
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        probe.join(3)
+    assert not hung
+    assert answers == [None]

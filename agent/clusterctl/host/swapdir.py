@@ -220,11 +220,13 @@ def swap_in_use(path: str) -> bool | None:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # never blocks on a FIFO planted in its place; only a regular file is asked
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 4096) == 0:
             return False
         return True if ctypes.get_errno() == errno.ETXTBSY else None
