@@ -376,3 +376,89 @@ def test_a_backlog_to_a_slow_control_plane_never_holds_heartbeats_or_the_watchdo
         with plane.lock:
             got = [e["n"] for e in plane.events]
     assert got == list(range(900))
+
+
+# -- found by a second review ------------------------------------------------------------
+
+
+def test_clients_that_hang_up_are_not_failures_of_the_api(
+        node: Callable[..., Node], caplog: pytest.LogCaptureFixture) -> None:
+    """Any local user may connect and hang up (or reset) before the answer: that is not
+    logged as an error, nor counted as one."""
+    import socket
+    import struct
+
+    n = node()
+    n.start()
+    with caplog.at_level("ERROR"):
+        for i in range(60):
+            with socket.create_connection(("127.0.0.1", n.port), timeout=5) as sock:
+                if i % 2:  # a reset rather than a close
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)
+    assert loop_errors(n, "api") == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_reload_to_shorter_intervals_takes_effect_at_once_and_the_watchdog_stays_quiet(
+        node: Callable[..., Node]) -> None:
+    with running() as plane:
+        n = node(plane.url)
+        slow = n.conf.read_text().replace("monitor_interval = 0.1", "monitor_interval = 60")
+        n.conf.write_text(slow.replace("interval = 1\n", "interval = 3600\n"))
+        agent = n.start()
+        wait_until(lambda: len(plane.heartbeats) >= 1)
+        n.conf.write_text(slow.replace("monitor_interval = 60", "monitor_interval = 0.1"))
+        reloaded = time.monotonic()
+        agent.reload()
+        wait_until(lambda: (agent.progress.gpu_at or 0) > reloaded, 3)  # not in 60 s
+        beats = len(plane.heartbeats)
+        n.conf.write_text(n.conf.read_text().replace("interval = 3600\n", "interval = 1\n"))
+        agent.reload()
+        wait_until(lambda: len(plane.heartbeats) >= beats + 2, 5)  # not in an hour
+        assert agent.problems() == []
+
+
+def test_a_reload_that_moves_the_state_dir_or_the_api_is_refused(
+        node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The outbox, the power records and the API's socket stay where the agent started;
+    a reload that would split them asks for a restart and changes nothing."""
+    n = node()
+    agent = n.start()
+    good = n.conf.read_text()
+    for change in (good.replace(f'state_dir = "{n.state}"', f'state_dir = "{tmp_path}/s2"'),
+                   good.replace(f"127.0.0.1:{n.port}", "127.0.0.1:1")):
+        n.conf.write_text(change.replace("[gpu]\n", "[gpu]\ntemp_optimal = 60\n"))
+        with caplog.at_level("ERROR"):
+            agent.reload()
+        assert agent.config.gpu.temp_optimal_c == 65  # nothing of it was taken
+        assert "take a restart" in errors_logged(caplog, "reload refused")[-1]
+    assert agent.config.paths.state_dir == n.state
+
+
+def test_two_flushes_at_once_send_each_event_once(tmp_path: Path) -> None:
+    """The delivery loop and a hibernation's drain may flush together."""
+    from clusterctl import config as cfg
+    from clusterctl.agent.control import ControlClient
+    from clusterctl.agent.heartbeat import Delivery
+    from clusterctl.agent.outbox import Outbox
+    from clusterctl.events import EventLog
+
+    state = tmp_path / "state"
+    log_ = EventLog(state, "node-1")
+    for n in range(450):
+        log_.record("swap_expanded", f"event {n}", {"n": n}, now=time.time())
+    with running() as plane:
+        plane.delay_s = 0.2
+        config = cfg.with_changes(cfg.Config(), "heartbeat", {"control_url": plane.url,
+                                                             "token_file": str(tmp_path / "t")})
+        delivery = Delivery(ControlClient(config.heartbeat), Outbox(state), state)
+        flushes = [threading.Thread(target=delivery.flush) for _ in range(2)]
+        for thread in flushes:
+            thread.start()
+        for thread in flushes:
+            thread.join(30)
+        with plane.lock:
+            got = [e["n"] for e in plane.events]
+    assert got == list(range(450))

@@ -238,3 +238,18 @@ def test_any_answer_ends_in_an_answer_for_2xx_or_a_project_error(
     except ClusterctlError:
         return
     assert 200 <= got.status < 300
+
+
+@pytest.mark.parametrize(("url", "port"), [("http://[::1]", 80), ("https://[::1]", 443),
+                                           ("https://[::ffff:127.0.0.1]", 443)])
+def test_an_ipv6_control_url_without_a_port_means_the_schemes_port(
+        tmp_path: Path, url: str, port: int) -> None:
+    """http.client would read the last group of an IPv6 host as a port (or refuse it as
+    one): the scheme's port is always given, and a refusal is one of ours."""
+    from clusterctl import config as cfg
+
+    config = cfg.with_changes(cfg.Config(), "heartbeat", {"control_url": url,
+                                                         "token_file": str(tmp_path / "t")})
+    client = ControlClient(config.heartbeat)
+    assert client.port == port
+    assert ":" in client.host

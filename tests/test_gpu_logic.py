@@ -111,3 +111,28 @@ def test_the_floor_never_goes_below_the_gpus_minimum() -> None:
 def test_memory_pressure_alone_does_not_lower_power() -> None:
     full = replace(H100, temperature_c=50, memory_used_mib=81000)
     assert decide(full, C, None, CFG, 0).move == "hold"
+
+
+def test_a_trend_read_while_samples_arrive_never_fails() -> None:
+    """The API reads a trend in its own thread while the GPU loop appends."""
+    import threading
+
+    from clusterctl.gpu.history import History, Point
+
+    history = History(5000)
+    stop = threading.Event()
+
+    def sample() -> None:
+        at = 0.0
+        while not stop.is_set():
+            at += 1
+            history.add(Point(at, 50 + at % 7, 10.0, 20.0))
+
+    writer = threading.Thread(target=sample, daemon=True)
+    writer.start()
+    try:
+        for _ in range(3000):
+            history.trend(1440, 1e9)
+    finally:
+        stop.set()
+        writer.join(5)

@@ -190,6 +190,9 @@ class Handler(BaseHTTPRequestHandler):
             route(self)
         except ApiError as err:
             self._json(err.status, {"success": False, "error": err.message})
+        except (ConnectionError, TimeoutError):  # the client hung up or stopped reading:
+            self.close_connection = True  # its business, not a failure of the API
+            log.debug("api: %s %s: the client went away", method, self.path[:200])
         except Exception as err:  # the last guard: a bug, never the caller's input
             self.server.agent.loop_failed("api", err)  # logged once per cause, counted
             self._json(500, {"success": False, "error": "internal error (see the journal)"})
@@ -327,6 +330,7 @@ def put_config(h: Handler) -> None:
     agent.config = new
     agent.monitor.config = new
     agent.monitor.with_config(new)
+    agent.wake_loops()  # a shorter monitor_interval takes effect now, not after the old one
     log.warning("GPU settings changed through the API (until the next reload): %s",
                 ", ".join(f"{k}={v}" for k, v in changes.items()))
     h._json(200, {"success": True, "data": cfg.as_toml_dict(new)["gpu"]})

@@ -175,6 +175,8 @@ class ControlClient:
                               key="heartbeat.control_url", fix="use host or host:port") from err
         self.host = parts.hostname or ""
         self.scheme = parts.scheme
+        if self.port is None:  # always explicit: http.client would read an IPv6 host's
+            self.port = 443 if self.scheme == "https" else 80  # last group as a port
         self.token_file = config.token_file
         self._context = ssl.create_default_context()
 
@@ -192,12 +194,16 @@ class ControlClient:
         deadline = time.monotonic() + TOTAL_TIMEOUT_S
         timeout_s = min(CONNECT_TIMEOUT_S, TOTAL_TIMEOUT_S)
         conn: http.client.HTTPConnection
-        if self.scheme == "https":
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout_s,
-                                               context=self._context)
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
         where = f"control plane {self.base}{path}"
+        try:
+            if self.scheme == "https":
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout_s,
+                                                   context=self._context)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+        except (http.client.HTTPException, ValueError) as err:  # InvalidURL and its kin
+            raise ConfigError(f"control_url {self.base} cannot be used: {err}",
+                              key="heartbeat.control_url") from err
         try:
             conn.connect()
             conn.sock = _DeadlineSocket(conn.sock, deadline)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,8 @@ class Delivery:
     """Sends heartbeats and drains the outbox; never raises into the agent's loop."""
 
     def __init__(self, client: ControlClient, outbox: Outbox, state_dir: Path) -> None:
+        self._flushing = threading.Lock()
+        self.more = False  # the last flush stopped with events left
         self.client = client
         self.outbox = outbox
         self.state_dir = state_dir
@@ -144,6 +147,10 @@ class Delivery:
         of lines that are not events only moves the cursor past them. Stops after
         ``budget_s`` (a long backlog to a slow control plane must not hold heartbeats or
         the watchdog back); ``more`` then says that events are left for the next pass."""
+        with self._flushing:  # the delivery loop and a hibernation's drain, one at a time
+            return self._flush(max_batches, budget_s)
+
+    def _flush(self, max_batches: int, budget_s: float | None) -> bool:
         self.more = False
         deadline = None if budget_s is None else time.monotonic() + budget_s
         for _ in range(max_batches):

@@ -59,6 +59,7 @@ PRESSURE_RETRY_S = 5.0  # after an unexpected failure, the PSI trigger is armed 
 GPU_STALL_MIN_S = 30.0  # or 10 sampling intervals, whichever is longer
 DELIVERY_STALL_MARGIN_S = 60.0  # beyond the interval and two requests' timeouts
 BACKLOG_PASS_S = 1.0  # between delivery passes while a backlog drains
+MAX_CAUSES_SAID = 8  # distinct failures of one loop logged until it works again
 PRESSURE_STALL_S = 10.0  # it wakes every second
 SWAP_STEP_STALL_S = 900.0  # a swap step may write a swap file of many GiB
 LOOPS = {"gpu": "GPU sampling", "hibernate": "idle detection",
@@ -93,6 +94,16 @@ class Progress:
     last_swap: str | None = None
 
 
+def restart_only_changes(old: cfg.Config, new: cfg.Config) -> list[str]:
+    """Settings a running agent cannot take: where its files are (the outbox, the power
+    records and the ledgers would split between two dirs) and where its API listens."""
+    changed = [f"[paths] {f}" for f in ("state_dir", "run_dir")
+               if getattr(old.paths, f) != getattr(new.paths, f)]
+    if old.api.listen != new.api.listen:
+        changed.append("[api] listen")
+    return changed
+
+
 def stall_limits_s(config: cfg.Config) -> dict[str, float]:
     """How long each watched loop may go without an iteration (pure)."""
     return {"gpu": max(GPU_STALL_MIN_S, 10 * config.gpu.monitor_interval_s),
@@ -123,10 +134,12 @@ class Agent:
         self.psi_root = Path("/")  # where /proc/pressure/memory is read
         self.loops: dict[str, threading.Thread] = {}
         self.loop_errors: dict[str, int] = dict.fromkeys(LOOPS, 0)
-        self._causes: dict[str, str] = {}  # loop -> the failure last logged
+        self._causes: dict[str, set[str]] = {}  # loop -> failures logged since it last worked
         self._errors_lock = threading.Lock()
         self._swap_step_at = 0.0
         self._reload = threading.Event()
+        self._naps = threading.Condition()
+        self._generation = 0
         self.hibernation = Hibernation(self.config, instance_id=swap.instance_id(self.config),
                                        record=self._record, drain=self._drain,
                                        control=self._control_client, clock=clock,
@@ -140,8 +153,12 @@ class Agent:
                  else f"{type(err).__name__}: {err}")
         with self._errors_lock:
             self.loop_errors[loop] = self.loop_errors.get(loop, 0) + 1
-            repeated = self._causes.get(loop) == cause
-            self._causes[loop] = cause
+            seen = self._causes.setdefault(loop, set())
+            repeated = cause in seen
+            if len(seen) < MAX_CAUSES_SAID:
+                seen.add(cause)
+            else:
+                repeated = True  # enough said until it works again
         if repeated:
             return
         what = LOOPS.get(loop, loop)
@@ -152,8 +169,8 @@ class Agent:
 
     def loop_ok(self, loop: str) -> None:
         with self._errors_lock:
-            cause = self._causes.pop(loop, None)
-        if cause is not None:
+            causes = self._causes.pop(loop, None)
+        if causes:
             log.info("%s works again", LOOPS.get(loop, loop))
 
     def _guarded(self, loop: str, action: Callable[[], object]) -> None:
@@ -194,7 +211,7 @@ class Agent:
             if self.config.api.textfile_dir:
                 self._guarded("textfile", lambda: write_textfile(
                     self, Path(self.config.api.textfile_dir)))
-            self.stopping.wait(self.monitor.config.gpu.monitor_interval_s)
+            self._nap(self.monitor.config.gpu.monitor_interval_s)
 
     def _observe(self) -> None:
         self.hibernation.observe(tuple(
@@ -211,7 +228,20 @@ class Agent:
             else:
                 self.loop_ok("delivery")
             self.progress.delivery_at = time.monotonic()
-            self.stopping.wait(wait)
+            self._nap(wait)
+
+    def _nap(self, seconds: float) -> None:
+        """Wait ``seconds``, or less: a stop or a change of config (new intervals, and the
+        watchdog's new limits with them) wakes every loop at once."""
+        with self._naps:
+            generation = self._generation
+            self._naps.wait_for(lambda: self._generation != generation
+                                or self.stopping.is_set(), timeout=seconds)
+
+    def wake_loops(self) -> None:
+        with self._naps:
+            self._generation += 1
+            self._naps.notify_all()
 
     def _delivery_for(self, beat: cfg.HeartbeatConfig) -> Delivery | None:
         """The Delivery for ``[heartbeat]``, rebuilt when any of it changed (a reload):
@@ -407,6 +437,11 @@ class Agent:
             self._refuse_reload(f"cannot load {self.config_path}: {type(err).__name__}: {err}",
                                 err)
             return
+        fixed = restart_only_changes(self.config, loaded.config)
+        if fixed:
+            self._refuse_reload(f"{', '.join(fixed)} changed: those take a restart "
+                                "(systemctl restart clusterctl-agent)")
+            return
         try:
             self.monitor.with_config(loaded.config)
         except Exception as err:
@@ -414,6 +449,7 @@ class Agent:
             return
         self.config = loaded.config
         self.hibernation.config = loaded.config
+        self.wake_loops()
         log.info("config reloaded from %s", loaded.path)
 
     def _refuse_reload(self, why: str, unexpected: Exception | None = None) -> None:
@@ -485,6 +521,7 @@ class Agent:
     def stop(self) -> None:
         self._tell("STOPPING=1\nSTATUS=stopping: giving back power limits")
         self.stopping.set()
+        self.wake_loops()
         if self.api_server is not None:
             try:
                 self.api_server.shutdown()

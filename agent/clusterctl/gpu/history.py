@@ -45,7 +45,7 @@ class History:
 
     def trend(self, minutes: float, now: float) -> Trend | None:
         """Temperatures of the last ``minutes``; None when there are none."""
-        window = [p for p in self._points
+        window = [p for p in self.points()  # a copy: the GPU thread appends meanwhile
                   if p.at >= now - minutes * 60 and p.temperature_c is not None]
         if not window:
             return None
