@@ -120,6 +120,39 @@ def idle_gpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.fixture
+def agent_with(tmp_path: Path, idle_gpu: ModuleType) -> Iterator[Callable[..., Any]]:
+    """Agents in-process on one idle GPU, hibernation on after 6 s, ``[hibernate]`` lines
+    and the control plane given; this machine's logind is not asked, PSI never fires."""
+    from clusterctl.agent.service import Agent
+    from clusterctl.host.nvml import Nvml
+    from tests.fakes.control_plane import free_port
+
+    made: list[Agent] = []
+
+    def make(control_url: str, hibernate: str) -> Agent:
+        path = tmp_path / "clusterctl.toml"
+        path.write_text(
+            f'[hibernate]\nenabled = true\npause_after_minutes = 0.1\n{hibernate}'
+            f'[heartbeat]\ncontrol_url = "{control_url}"\ninterval = 1\n'
+            f'instance_id = "vast_12345"\ntoken_file = "{tmp_path / "none"}"\n'
+            '[gpu]\nmonitor_interval = 0.2\n'
+            f'[api]\nlisten = "127.0.0.1:{free_port()}"\n'
+            f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
+            f'[swap]\ndir = "{tmp_path / "swap"}"\n'
+            '[ollama]\nurl = "http://127.0.0.1:9"\n')
+        agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=lambda _: None)
+        agent.hibernation.logind = False  # this machine's logind is not asked
+        agent.psi_root = quiet_psi(tmp_path)
+        made.append(agent)
+        agent.start()
+        return agent
+
+    yield make
+    for agent in made:
+        agent.stop()
+
+
+@pytest.fixture
 def conf(tmp_path: Path) -> Path:
     """A config whose Ollama probe points at a closed port (no Ollama on test hosts)."""
     path = tmp_path / "clusterctl.toml"

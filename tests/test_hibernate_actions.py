@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -17,9 +16,8 @@ from clusterctl.agent.control import ControlClient
 from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.hibernate import actions
-from clusterctl.host.nvml import Nvml
-from tests.conftest import quiet_psi, wait_until
-from tests.fakes.control_plane import free_port, running
+from tests.conftest import wait_until
+from tests.fakes.control_plane import running
 
 
 def conf(**hibernate: object) -> cfg.Config:
@@ -86,33 +84,6 @@ def test_systemd_asks_logind_then_falls_back_or_refuses() -> None:
 
 
 # -- the agent ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def agent_with(tmp_path: Path, idle_gpu: ModuleType) -> Iterator[Callable[..., Agent]]:
-    made: list[Agent] = []
-
-    def make(control_url: str, hibernate: str) -> Agent:
-        path = tmp_path / "clusterctl.toml"
-        path.write_text(
-            f'[hibernate]\nenabled = true\npause_after_minutes = 0.1\n{hibernate}'
-            f'[heartbeat]\ncontrol_url = "{control_url}"\ninterval = 1\n'
-            f'instance_id = "vast_12345"\ntoken_file = "{tmp_path / "none"}"\n'
-            '[gpu]\nmonitor_interval = 0.2\n'
-            f'[api]\nlisten = "127.0.0.1:{free_port()}"\n'
-            f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
-            f'[swap]\ndir = "{tmp_path / "swap"}"\n'
-            '[ollama]\nurl = "http://127.0.0.1:9"\n')
-        agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=lambda _: None)
-        agent.hibernation.logind = False  # this machine's logind is not asked
-        agent.psi_root = quiet_psi(tmp_path)
-        made.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in made:
-        agent.stop()
 
 
 def test_an_idle_node_drains_then_runs_its_actions_and_says_so(

@@ -8,9 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -19,9 +18,7 @@ from clusterctl import config as cfg
 from clusterctl.agent.service import Agent
 from clusterctl.hibernate import actions
 from clusterctl.hibernate.controller import Hibernation
-from clusterctl.host.nvml import Nvml
-from tests.conftest import quiet_psi, wait_until
-from tests.fakes.control_plane import free_port
+from tests.conftest import wait_until
 
 PAUSE_S = 6.0  # pause_after_minutes = 0.1
 
@@ -137,25 +134,11 @@ def test_an_event_log_that_cannot_be_written_still_ends_the_action(tmp_path: Pat
 
 
 @pytest.fixture
-def agent(tmp_path: Path, idle_gpu: ModuleType) -> Iterator[Agent]:
+def agent(tmp_path: Path, agent_with: Callable[..., Agent]) -> Agent:
     snapshot = tmp_path / "snapshot"
     snapshot.write_text("echo saved\n")  # no #! line: exec says "Exec format error"
     snapshot.chmod(0o755)
-    path = tmp_path / "clusterctl.toml"
-    path.write_text(
-        f'[hibernate]\nenabled = true\npause_after_minutes = 0.1\naction = "command"\n'
-        f'command = ["{snapshot}"]\n'
-        '[gpu]\nmonitor_interval = 0.2\n'
-        f'[api]\nlisten = "127.0.0.1:{free_port()}"\n'
-        f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
-        f'[swap]\ndir = "{tmp_path / "swap"}"\n'
-        '[ollama]\nurl = "http://127.0.0.1:9"\n')
-    made = Agent(path, nvml=Nvml(module=idle_gpu), notify=lambda _: None)
-    made.hibernation.logind = False  # this machine's logind is not asked
-    made.psi_root = quiet_psi(tmp_path)
-    made.start()
-    yield made
-    made.stop()
+    return agent_with("", f'action = "command"\ncommand = ["{snapshot}"]\n')
 
 
 def test_a_command_that_is_not_a_program_fails_and_the_next_idle_period_acts_again(
