@@ -158,7 +158,7 @@ def test_a_reload_of_a_bad_config_is_refused_and_the_agent_goes_on(
         assert agent.config.gpu.monitor_interval_s == 0.1  # the old config runs on
         beats = len(plane.heartbeats)
         wait_until(lambda: len(plane.heartbeats) > beats)
-    assert agent._healthy()
+    assert not agent.problems()
 
 
 def test_a_new_token_file_on_reload_is_sent_with_the_next_heartbeat(
@@ -242,14 +242,14 @@ def test_the_main_loop_survives_its_failures_and_always_gives_back_power_limits(
 def test_a_dead_loop_holds_the_watchdog_back_and_is_named(node: Callable[..., Node]) -> None:
     n = node()
     agent = n.start()
-    assert agent._healthy()
+    assert not agent.problems()
     agent._main_step()
     assert n.notes[-1].startswith("WATCHDOG=1\nSTATUS=GPUs ")
     dead = threading.Thread(target=lambda: None, name="delivery")
     dead.start()
     dead.join()
     agent.loops["delivery"] = dead  # as if the delivery thread had ended
-    assert not agent._healthy()
+    assert agent.problems()
     agent._main_step()
     assert n.notes[-1] == "STATUS=delivery loop died: watchdog pings held back"
 
@@ -276,7 +276,7 @@ def test_no_psi_turns_the_pressure_loop_off_and_that_is_healthy(
     assert agent.progress.pressure_off == ("this kernel has no PSI (/proc/pressure/memory); "
                                            "boot Linux 4.20+ with psi=1; swap is then adjusted "
                                            "by clusterctl-swap.timer only")
-    assert agent._healthy()
+    assert not agent.problems()
     n.stop()
 
 
@@ -293,7 +293,7 @@ def test_the_pressure_loop_survives_a_trigger_that_cannot_be_armed(
     n.agent = agent
     agent.start()
     wait_until(lambda: loop_errors(n, "pressure") >= 5)
-    assert agent.loops["pressure"].is_alive() and agent._healthy()
+    assert agent.loops["pressure"].is_alive() and not agent.problems()
     assert len(errors_logged(caplog, "the memory pressure trigger failed")) == 1
     psi.rmdir()
     psi.write_text("")  # a file that takes a trigger and never fires

@@ -40,11 +40,11 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def open_regular(path: Path, flags: int, *, what: str) -> int:
+def open_regular(path: Path, flags: int, *, what: str, mode: int = 0o600) -> int:
     """``os.open`` that never follows a symlink at ``path`` and accepts only a regular file
     (O_NONBLOCK: a FIFO planted there cannot hang the open)."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise HostError(f"{what} {path} is a symlink; clusterctl never writes through one",

@@ -7,15 +7,14 @@ file: either is refused with a HostError naming the file, and nothing is written
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from clusterctl.errors import HostError, TemporaryError
+from clusterctl.events import open_regular
 
 
 @contextlib.contextmanager
@@ -29,17 +28,11 @@ def exclusive(path: Path, *, what: str, wait_s: float = 10.0,
     """
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o644)
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT, what="the lock", mode=0o644)
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise HostError(f"the lock {path} is a symlink; clusterctl never writes through one",
-                            fix=f"remove {path}") from err
         raise HostError(f"cannot open the lock {path}: {err.strerror}",
                         fix="run as root" if err.errno == 13 else None) from err
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise HostError(f"the lock {path} is not a regular file", fix=f"remove {path}")
         deadline = clock() + wait_s
         while True:
             try:

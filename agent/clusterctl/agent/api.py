@@ -327,10 +327,7 @@ def put_config(h: Handler) -> None:
         new = cfg.with_changes(agent.config, "gpu", changes, source="PUT /api/gpu/config")
     except ConfigError as err:
         raise ApiError(400, err.one_line()) from err
-    agent.config = new
-    agent.monitor.config = new
-    agent.monitor.with_config(new)
-    agent.wake_loops()  # a shorter monitor_interval takes effect now, not after the old one
+    agent.apply_config(new)  # a shorter monitor_interval takes effect now
     log.warning("GPU settings changed through the API (until the next reload): %s",
                 ", ".join(f"{k}={v}" for k, v in changes.items()))
     h._json(200, {"success": True, "data": cfg.as_toml_dict(new)["gpu"]})

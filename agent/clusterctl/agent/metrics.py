@@ -175,4 +175,5 @@ def write_textfile(agent: Agent, directory: Path) -> None:
     into a directory that passes ``check_textfile_dir``; HostError otherwise."""
     check_textfile_dir(directory)
     text = generate_latest(registry_for(agent)).decode()
-    system.atomic_write_text(directory / TEXTFILE, text, mode=0o644, keep_owner=False)
+    system.atomic_write_text(directory / TEXTFILE, text, mode=0o644, keep_owner=False,
+                             durable=False)  # each GPU sample: no fsync on the hot path

@@ -244,22 +244,23 @@ class Agent:
             self._naps.notify_all()
 
     def _delivery_for(self, beat: cfg.HeartbeatConfig) -> Delivery | None:
-        """The Delivery for ``[heartbeat]``, rebuilt when any of it changed (a reload):
-        the new URL, token file... from the next request on; counters and backoff kept."""
+        """The Delivery for ``[heartbeat]``; when any of it changed (a reload), the same one
+        with a new client: the new URL, token file... from the next request on, counters,
+        backoff and the one-flush-at-a-time lock kept."""
         if beat == self._delivery_config:
             return self.delivery
-        old, self._delivery_config = self.delivery, beat
+        self._delivery_config = beat
         try:
             client = ControlClient(beat)
         except ClusterctlError as err:
             log.error("heartbeats off: %s", err.one_line())
             self.delivery = None
             return None
-        fresh = Delivery(client, self.outbox, self.config.paths.state_dir)
-        if old is not None:
-            fresh.state, fresh.backoff = old.state, old.backoff
-        self.delivery = fresh
-        return fresh
+        if self.delivery is None:
+            self.delivery = Delivery(client, self.outbox, self.config.paths.state_dir)
+        else:
+            self.delivery.client = client
+        return self.delivery
 
     def _deliver_once(self) -> float:
         """One heartbeat and a drain of the outbox; seconds until the next."""
@@ -422,9 +423,6 @@ class Agent:
                 found.append(f"{name} loop stuck for {now - since:.0f} s")
         return found
 
-    def _healthy(self) -> bool:
-        return not self.problems()
-
     def reload(self) -> None:
         """Load the config again; a config that cannot be loaded is refused, the running
         one stays, and nothing here can end the agent."""
@@ -443,14 +441,19 @@ class Agent:
                                 "(systemctl restart clusterctl-agent)")
             return
         try:
-            self.monitor.with_config(loaded.config)
+            self.apply_config(loaded.config)
         except Exception as err:
             self._refuse_reload(f"cannot apply it: {type(err).__name__}: {err}", err)
             return
-        self.config = loaded.config
-        self.hibernation.config = loaded.config
-        self.wake_loops()
         log.info("config reloaded from %s", loaded.path)
+
+    def apply_config(self, new: cfg.Config) -> None:
+        """Run on ``new`` from now on (a reload, the API): the monitor, hibernation and the
+        loops' intervals, which wake at once; delivery picks up [heartbeat] on its next pass."""
+        self.monitor.with_config(new)
+        self.config = new
+        self.hibernation.config = new
+        self.wake_loops()
 
     def _refuse_reload(self, why: str, unexpected: Exception | None = None) -> None:
         log.error("reload refused, the running config stays: %s", why, exc_info=unexpected)

@@ -18,7 +18,7 @@ from clusterctl.errors import HostError
 
 
 def atomic_write_text(path: Path, text: str, *, mode: int = 0o644,
-                      keep_owner: bool = True) -> None:
+                      keep_owner: bool = True, durable: bool = True) -> None:
     """Replace ``path`` with ``text`` atomically.
 
     Written to a temporary file in the same directory (a fresh random name, created
@@ -27,6 +27,8 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644,
     the old file or the new one, never half of either. An existing regular file keeps
     its mode and owner (never those of what a planted link points at); with
     ``keep_owner=False`` it gets ``mode`` and the caller's owner, as a new one does.
+    ``durable=False`` skips both fsyncs (still atomic): for a file rewritten every few
+    seconds whose loss in a crash costs nothing, like the metrics textfile.
     """
     path = Path(path)
     try:
@@ -61,7 +63,8 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644,
                     os.fchown(handle.fileno(), current.st_uid, current.st_gid)
             else:
                 os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -69,7 +72,8 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: Path) -> None:
