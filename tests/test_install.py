@@ -123,9 +123,27 @@ done
 echo PURGED
 """
     env = {k: v for k, v in os.environ.items() if k not in ("CLUSTERCTL_CONFIG", "VIRTUAL_ENV")}
+    before = _as_they_are(INSTALLED_PATHS)  # a real install here (README order) stays as is
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
                              script], capture_output=True, text=True, timeout=600, env=env,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PURGED" in result.stdout
-    assert not Path("/opt/clusterctl").exists()  # nothing reached this machine
+    assert _as_they_are(INSTALLED_PATHS) == before  # nothing reached this machine
+
+
+INSTALLED_PATHS = ("/opt/clusterctl", "/usr/local/bin/clusterctl", "/etc/clusterctl",
+                   "/var/lib/clusterctl")
+
+
+def _as_they_are(paths: tuple[str, ...]) -> dict[str, tuple[int, int] | None]:
+    """Each path's inode and change time, or None where there is nothing."""
+    out: dict[str, tuple[int, int] | None] = {}
+    for name in paths:
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            out[name] = None
+        else:
+            out[name] = (st.st_ino, st.st_ctime_ns)
+    return out
