@@ -25,7 +25,6 @@ import difflib
 import errno
 import ipaddress
 import itertools
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from clusterctl.errors import ConfigError
-from clusterctl.units import GIB, MAX_SIZE_BYTES, MIB, format_size, parse_size
+from clusterctl.units import GIB, MAX_SIZE_BYTES, MIB, format_size, parse_size, quoted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -651,7 +650,7 @@ def _coerce_path(kind: Kind, raw: object) -> object:
     for item in cast(list[str], items):
         if _CONTROL.search(item):
             raise ValueError(f"a path may not hold a control character (a newline, a tab), "
-                             f"got {_quoted(item)}")
+                             f"got {quoted(item)}")
         refusal = cache_refusal(item) if kind == "paths" else None
         if refusal:
             raise ValueError(refusal)
@@ -697,13 +696,13 @@ def _coerce_listen(raw: object) -> str:
         raise ValueError(f'expected "address:port" like "127.0.0.1:9408", got {_shown(raw)}')
     host, sep, port = raw.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ValueError(f'expected "address:port" with a port 1-65535, got {_quoted(raw)}')
+        raise ValueError(f'expected "address:port" with a port 1-65535, got {quoted(raw)}')
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(bare)
     except ValueError as err:
         raise ValueError(
-            f'expected an IP address before the port ("127.0.0.1", "[::1]"), got {_quoted(host)}'
+            f'expected an IP address before the port ("127.0.0.1", "[::1]"), got {quoted(host)}'
         ) from err
     return raw
 
@@ -719,28 +718,28 @@ def _coerce_url(raw: object) -> str:
         return raw
     if not raw.isascii() or not raw.isprintable() or " " in raw:
         raise ValueError(f"a URL may not contain spaces, control or non-ASCII characters, "
-                         f"got {_quoted(raw)}")
+                         f"got {quoted(raw)}")
     try:
         parts = urlsplit(raw)
         port = parts.port
     except ValueError as err:
-        raise ValueError(f"not a usable URL ({err}): {_quoted(raw)}") from err
+        raise ValueError(f"not a usable URL ({err}): {quoted(raw)}") from err
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {_quoted(raw)}")
+        raise ValueError(f"expected an http:// or https:// URL, got {quoted(raw)}")
     if "@" in parts.netloc:
-        raise ValueError(f"a user name or password does not belong in the URL, got {_quoted(raw)}")
+        raise ValueError(f"a user name or password does not belong in the URL, got {quoted(raw)}")
     if "?" in raw or "#" in raw:
         raise ValueError(f"a base URL cannot have a ?query or #fragment (paths are added to it), "
-                         f"got {_quoted(raw)}")
+                         f"got {quoted(raw)}")
     if port == 0:
-        raise ValueError(f"expected a port 1-65535, got {_quoted(raw)}")
+        raise ValueError(f"expected a port 1-65535, got {quoted(raw)}")
     host = parts.hostname
     if parts.netloc.startswith("["):
         try:
             ipaddress.IPv6Address(host)
         except ValueError as err:
             raise ValueError(f'expected an IPv6 address in brackets, like "http://[::1]:8080", '
-                             f"got {_quoted(raw)}") from err
+                             f"got {quoted(raw)}") from err
     elif not _is_host_name(host):
         raise ValueError(f'expected a host name or IPv4 address, got "{host}"')
     return raw.rstrip("/")
@@ -752,7 +751,8 @@ def _is_host_name(host: str) -> bool:
     return len(host) <= 253 and all(_LABEL_RE.match(label) for label in labels)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A loopback IP address, or localhost."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -801,11 +801,11 @@ def cache_refusal(path: str | Path) -> str | None:
     fix = ("list a cache below " + ", ".join(CACHE_ROOTS).replace("*", "<user>")
            + f", or one at least {MIN_CACHE_DEPTH} levels deep outside the system trees")
     if _CONTROL.search(str(path)):
-        return (f"refusing {_quoted(str(path))}: a control character (a newline, a tab) in "
+        return (f"refusing {quoted(str(path))}: a control character (a newline, a tab) in "
                 "a path; write the path without it")
     held = next((why for pattern, why in NOT_CACHES if pattern.match(norm)), None)
     if held:
-        return f"refusing {_quoted(str(path))}: {held}, not a cache; {fix}"
+        return f"refusing {quoted(str(path))}: {held}, not a cache; {fix}"
     home_cache = len(parts) >= 4 and parts[0] == "home" and parts[2] == ".cache"
     if home_cache or any(norm != root and is_inside(norm, root) for root in CACHE_ROOTS):
         return None
@@ -814,9 +814,9 @@ def cache_refusal(path: str | Path) -> str | None:
         tree = f"/{parts[0]}"
     if tree is not None:
         where = "a system directory" if norm == tree else f"inside {tree}"
-        return f"refusing {_quoted(str(path))}: {where}, not a cache; {fix}"
+        return f"refusing {quoted(str(path))}: {where}, not a cache; {fix}"
     if len(parts) < MIN_CACHE_DEPTH:
-        return f"refusing {_quoted(str(path))}: too near / to be only a cache; {fix}"
+        return f"refusing {quoted(str(path))}: too near / to be only a cache; {fix}"
     return None
 
 
@@ -838,7 +838,7 @@ def cleanup_refusal(listed: str | Path, config: Config, *, resolve: bool = False
         forms = {normal_path(own), normal_path(os.path.realpath(own)) if resolve else ""}
         for mine in forms - {""}:
             if is_inside(norm, mine) or is_inside(mine, norm):
-                return (f"refusing {_quoted(str(listed))}: it holds or is inside [{section}] "
+                return (f"refusing {quoted(str(listed))}: it holds or is inside [{section}] "
                         f"{key} ({own}), clusterctl's own files; list only caches")
     return None
 
@@ -913,7 +913,7 @@ def _cross_checks(config: Config, path: str, locator: _LineLocator) -> list[Conf
     beat = config.heartbeat
     host = urlsplit(beat.control_url).hostname or ""
     if (beat.control_url.startswith("http:") and not beat.allow_insecure_http
-            and not _is_loopback(host)):
+            and not is_loopback(host)):
         fail("heartbeat", "control_url",
              f"{beat.control_url} is plain http to another machine: the token and the "
              "node's data would cross the network in clear; use https://, or set "
@@ -1050,7 +1050,7 @@ def set_values(path: Path, changes: Mapping[str, str], *, dry_run: bool = False)
 
 def _setting_for(dotted: str) -> tuple[str, str, dataclasses.Field[Any]]:
     if _name(dotted) != dotted:
-        raise ConfigError(f"not a key: {_quoted(dotted)}",
+        raise ConfigError(f"not a key: {quoted(dotted)}",
                           fix="keys look like swap.max_size (section.key)")
     section, _, key = dotted.partition(".")
     known = sections()
@@ -1154,7 +1154,7 @@ def _type_name(value: object) -> str:
 
 def _shown(value: object) -> str:
     if isinstance(value, str):
-        return f"{_quoted(value)} (a string)"
+        return f"{quoted(value)} (a string)"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     return f"{_clipped(repr(value))} ({_a(_type_name(value))})"
@@ -1162,12 +1162,9 @@ def _shown(value: object) -> str:
 
 def _name(text: str) -> str:
     """A section or key name as written, or quoted when it is not plain printable text."""
-    return text if text.isprintable() and len(text) <= 120 else _quoted(text)
+    return text if text.isprintable() and len(text) <= 120 else quoted(text)
 
 
-def _quoted(text: str) -> str:
-    """``text`` in double quotes on one line: control characters escaped, long text cut."""
-    return _clipped(json.dumps(text, ensure_ascii=False))
 
 
 def _clipped(text: str, limit: int = 120) -> str:

@@ -29,18 +29,18 @@ def parse_size(text: str) -> int:
     """
     match = _SIZE_RE.match(text)
     if match is None:
-        raise ValueError(f'expected a size like "512M", "2G" or "1.5G", got {_quoted(text)}')
+        raise ValueError(f'expected a size like "512M", "2G" or "1.5G", got {quoted(text)}')
     number, unit = match.groups()
     size = float(number) * _MULTIPLIERS[unit.upper()]
     if not math.isfinite(size) or size > MAX_SIZE_BYTES:
         raise ValueError(f"a size must be at most {format_size(MAX_SIZE_BYTES)} (1 PiB), "
-                         f"got {_quoted(text)}")
+                         f"got {quoted(text)}")
     if not size.is_integer() and unit == "":
-        raise ValueError(f"a size in bytes must be a whole number, got {_quoted(text)}")
+        raise ValueError(f"a size in bytes must be a whole number, got {quoted(text)}")
     return int(size)
 
 
-def _quoted(text: str) -> str:
+def quoted(text: str) -> str:
     """``text`` in double quotes on one line (control characters escaped), cut when long."""
     shown = json.dumps(text, ensure_ascii=False)
     return shown if len(shown) <= 120 else f"{shown[:120]}..."

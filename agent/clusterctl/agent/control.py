@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import http.client
 import io
-import ipaddress
 import json
 import os
 import random
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from clusterctl.config import HeartbeatConfig
+from clusterctl.config import HeartbeatConfig, is_loopback
 from clusterctl.errors import ConfigError, HostError, TemporaryError
 
 CONNECT_TIMEOUT_S = 3.0
@@ -95,12 +94,7 @@ def check_url(url: str, allow_insecure_http: bool) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https":
         return
-    host = parts.hostname or ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not allow_insecure_http:
+    if not is_loopback(parts.hostname or "") and not allow_insecure_http:
         raise ConfigError(f"control_url {url} is plain http to another machine: the token "
                           "and the node's data would cross the network in clear",
                           key="heartbeat.control_url",
