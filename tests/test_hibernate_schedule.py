@@ -107,17 +107,6 @@ def test_a_scheduled_sleep_warns_then_acts_even_when_busy(tmp_path: Path) -> Non
                                          "wake_at": "2026-11-24T12:00:00Z"}
 
 
-def test_the_rtc_wake_alarm_is_set_where_there_is_one(tmp_path: Path) -> None:
-    from clusterctl.system.sleep import set_rtc_wake
-
-    assert set_rtc_wake(1_800_000_000, tmp_path) is False  # no RTC: a VM
-    alarm = tmp_path / "sys/class/rtc/rtc0/wakealarm"
-    alarm.parent.mkdir(parents=True)
-    alarm.write_text("")
-    assert set_rtc_wake(1_800_000_000, tmp_path) is True
-    assert alarm.read_text() == "1800000000\n"
-
-
 def test_a_manual_suspend_is_noticed_and_the_idle_clock_restarts(tmp_path: Path) -> None:
     from clusterctl import config as cfg
     from clusterctl.hibernate.controller import Hibernation

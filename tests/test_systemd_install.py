@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,6 +313,49 @@ def test_the_agent_hibernates_an_idle_node_with_a_command_and_a_systemd_unit(
         node.run(f"rm -rf {AGENT_DROPIN} /run/fake-gpu.json /run/test-slept "
                  "/run/systemd/system/test-sleep.service /var/lib/clusterctl/hibernate.json "
                  f"&& cat > /etc/clusterctl/clusterctl.toml <<'EOF'\n{conf_before}EOF\n"
+                 f"systemctl daemon-reload && systemctl restart {AGENT}")
+
+
+def test_before_a_systemd_sleep_the_hardened_agent_asks_systemd_to_wake_the_node(
+        node: Node, sandbox: Sandbox) -> None:
+    """The wake alarm goes through systemd (a WakeSystem= timer), not through /sys, which
+    the agent's unit keeps read-only. This VM has no RTC alarm, so systemd itself answers
+    "Operation not supported" once it tries to arm it: proof that the request got past
+    the agent's hardening to PID 1 with the schedule's wake time. The node sleeps anyway,
+    and an older wake timer is gone."""
+    wake = datetime.now(timezone.utc).replace(second=0, microsecond=0) + timedelta(hours=2)
+    epoch = int(wake.timestamp())
+    scenario = {"gpus": [{"uuid": "GPU-idle", "utilization_gpu": 0}]}
+    sleeper = ("[Unit]\nDescription=stands in for hibernate.target\n[Service]\n"
+               "Type=oneshot\nExecStart=/bin/sh -c 'echo slept > /run/test-slept'\n")
+    conf_before = node.run("cat /etc/clusterctl/clusterctl.toml")
+    node.run(f"cat > /run/systemd/system/test-sleep.service <<'EOF'\n{sleeper}EOF")
+    node.run("systemd-run --unit=clusterctl-wake-1 --on-calendar='2099-01-01 UTC' /bin/true && "
+             f"clusterctl hibernate schedule set --wake {wake:%H:%M} --tz UTC && "
+             f"echo '{json.dumps(scenario)}' > /run/fake-gpu.json && "
+             "clusterctl hibernate config --set enabled=true --set pause_after_minutes=0.1 "
+             "--set action=systemd --set systemd_unit=test-sleep.service && "
+             f"mkdir -p {AGENT_DROPIN} && printf '%s\\n' '[Service]' "
+             "'Environment=PYTHONPATH=/srv/clusterctl/tests/fakes/nvml' "
+             "'Environment=FAKE_NVML_SCENARIO=/run/fake-gpu.json' "
+             f"> {AGENT_DROPIN}/fake-gpu.conf && systemctl daemon-reload && "
+             f"systemctl restart {AGENT}")
+    try:
+        sandbox.wait_for("test -e /run/test-slept", timeout_s=30)
+        journal = node.run("journalctl --no-pager -o cat")
+        assert (f"clusterctl-wake-{epoch}.timer: Failed to enter waiting state: "
+                "Operation not supported") in journal
+        warnings = node.run(f"journalctl --no-pager -o cat -u {AGENT} -p warning")
+        assert (f"no wake timer: systemd could not arm a wake timer for {wake:%Y-%m-%d %H:%M}"
+                ":00 UTC (result: resources)") in warnings
+        assert node.run("systemctl list-units --all --no-legend --plain 'clusterctl-wake-*'"
+                        ) == ""  # the old one stopped, the failed one cleared
+        assert "ProtectKernelTunables=yes" in node.run(f"systemctl cat {AGENT}")
+    finally:
+        node.run(f"rm -rf {AGENT_DROPIN} /run/fake-gpu.json /run/test-slept "
+                 "/run/systemd/system/test-sleep.service /var/lib/clusterctl/hibernate.json "
+                 "/var/lib/clusterctl/hibernate-schedule.json; systemctl stop 'clusterctl-wake-*'; "
+                 f"cat > /etc/clusterctl/clusterctl.toml <<'EOF'\n{conf_before}EOF\n"
                  f"systemctl daemon-reload && systemctl restart {AGENT}")
 
 

@@ -293,8 +293,8 @@ def schedule_set_cmd(wake: Annotated[str | None, typer.Option("--wake", metavar=
                      config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
                      ) -> None:
     """At --sleep the action runs even if busy (after a warning and [hibernate]
-    schedule_grace); --wake goes to the control plane in heartbeats, and to the RTC
-    before a systemd sleep on bare metal."""
+    schedule_grace); --wake goes to the control plane in heartbeats, and to a systemd
+    wake timer (WakeSystem=yes) before a systemd sleep on bare metal."""
     from clusterctl.hibernate import schedule
 
     start(verbose, quiet)

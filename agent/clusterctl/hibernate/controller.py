@@ -128,7 +128,6 @@ class Hibernation:
         self._held_reason: str | None = None
         self._schedule_checked = clock()
         self._scheduled_at: float | None = None  # when a scheduled sleep's grace ends
-        self.rtc_root = Path("/")
         self.suspended = suspended
         self._slept = suspended()
         self._saved_at: float | None = None  # when hibernate.json was last written
@@ -257,16 +256,20 @@ class Hibernation:
                     schedule.next_at(sched.wake, sched.tz, now))}
 
     def _arm_wake(self) -> None:
-        """On bare metal, before a systemd sleep: the RTC wakes the node at the wake time."""
+        """Before a systemd sleep: a wake timer for the schedule's next wake time (systemd
+        sets the RTC alarm), or, without a wake time, no clusterctl wake timer left over."""
+        if "systemd" not in self.config.hibernate.action:
+            return
         sched = schedule.load(self.config.paths.state_dir)
-        if sched is None or sched.wake is None or "systemd" not in self.config.hibernate.action:
+        if sched is None or sched.wake is None:
+            try:
+                sleep.clear_wake_timers()
+            except Exception as err:  # the action will say what is wrong with systemd
+                log.debug("cannot clear old wake timers: %s", err)
             return
         at = schedule.next_at(sched.wake, sched.tz, self.clock())
-        try:
-            if sleep.set_rtc_wake(at, self.rtc_root):
-                log.info("RTC wake alarm set for %s", iso_utc(at))
-        except ClusterctlError as err:
-            log.warning("no native wake: %s", err.one_line())
+        timer = sleep.set_wake_timer(at)
+        log.info("the node wakes itself at %s (%s)", iso_utc(at), timer)
 
     def _act(self) -> None:
         with self._busy:
@@ -284,8 +287,10 @@ class Hibernation:
             log.exception("draining before the action failed")
         try:
             self._arm_wake()
-        except Exception as err:  # no wake alarm is no reason to stay awake
-            log.warning("no native wake: %s: %s", type(err).__name__, err)
+        except ClusterctlError as err:  # no wake alarm is no reason to stay awake
+            log.warning("no wake timer: %s", err.one_line())
+        except Exception as err:
+            log.warning("no wake timer: %s: %s", type(err).__name__, err)
         wanted = self.config.hibernate.action
         try:
             control = self.control() if "control" in wanted else None

@@ -7,12 +7,12 @@ harmless unit inside the systemd sandbox.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from typing import IO, Any
 
 from clusterctl.errors import HostError
@@ -144,17 +144,79 @@ def inhibitors() -> list[tuple[str, str, str, str]]:
     return out
 
 
-def set_rtc_wake(at: float, root: Path = Path("/")) -> bool:
-    """Program the RTC to wake the machine at ``at`` (before a suspend or hibernate).
+WAKE_PREFIX = "clusterctl-wake-"
+WAKE_SETTLE_S = 2.0  # how long systemd gets to put a new timer in its waiting state
 
-    False when the machine has no RTC wake alarm (a VM, usually)."""
-    alarm = root / "sys/class/rtc/rtc0/wakealarm"
-    if not alarm.exists():
-        return False
+
+def _systemd() -> Any:
+    from pystemd.systemd1 import Manager
+
+    manager = Manager()
+    manager.load()
+    return manager
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _timer_state(unit: str) -> tuple[str, str]:
+    """(ActiveState, Result) of a timer; ("gone", "") once systemd has let go of it."""
+    from pystemd.systemd1 import Unit
+
     try:
-        alarm.write_text("0\n")  # the kernel refuses a new alarm over an old one
-        alarm.write_text(f"{int(at)}\n")
-    except OSError as err:
-        raise HostError(f"cannot set the RTC wake alarm: {err.strerror}",
-                        fix="run as root") from err
-    return True
+        timer = Unit(unit.encode(), _autoload=True)
+        return _text(timer.Unit.ActiveState), _text(timer.Timer.Result)
+    except Exception:  # collected meanwhile
+        return "gone", ""
+
+
+def set_wake_timer(at: float) -> str:
+    """Wake the node at ``at`` from a suspend or hibernation; the timer's name.
+
+    A transient systemd timer with ``WakeSystem=yes``: systemd programs the RTC alarm,
+    so the agent's own unit keeps /sys read-only and the clock out of reach. Earlier
+    clusterctl wake timers are stopped first (one wake time at a time). HostError when
+    systemd refuses, or when the machine has no wake alarm (a VM: systemd says
+    "Operation not supported" and the timer fails); a failed timer is cleared away."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(at)))
+    name = f"{WAKE_PREFIX}{int(at)}"
+    try:
+        manager = _systemd()
+        clear_wake_timers(manager)
+        manager.Manager.StartTransientUnit(
+            f"{name}.timer".encode(), b"replace",
+            {b"Description": f"clusterctl: wake the node at {stamp}".encode(),
+             b"TimersCalendar": [(b"OnCalendar", stamp.encode())],
+             b"WakeSystem": True, b"RemainAfterElapse": False,
+             b"_custom": (b"AccuracyUSec", b"t", 1_000_000)},  # unknown to pystemd
+            [(f"{name}.service".encode(),
+              {b"Description": f"clusterctl: the node's wake time {stamp}".encode(),
+               b"Type": b"oneshot", b"ExecStart": [(b"/bin/true", [b"/bin/true"], False)]})])
+    except Exception as err:  # no D-Bus, no systemd, a refusal
+        raise HostError(f"systemd refused a wake timer for {stamp}: {err}",
+                        fix="is systemd running? (systemctl is-system-running)") from err
+    deadline = time.monotonic() + WAKE_SETTLE_S
+    state, result = _timer_state(f"{name}.timer")
+    while state not in ("active", "failed", "gone") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state, result = _timer_state(f"{name}.timer")
+    if state == "active":
+        return f"{name}.timer"
+    clear_wake_timers(manager)
+    raise HostError(f"systemd could not arm a wake timer for {stamp} (result: "
+                    f"{result or state}); this machine has no RTC wake alarm, a VM perhaps",
+                    fix="let the control plane wake it: [hibernate] action with control")
+
+
+def clear_wake_timers(manager: Any | None = None) -> list[str]:
+    """Stop every clusterctl wake timer and clear the failed ones; their names."""
+    manager = manager if manager is not None else _systemd()
+    names = [_text(entry[0]) for entry in manager.Manager.ListUnitsByPatterns(
+        [], [f"{WAKE_PREFIX}*.timer".encode()])]
+    for unit in names:
+        with contextlib.suppress(Exception):  # already stopped
+            manager.Manager.StopUnit(unit.encode(), b"replace")
+        with contextlib.suppress(Exception):  # not failed, already collected
+            manager.Manager.ResetFailedUnit(unit.encode())
+    return names
