@@ -8,10 +8,13 @@ themselves are tested under a real systemd (test_systemd_install.py).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
+from pyfakefs.fake_file import FakeFile
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from clusterctl import config as cfg
@@ -103,22 +106,55 @@ def test_revert_puts_everything_back(node: cfg.Config) -> None:
     assert optimize.revert(node).restored_sysctl == {}  # nothing left to do
 
 
+def refusing_sysctl(fs: FakeFilesystem, key: str, accepted: str) -> None:
+    """/proc/sys/KEY as the kernel keeps it: a write of any value but ``accepted`` fails
+    with EINVAL and leaves the value as it was (``sysctl -w`` of a value out of range)."""
+
+    def write(file: FakeFile) -> None:
+        if file.contents not in ("", accepted):  # "": the truncate of opening it
+            file.set_initial_contents(accepted)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    path = "/proc/sys/" + key.replace(".", "/")
+    fs.remove(path)
+    fs.create_file(path, contents=accepted, side_effect=write)
+
+
+def tree(*tops: str) -> dict[str, str | None]:
+    """Every directory (None) and file (its text) under ``tops``."""
+    out: dict[str, str | None] = {}
+    for top in map(Path, tops):
+        for path in (top, *sorted(top.rglob("*"))):
+            out[str(path)] = None if path.is_dir() else path.read_text()
+    return out
+
+
 def test_a_failure_half_way_keeps_the_originals_and_revert_undoes_the_part_applied(
-        node: cfg.Config) -> None:
-    Path("/etc/dask").write_text("not a directory")  # the last file cannot be written
+        node: cfg.Config, fs: FakeFilesystem) -> None:
+    Path("/etc/dask").mkdir()
+    Path(DASK_YAML_FILE).write_text("# the operator's own\n")  # a file apply replaces
+    # the files are written, then vm.swappiness is set, then the kernel refuses the last one
+    refusing_sysctl(fs, "vm.vfs_cache_pressure", "100\n")
+    before = tree("/etc", "/proc/sys")
     with pytest.raises(HostError) as err:
         optimize.apply(node)
-    assert err.value.message.startswith("optimize apply stopped half-way: cannot write "
-                                        "/etc/dask/clusterctl.yaml")
+    assert err.value.message == ("optimize apply stopped half-way: cannot set "
+                                 "vm.vfs_cache_pressure = 50: Invalid argument")
     assert "`clusterctl optimize revert` to undo the part applied" in (err.value.fix or "")
-    assert Path(SYSCTL_FILE).exists()  # written before the failure
-    saved = json.loads(STATE.read_text())  # the originals went to disk first
-    assert saved["originals"]["sysctl"]["vm.swappiness"] == "60"
+    # the part applied: every file written and one sysctl set
+    assert Path("/proc/sys/vm/swappiness").read_text() == "10\n"
+    assert Path(DASK_YAML_FILE).read_text() != "# the operator's own\n"
+    assert Path(SYSCTL_FILE).exists() and Path(OLLAMA_DROPIN).exists()
+    saved = json.loads(STATE.read_text())  # the originals are on disk
+    assert saved["originals"]["sysctl"] == {"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"}
+    assert saved["originals"]["files"][DASK_YAML_FILE] == "# the operator's own\n"
     assert saved["originals"]["files"][SYSCTL_FILE] is None
-    optimize.revert(node)
-    assert not Path(SYSCTL_FILE).exists() and not Path(OLLAMA_DROPIN).exists()
-    assert Path("/etc/dask").read_text() == "not a directory"
+    result = optimize.revert(node)
+    assert result.restored_sysctl == {"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"}
     assert Path("/proc/sys/vm/swappiness").read_text() == "60\n"
+    assert Path(DASK_YAML_FILE).read_text() == "# the operator's own\n"
+    assert tree("/etc", "/proc/sys") == before  # everything as it was before apply
+    assert not STATE.exists()
 
 
 def test_a_second_apply_never_takes_its_own_values_for_originals(node: cfg.Config) -> None:
@@ -128,6 +164,16 @@ def test_a_second_apply_never_takes_its_own_values_for_originals(node: cfg.Confi
     assert json.loads(STATE.read_text())["originals"]["sysctl"]["vm.swappiness"] == "60"
     optimize.revert(node)
     assert Path("/proc/sys/vm/swappiness").read_text() == "60\n"
+
+
+def test_a_second_apply_keeps_the_first_original_of_a_file(node: cfg.Config) -> None:
+    Path("/etc/dask").mkdir()
+    Path(DASK_YAML_FILE).write_text("# the operator's own\n")
+    optimize.apply(node)
+    Path(DASK_YAML_FILE).write_text("# edited since\n")  # drifted; apply writes it again
+    assert optimize.apply(node).written == (DASK_YAML_FILE,)
+    optimize.revert(node)
+    assert Path(DASK_YAML_FILE).read_text() == "# the operator's own\n"
 
 
 def test_verify_reports_drift(node: cfg.Config) -> None:

@@ -39,6 +39,7 @@ class F:
     active: bool = True
     used_gib: float = 0
     created: float = 0
+    used_bytes: int | None = None  # exact, instead of used_gib
     in_ledger: bool = True
     signature: bool = True
     boot_id: str | None = BOOT
@@ -71,8 +72,8 @@ def snapshot(
         size = int(f.size_gib * GIB)
         entries.append(SwapDirEntry(f.name, size, True, f.signature))
         if f.active:
-            areas.append(SwapArea(f"{DIR}/{f.name}", "file", size, int(f.used_gib * GIB),
-                                  -10 - prio))
+            used = int(f.used_gib * GIB) if f.used_bytes is None else f.used_bytes
+            areas.append(SwapArea(f"{DIR}/{f.name}", "file", size, used, -10 - prio))
         if f.in_ledger:
             ledger_files.append(LedgerFile(f.name, size, f.created, "fallocate", f.boot_id,
                                            f.off_since))
@@ -230,13 +231,25 @@ def test_busy_again_resets_the_cooldown() -> None:
     assert plan.actions == () and plan.ledger.low_since is None
 
 
-def test_shrink_refused_when_pages_do_not_fit_comfortably() -> None:
-    # 64G, 20 % used: 51.2G available; the newest file holds 30G > half of that
-    files = [*AT_MIN, F("swap-0003", size_gib=40, used_gib=30, created=3)]
+PAGE = 4096
+HALF_OF_AVAILABLE = 16 * GIB  # 40G of RAM, 20 % in use: MemAvailable is 32G
+
+
+def with_newest_holding(used_bytes: int) -> SwapFacts:
+    """A node calm for an hour; its newest file (20G) holds ``used_bytes`` of pages."""
+    files = [*AT_MIN, F("swap-0003", size_gib=20, used_bytes=used_bytes, created=3)]
+    facts = snapshot(used_percent=20, total_gib=40, files=files, low_since=NOW - 3600)
+    assert facts.memory.available_bytes == 2 * HALF_OF_AVAILABLE
+    return facts
+
+
+def test_auto_shrinks_a_file_whose_pages_fit_in_half_of_memavailable_and_no_more() -> None:
     config = replace(CONFIG, max_size_bytes=64 * GIB)
-    plan = plan_auto(snapshot(used_percent=20, files=files, low_since=NOW - 3600), config, NOW)
-    assert plan.actions == ()
-    assert "more than half of MemAvailable" in plan.summary
+    fits = plan_auto(with_newest_holding(HALF_OF_AVAILABLE), config, NOW)
+    assert kinds(fits) == [("remove", "swap-0003", 20 * GIB)]
+    one_page_more = plan_auto(with_newest_holding(HALF_OF_AVAILABLE + PAGE), config, NOW)
+    assert one_page_more.actions == ()
+    assert "more than half of MemAvailable (32G); not shrinking" in one_page_more.summary
 
 
 def test_never_shrinks_below_min_size() -> None:
@@ -345,10 +358,12 @@ def test_shrink_below_min_is_refused() -> None:
         plan_shrink(snapshot(files=AT_MIN), CONFIG, NOW)
 
 
-def test_shrink_refused_when_pages_do_not_fit() -> None:
-    files = [*AT_MIN, F("swap-0003", size_gib=8, used_gib=7, created=3)]
+def test_shrink_removes_files_whose_pages_fit_in_half_of_memavailable_and_no_more() -> None:
+    config = replace(CONFIG, max_size_bytes=64 * GIB)
+    fits = plan_shrink(with_newest_holding(HALF_OF_AVAILABLE), config, NOW)
+    assert kinds(fits) == [("remove", "swap-0003", 20 * GIB)]
     with pytest.raises(PolicyError, match="more than half of MemAvailable"):
-        plan_shrink(snapshot(used_percent=85, files=files), CONFIG, NOW)
+        plan_shrink(with_newest_holding(HALF_OF_AVAILABLE + PAGE), config, NOW)
 
 
 def test_clean_removes_what_fits_and_refuses_the_rest() -> None:
