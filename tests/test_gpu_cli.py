@@ -58,8 +58,9 @@ def test_status_json_is_the_fleet_managers_shape_with_nulls_not_zeros(node: Path
     assert {"id", "name", "uuid", "utilization", "memory", "temperature", "power_usage",
             "clock_speeds"} <= set(first)
     assert first["id"] == "gpu-0" and first["uuid"] == "GPU-0"
-    assert first["memory"] == {"total": H100["memory_total"] // 2**20, "used": 10240,
-                               "free": (H100["memory_total"] - 10 * GIB) // 2**20}
+    assert isinstance(total := H100["memory_total"], int)
+    assert first["memory"] == {"total": total // 2**20, "used": 10240,
+                               "free": (total - 10 * GIB) // 2**20}
     assert first["clock_speeds"] == {"graphics": 1980, "sm": 1980, "memory": 2619}
     assert (first["temperature"], first["power_usage"], first["fan"]) == (66, 70.0, None)
     assert (first["state"], first["speed_multiplier"]) == ("normal", 0.8)
@@ -116,16 +117,30 @@ def test_loaded_models_are_not_counted_twice(node: Path, tmp_path: Path) -> None
 
 
 def test_two_processes_placing_at_once_never_oversubscribe(node: Path, tmp_path: Path) -> None:
-    env = gpus(tmp_path, {**CARD1, "memory_used": 0})  # 81920 MiB free
+    """Two `gpu place` for 50000 MiB each on one GPU with 81920 MiB free, lined up at the
+    NVML boundary: each waits at its memory read until the other has read too (or for
+    6 s: the one holding the lock keeps the other from arriving). Exactly one is placed,
+    the other refused with what the GPU has left, and the ledger holds one allocation."""
+    barrier = tmp_path / "barrier"
+    scenario = write_scenario(tmp_path / "scenario.json", {
+        "gpus": [{**CARD1, "memory_used": 0}],
+        "barrier": {"at": "nvmlDeviceGetMemoryInfo", "dir": str(barrier), "parties": 2,
+                    "timeout_s": 6}})
+    env = {"PYTHONPATH": f"{FAKE_NVML_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "FAKE_NVML_SCENARIO": str(scenario)}
     full = {k: v for k, v in os.environ.items() if k != "CLUSTERCTL_CONFIG"} | env
     procs = [subprocess.Popen([sys.executable, "-m", "clusterctl", "gpu", "place", f"job-{i}",
                                "--vram", "50000", "--config", str(node)], env=full,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+             for i in range(2)]
     results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in procs]
-    assert sorted(code for code, _ in results) == [0, 1, 1, 1]
+    assert len(list(barrier.iterdir())) == 2  # both read the GPU's memory
+    assert sorted(code for code, _ in results) == [0, 1], results
+    refused = next(err for code, err in results if code == 1)
+    assert refused.startswith("clusterctl: no GPU has 50000 MiB for job-"), refused
+    assert "(free 81920 - 50000 handed out, not yet in use" in refused  # the other's
     ledger = json.loads((tmp_path / "state/gpu-allocations.json").read_text())
-    assert len(ledger["allocations"]) == 1
+    assert [a["vram_mib"] for a in ledger["allocations"]] == [50000]
 
 
 def test_throttle_plan_changes_nothing_and_says_what_it_would_do(node: Path,

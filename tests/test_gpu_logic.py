@@ -126,7 +126,7 @@ def test_a_trend_read_while_samples_arrive_never_fails() -> None:
         at = 0.0
         while not stop.is_set():
             at += 1
-            history.add(Point(at, 50 + at % 7, 10.0, 20.0))
+            history.add(Point(at, 50 + int(at) % 7, 10, 20.0))
 
     writer = threading.Thread(target=sample, daemon=True)
     writer.start()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -48,8 +50,11 @@ def test_state_changes_fire_callbacks_and_events_once(nv: ModuleType, tmp_path: 
     nv.machine.gpus[0].temperature = [60, 70, 76, 76, 74, 72, 91]
     seen: list[tuple[str, int | None]] = []
     monitor = GpuMonitor(config(tmp_path), Nvml(module=nv), clock=Clock())
+    def heard(kind: str) -> Callable[[GpuView], None]:
+        return lambda view: seen.append((kind, view.temperature_celsius))
+
     for kind in ("normal", "throttle", "critical"):
-        monitor.callbacks[kind].append(lambda v, k=kind: seen.append((k, v.temperature_celsius)))
+        monitor.callbacks[kind].append(heard(kind))
     states = [monitor.step()[0].state.value for _ in range(7)]
     assert states == ["optimal", "normal", "throttled", "throttled", "throttled", "normal",
                       "critical"]  # 74 keeps THROTTLED (hysteresis), 72 leaves it
@@ -63,14 +68,37 @@ def test_state_changes_fire_callbacks_and_events_once(nv: ModuleType, tmp_path: 
 
 def test_a_failing_callback_does_not_stop_monitoring(nv: ModuleType, tmp_path: Path) -> None:
     monitor = GpuMonitor(config(tmp_path), Nvml(module=nv))
-    monitor.callbacks["normal"].append(lambda v: 1 / 0)  # type: ignore[func-returns-value]
+    def fails(view: GpuView) -> None:
+        raise ZeroDivisionError("a caller's bug")
+
+    monitor.callbacks["normal"].append(fails)
     assert monitor.step()[0].state.value == "optimal"
     assert monitor.step()
 
 
+def originals_on_disk_at_each_set(nv: ModuleType, state_dir: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, object]]:
+    """Every power limit the fake GPU 0 is given, as (milliwatts, the original limit in W
+    that gpu-power.json held for it at that moment, or None): the driver's side of the
+    promise that the original is on disk before the limit goes down."""
+    seen: list[tuple[int, object]] = []
+    real_set = nv.nvmlDeviceSetPowerManagementLimit
+    uuid = nv.machine.gpus[0].uuid
+
+    def set_limit(handle: object, limit: int) -> None:
+        path = state_dir / "gpu-power.json"
+        record = json.loads(path.read_text())["gpus"].get(uuid) if path.exists() else None
+        seen.append((limit, None if record is None else record["original_limit_w"]))
+        real_set(handle, limit)
+
+    monkeypatch.setattr(nv, "nvmlDeviceSetPowerManagementLimit", set_limit)
+    return seen
+
+
 def test_throttling_lowers_saves_the_original_first_and_gives_it_back_on_stop(
-        nv: ModuleType, tmp_path: Path) -> None:
+        nv: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = nv.machine.gpus[0]
+    sets = originals_on_disk_at_each_set(nv, tmp_path / "state", monkeypatch)
     gpu.temperature = 88
     clock = Clock()
     monitor = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv), clock=clock)
@@ -90,21 +118,53 @@ def test_throttling_lowers_saves_the_original_first_and_gives_it_back_on_stop(
     monitor.stop()
     assert gpu.power_limit_mw == 700_000
     assert not (tmp_path / "state/gpu-power.json").exists()
+    # each lowering, and the way back, found the original already on disk
+    assert sets == [(630_000, 700.0), (560_000, 700.0), (350_000, 700.0), (700_000, 700.0)]
 
 
-def test_after_a_crash_the_next_start_gives_the_limit_back(nv: ModuleType, tmp_path: Path
-                                                           ) -> None:
+def test_after_a_crash_the_next_start_gives_the_limit_back_before_any_stop(
+        nv: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that lowered a limit and died (no stop) leaves the GPU lowered, the original on
+    disk; the next start gives it back at once, with throttling now off, no stop needed."""
     gpu = nv.machine.gpus[0]
+    sets = originals_on_disk_at_each_set(nv, tmp_path / "state", monkeypatch)
     gpu.temperature = 88
     crashed = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv))
     crashed.step()  # ... and the process dies here: no stop()
     assert gpu.power_limit_mw == 630_000
+    assert sets == [(630_000, 700.0)]  # the original was on disk when the limit went down
     gpu.temperature = 50
-    monitor = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv))
+    monitor = GpuMonitor(config(tmp_path), Nvml(module=nv))  # throttling off now
     monitor.start()
-    monitor.stop()
+    try:
+        assert gpu.power_limit_mw == 700_000  # back before any stop
+        assert not (tmp_path / "state/gpu-power.json").exists()
+        assert sets == [(630_000, 700.0), (700_000, 700.0)]
+    finally:
+        monitor.stop()
     assert gpu.power_limit_mw == 700_000
-    assert gpu.set_limit_calls[-1] == 700_000
+
+
+def test_a_hung_driver_holds_the_sample_until_it_answers(
+        nv: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake's hung driver (FAKE_NVML_STALL_FILE, for tests watching another process):
+    a sample started while the file exists waits, and completes once it is removed."""
+    stall = tmp_path / "stall"
+    stall.touch()
+    monkeypatch.setenv("FAKE_NVML_STALL_FILE", str(stall))
+    monitor = GpuMonitor(config(tmp_path), Nvml(module=nv))
+    done = threading.Event()
+
+    def sample() -> None:
+        monitor.step()
+        done.set()
+
+    threading.Thread(target=sample, daemon=True).start()
+    assert not done.wait(0.5)  # still hanging
+    assert monitor.snapshot is None
+    stall.unlink()
+    assert done.wait(10)
+    assert monitor.views[0].sample.temperature_c == 40
 
 
 def test_plan_only_and_disabled_never_touch_the_gpu(nv: ModuleType, tmp_path: Path) -> None:
@@ -137,7 +197,8 @@ def test_the_junmai_quick_start_works(nv: ModuleType, tmp_path: Path) -> None:
     assert gpu_manager.is_available()
     status = gpu_manager.get_gpu_status()
     assert status["name"] == H100["name"] and status["state"] == "optimal"
-    assert status["memory"]["percent"] == round(100 * 8 * GIB / H100["memory_total"], 1)
+    assert isinstance(total := H100["memory_total"], int)
+    assert status["memory"]["percent"] == round(100 * 8 * GIB / total, 1)
     assert status["throttling"] == {"is_throttled": False, "should_throttle": False,
                                     "speed_multiplier": 1.0}
     before = gpu_manager.get_available_memory()

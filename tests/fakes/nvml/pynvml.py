@@ -15,8 +15,23 @@ or ``{"driver_version": "...", "cuda_version": 12040, "gpus": [{...}]}`` where
 each GPU has ``name``, ``uuid``, ``pci_bus_id``, ``memory_total`` and
 ``memory_used`` (bytes), ``lost`` (fell off the bus) and ``errors``, a map of
 pynvml function name to the NVML return code it raises for that GPU (see FakeGpu
-for the gauges). With ``FAKE_NVML_CALLS_LOG`` set, power limits set are appended
-there, one "UUID MILLIWATTS" line each, for a test watching another process.
+for the gauges), and ``delays_s``, a map of pynvml function name to the seconds that
+function takes to answer for that GPU (a slow driver; a list is a timeline, as for
+the gauges: ``[2, 0]`` makes only the first call slow).
+
+Knobs for a test watching another process:
+
+* ``FAKE_NVML_CALLS_LOG=<path>``: power limits set are appended there, one
+  "UUID MILLIWATTS" line each;
+* ``FAKE_NVML_STALL_FILE=<path>``: while that file exists, every per-device call
+  (``nvmlDeviceGet*``/``nvmlDeviceSet*`` on a handle) blocks, looking again every
+  0.1 s, and answers once it is removed: a hung driver;
+* the scenario's ``"barrier": {"at": "<pynvml function name>", "dir": "<path>",
+  "parties": 2, "timeout_s": 6}``: the first call of that function in each process
+  (or thread) leaves a mark in ``dir`` and waits until ``parties`` marks are there,
+  at most ``timeout_s`` (a lock held by one caller keeps the others from arriving:
+  it then goes on alone). Callers lined up this way have all read the GPUs before
+  any of them goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +40,8 @@ import json
 import os
 import string
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -144,15 +161,26 @@ class FakeGpu:
     processes: list[dict[str, Any]] = field(default_factory=list)  # pid, name, used_memory
     lost: bool = False
     errors: dict[str, int] = field(default_factory=dict)
+    delays_s: dict[str, Any] = field(default_factory=dict)  # function -> seconds (or a timeline)
     set_limit_calls: list[int] = field(default_factory=list)
 
     def read(self, attribute: str) -> Any:
-        value = getattr(self, attribute)
-        if isinstance(value, list):
-            value = value.pop(0) if len(value) > 1 else value[0]
+        value = _next(getattr(self, attribute))
         if value is None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return value
+
+    def delay(self, name: str) -> None:
+        """Take as long as the scenario says ``name`` takes on this GPU."""
+        if name in self.delays_s:
+            time.sleep(float(_next(self.delays_s[name])))
+
+
+def _next(value: Any) -> Any:
+    """A timeline's next value (the last one stays), or the value itself."""
+    if isinstance(value, list):
+        return value.pop(0) if len(value) > 1 else value[0]
+    return value
 
 
 @dataclass
@@ -163,6 +191,8 @@ class FakeMachine:
     gpus: list[FakeGpu] = field(default_factory=list)
     missing_functions: list[str] = field(default_factory=list)  # an older driver
     init_count: int = 0
+    barrier: dict[str, Any] | None = None  # see the module doc
+    barrier_passed: set[str] = field(default_factory=set)  # callers past it, by mark
 
 
 machine = FakeMachine()
@@ -214,9 +244,37 @@ def _initialised(name: str) -> None:
         raise NVMLError(NVML_ERROR_UNINITIALIZED)
 
 
+def _stalled() -> None:
+    """A hung driver: wait while ``FAKE_NVML_STALL_FILE`` exists."""
+    stall = os.environ.get("FAKE_NVML_STALL_FILE")
+    while stall and Path(stall).exists():
+        time.sleep(0.1)
+
+
+def _barrier(name: str) -> None:
+    """The scenario's barrier (module doc): once per process and thread, at ``at``."""
+    barrier = machine.barrier
+    if not barrier or barrier.get("at") != name:
+        return
+    mark = f"{os.getpid()}-{threading.get_ident()}"
+    if mark in machine.barrier_passed:
+        return
+    machine.barrier_passed.add(mark)
+    where = Path(barrier["dir"])
+    where.mkdir(parents=True, exist_ok=True)
+    (where / mark).touch()
+    deadline = time.monotonic() + float(barrier.get("timeout_s", 6.0))
+    while (len(list(where.iterdir())) < int(barrier.get("parties", 2))
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+
+
 def _gpu(handle: c_nvmlDevice_t, name: str) -> FakeGpu:
     _initialised(name)
+    _stalled()
     gpu = machine.gpus[handle.index]
+    gpu.delay(name)
+    _barrier(name)
     if gpu.lost:
         raise NVMLError(NVML_ERROR_GPU_IS_LOST)
     if name in gpu.errors:
@@ -269,6 +327,7 @@ def nvmlDeviceGetCount() -> int:
 
 def nvmlDeviceGetHandleByIndex(index: int) -> c_nvmlDevice_t:
     _initialised("nvmlDeviceGetHandleByIndex")
+    _stalled()
     if not 0 <= index < len(machine.gpus):
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
     gpu = machine.gpus[index]
@@ -409,7 +468,7 @@ def nvmlDeviceGetTotalEccErrors(handle: c_nvmlDevice_t, error_type: int, counter
 
 
 def nvmlDeviceGetRemappedRows(handle: c_nvmlDevice_t) -> tuple[int, int, int, int]:
-    return tuple(_gpu(handle, "nvmlDeviceGetRemappedRows").read("remapped_rows"))  # type: ignore[return-value]
+    return tuple(_gpu(handle, "nvmlDeviceGetRemappedRows").read("remapped_rows"))
 
 
 def nvmlDeviceGetComputeRunningProcesses(handle: c_nvmlDevice_t) -> list[c_nvmlProcessInfo_t]:
