@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -208,22 +208,37 @@ def test_the_agent_is_ready_only_when_serving_and_says_why_it_is_degraded(
     assert "DCGM_FI_DEV_GPU_TEMP{" not in node.run("curl -sS http://127.0.0.1:9408/metrics")
 
 
-def test_a_hung_agent_is_restarted_by_the_watchdog(node: Node, sandbox: Sandbox) -> None:
-    node.run(f"mkdir -p {AGENT_DROPIN} && printf '[Service]\\nWatchdogSec=3s\\n' > "
-             f"{AGENT_DROPIN}/watchdog.conf && systemctl daemon-reload && "
-             f"systemctl restart {AGENT}")
+def test_a_hung_gpu_loop_is_named_and_the_watchdog_restarts_the_agent_within_its_limit(
+        node: Node, sandbox: Sandbox) -> None:
+    """The driver hangs in the GPU loop only (the fake NVML blocks while a file exists):
+    the rest of the agent lives on, names the stuck loop in its status once the GPU
+    loop's limit (30 s at 3 s samples) has passed, and holds the pings back, so systemd
+    restarts it within that limit plus WatchdogSec."""
+    node.run(f"mkdir -p {AGENT_DROPIN} && printf '%s\\n' '[Service]' 'WatchdogSec=3s' "
+             "'Environment=PYTHONPATH=/srv/clusterctl/tests/fakes/nvml' "
+             "'Environment=FAKE_NVML_SCENARIO=/run/fake-gpu.json' "
+             "'Environment=FAKE_NVML_STALL_FILE=/run/nvml-hangs' "
+             f"> {AGENT_DROPIN}/hang.conf && echo '{{\"gpus\": [{{}}]}}' > /run/fake-gpu.json "
+             f"&& systemctl daemon-reload && systemctl restart {AGENT}")
     try:
         pid = node.run(f"systemctl show -P MainPID {AGENT}").strip()
-        node.run(f"kill -STOP {pid}")
-        sandbox.wait_for(f"[ \"$(systemctl show -P NRestarts {AGENT})\" -ge 1 ] && "
-                         f"[ \"$(systemctl show -P ActiveState {AGENT})\" = active ] && "
-                         f"[ \"$(systemctl show -P MainPID {AGENT})\" != {pid} ]",
-                         timeout_s=30)
-        log = node.run(f"journalctl --no-pager -o cat -u {AGENT}")
-        assert "Watchdog timeout" in log
+        node.run("touch /run/nvml-hangs")
+        hung_at = time.monotonic()
+        sandbox.wait_for(f"systemctl show -P StatusText {AGENT} | grep -q "
+                         "'gpu loop stuck for .* watchdog pings held back'", timeout_s=45)
+        named_s = time.monotonic() - hung_at
+        assert node.run(f"systemctl show -P MainPID {AGENT}").strip() == pid  # alive till now
+        sandbox.wait_for(f"[ \"$(systemctl show -P NRestarts {AGENT})\" -ge 1 ]", timeout_s=30)
+        restarted_s = time.monotonic() - hung_at
+        node.run("rm -f /run/nvml-hangs")
+        sandbox.wait_for(f"[ \"$(systemctl show -P ActiveState {AGENT})\" = active ] && "
+                         f"[ \"$(systemctl show -P MainPID {AGENT})\" != {pid} ]", timeout_s=30)
+        print(f"named stuck after {named_s:.1f} s, restarted after {restarted_s:.1f} s")
+        assert named_s >= 25 and restarted_s <= 30 + 3 + 10, (named_s, restarted_s)
+        assert "Watchdog timeout" in node.run(f"journalctl --no-pager -o cat -u {AGENT}")
     finally:
-        node.run(f"rm -rf {AGENT_DROPIN} && systemctl daemon-reload && "
-                 f"systemctl restart {AGENT}")
+        node.run(f"rm -rf {AGENT_DROPIN} /run/nvml-hangs /run/fake-gpu.json && "
+                 f"systemctl daemon-reload && systemctl restart {AGENT}")
 
 
 def test_journal_levels_and_a_bad_reload_keeps_the_running_config(node: Node,
