@@ -125,8 +125,15 @@ class EventLog:
                             f"{err.strerror}") from err
 
     def _rotate(self, now: float) -> None:
-        """Rename the live file to a free ``events.jsonl.<UTC time>`` (under its lock)."""
+        """Rename the live file to a free ``events.jsonl.<UTC time>`` (under its lock).
+
+        Rotated files are read in name order, so the name comes after every rotated file
+        already there, even when the clock went back (a node woken before NTP set it
+        right): the name is a sequence that looks like a time, not a promise of one."""
         moment = datetime.fromtimestamp(now, tz=timezone.utc)
+        newest = _newest_rotation(self.path)
+        if newest is not None and moment <= newest:
+            moment = newest + timedelta(microseconds=1)
         while True:
             stamp = moment.strftime("%Y%m%dT%H%M%S.%fZ")  # sorts in time order
             target = self.path.with_name(f"{FILE_NAME}.{stamp}")
@@ -151,6 +158,24 @@ class EventLog:
             lines = handle.read().splitlines()
         events = [e for e in map(parse_event, lines) if e is not None]
         return events[-limit:] if limit else events
+
+
+ROTATED_FORMATS = ("%Y%m%dT%H%M%S.%fZ", "%Y%m%dT%H%M%SZ")
+
+
+def _newest_rotation(path: Path) -> datetime | None:
+    """The latest time among the names of ``path``'s rotated files; None when none."""
+    newest = None
+    for rotated in path.parent.glob(f"{path.name}.*Z"):
+        stamp = rotated.name[len(path.name) + 1:]
+        for layout in ROTATED_FORMATS:
+            try:
+                moment = datetime.strptime(stamp, layout).replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            newest = moment if newest is None or moment > newest else newest
+            break
+    return newest
 
 
 def parse_event(line: bytes) -> dict[str, Any] | None:
