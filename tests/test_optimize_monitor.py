@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from clusterctl.config import Config, OllamaConfig, OptimizeConfig, PathsConfig
+from clusterctl.agent.control import ControlClient
+from clusterctl.agent.heartbeat import Delivery
+from clusterctl.agent.outbox import Outbox
+from clusterctl.config import Config, HeartbeatConfig, OllamaConfig, OptimizeConfig, PathsConfig
+from clusterctl.events import EventLog
 from clusterctl.optimize.monitor import (
     MonitorAction,
     MonitorState,
@@ -20,6 +25,7 @@ from clusterctl.optimize.monitor import (
     plan_monitor,
     run_once,
 )
+from tests.fakes.control_plane import running
 
 CONFIG = Config(optimize=OptimizeConfig(cpu_sustain_s=60, calm_s=300))
 QUIET = Sample(cpu_percent=20, memory_percent=40, disk_percent=50, dask_workers=6)
@@ -92,6 +98,37 @@ def test_reducing_workers_rewrites_only_that_line_and_says_who_restarts(tmp_path
                           " yourself to use the new settings",)
     event = json.loads((tmp_path / "state/events.jsonl").read_text())
     assert (event["event_type"], event["reason"]) == ("dask_workers_reduced", "CPU 97% for 60 s")
+
+
+def test_cleaning_the_disk_keeps_rotated_logs_of_unsent_events_and_they_arrive_later(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"  # a fake root: the cleanup never sees this machine's "/"
+    state = root / "state"
+    log = EventLog(state, "node-1", rotate_bytes=600)  # about four events a file
+    with running() as plane:
+        config = Config(heartbeat=HeartbeatConfig(control_url=plane.url,
+                                                  token_file=tmp_path / "none"),
+                        ollama=OllamaConfig(url="http://127.0.0.1:9"),
+                        paths=PathsConfig(state_dir=Path("/state"), run_dir=Path("/run")))
+        sender = Delivery(ControlClient(config.heartbeat), Outbox(state), state)
+        for n in range(1, 13):
+            log.record("swap_expanded", f"event {n}", {"n": n}, now=time.time())
+        assert sender.flush() is True  # acknowledged: 1-12
+        sent_files = sorted(state.glob("events.jsonl.*"))
+        for n in range(13, 18):  # unsent when the disk fills up
+            log.record("swap_expanded", f"event {n}", {"n": n}, now=time.time())
+        unsent_files = sorted(set(state.glob("events.jsonl.*")) - set(sent_files))
+        assert len(sent_files) >= 3 and unsent_files
+        for path in state.glob("events.jsonl.*"):
+            os.utime(path, (0, 0))  # every rotated log is past retention
+        (done,) = execute((MonitorAction("clean_disk", "disk 95% full"),), config, root=root)
+        # acknowledged: removed (the last may stay: the acknowledged position is in it)
+        assert done.did and not any(path.exists() for path in sent_files[:-1])
+        assert all(path.exists() for path in unsent_files)  # unsent: kept
+        assert sender.flush() is True
+    assert [e.get("n") for e in plane.events] == [*range(1, 18), None]
+    assert plane.events[-1]["event_type"] == "disk_cleaned"
+    assert len({e["id"] for e in plane.events}) == 18
 
 
 @pytest.fixture

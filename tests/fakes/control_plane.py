@@ -5,10 +5,18 @@
 It can be told to answer 500, to answer garbage (a reply that is not HTTP), to be
 slow, or to refuse a token; stopping it makes the port refuse connections, as a
 control plane that is down.
+
+``received`` is everything taken, in order, as ``Received(at, kind, payload)``: ``at``
+is ``time.monotonic()`` when the request arrived, ``kind`` is ``heartbeat``, ``events``
+or ``hibernate``, ``payload`` the JSON body (``received_list()`` copies it under the
+lock). ``hold``: an events POST is recorded as it arrives (a control plane that
+committed the batch) but answered only once ``hold.release()`` is called, so a test can
+kill the agent between its POST and its acknowledgement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -16,7 +24,30 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
+
+HOLD_LIMIT_S = 60.0  # a held answer goes out after this even if never released
+
+
+class Received(NamedTuple):
+    at: float  # time.monotonic() when the request arrived
+    kind: str  # heartbeat | events | hibernate
+    payload: Any  # the JSON body: a heartbeat, a list of events, a hibernate request
+
+
+class Hold:
+    """Events POSTs recorded at once, answered (2xx) only after ``release()``."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()  # an events POST was recorded and is held
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def wait(self) -> None:
+        self.arrived.set()
+        self._released.wait(HOLD_LIMIT_S)
 
 
 class ControlPlane(ThreadingHTTPServer):
@@ -28,6 +59,8 @@ class ControlPlane(ThreadingHTTPServer):
         self.events: list[dict[str, Any]] = []  # as received, duplicates included
         self.auth: list[str | None] = []
         self.hibernate_requests: list[tuple[str, dict[str, Any]]] = []
+        self.received: list[Received] = []  # all of the above, in order, with times
+        self.hold: Hold | None = None
         self.mode = "ok"  # ok | error | garbage | unauthorised
         self.delay_s = 0.0
         self.lock = threading.Lock()
@@ -37,12 +70,18 @@ class ControlPlane(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def received_list(self) -> list[Received]:
+        with self.lock:
+            return list(self.received)
+
     def start(self) -> ControlPlane:
         self._thread = threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        if self.hold is not None:
+            self.hold.release()  # no answer left waiting
         self.shutdown()
         self.server_close()
         if self._thread:
@@ -56,6 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
+        arrived = time.monotonic()
         if self.server.delay_s:
             time.sleep(self.server.delay_s)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -69,15 +109,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(401, {"error": "bad token"})
             return
         data = json.loads(body)
+        hold: Hold | None = None
         with self.server.lock:
             self.server.auth.append(self.headers.get("Authorization"))
             if self.path == "/api/agent/status":
                 self.server.heartbeats.append(data)
+                self.server.received.append(Received(arrived, "heartbeat", data))
             elif self.path == "/api/agent/events":
                 self.server.events.extend(data)
+                self.server.received.append(Received(arrived, "events", data))
+                hold = self.server.hold
             elif self.path.startswith("/api/instances/") and self.path.endswith("/hibernate"):
                 instance = self.path.split("/")[3]
                 self.server.hibernate_requests.append((instance, data))
+                self.server.received.append(Received(arrived, "hibernate", data))
                 self._answer(200, {"success": True,
                                    "snapshot_id": f"{instance}_hibernate_1734441600",
                                    "instance_destroyed": True})
@@ -85,7 +130,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._answer(404, {"error": "no such endpoint"})
                 return
-        self._answer(200, {"ok": True})
+        if hold is not None:
+            hold.wait()  # recorded; the answer only once released
+        with contextlib.suppress(OSError):  # the agent is gone (killed while it waited)
+            self._answer(200, {"ok": True})
 
     def _answer(self, code: int, data: Any) -> None:
         body = json.dumps(data).encode()
