@@ -119,37 +119,62 @@ def idle_gpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return nv
 
 
+CLOSED = "http://127.0.0.1:9"  # nothing listens there
+
+
+def agent_config(tmp_path: Path, hibernate: str, *, port: int, control_url: str = "",
+                 interval_s: int = 1, ollama_url: str = CLOSED) -> str:
+    """An agent's config: ``[hibernate]`` as given, everything it writes under tmp_path,
+    its API on ``port`` (which a reload must keep), GPU samples every 0.2 s."""
+    return (f"[hibernate]\n{hibernate}"
+            f'[heartbeat]\ncontrol_url = "{control_url}"\ninterval = {interval_s}\n'
+            f'instance_id = "vast_12345"\ntoken_file = "{tmp_path / "none"}"\n'
+            "[gpu]\nmonitor_interval = 0.2\n"
+            f'[api]\nlisten = "127.0.0.1:{port}"\n'
+            f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
+            f'[swap]\ndir = "{tmp_path / "swap"}"\n'
+            f'[ollama]\nurl = "{ollama_url}"\n')
+
+
 @pytest.fixture
-def agent_with(tmp_path: Path, idle_gpu: ModuleType) -> Iterator[Callable[..., Any]]:
-    """Agents in-process on one idle GPU, hibernation on after 6 s, ``[hibernate]`` lines
-    and the control plane given; this machine's logind is not asked, PSI never fires."""
+def start_agent(tmp_path: Path, idle_gpu: ModuleType
+                ) -> Iterator[Callable[..., tuple[Any, list[str]]]]:
+    """Start an agent on a config file (and its notifications, as systemd would get
+    them); this machine's logind is not asked, PSI never fires; stopped at the end."""
     from clusterctl.agent.service import Agent
     from clusterctl.host.nvml import Nvml
-    from tests.fakes.control_plane import free_port
 
     made: list[Agent] = []
 
-    def make(control_url: str, hibernate: str) -> Agent:
-        path = tmp_path / "clusterctl.toml"
-        path.write_text(
-            f'[hibernate]\nenabled = true\npause_after_minutes = 0.1\n{hibernate}'
-            f'[heartbeat]\ncontrol_url = "{control_url}"\ninterval = 1\n'
-            f'instance_id = "vast_12345"\ntoken_file = "{tmp_path / "none"}"\n'
-            '[gpu]\nmonitor_interval = 0.2\n'
-            f'[api]\nlisten = "127.0.0.1:{free_port()}"\n'
-            f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
-            f'[swap]\ndir = "{tmp_path / "swap"}"\n'
-            '[ollama]\nurl = "http://127.0.0.1:9"\n')
-        agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=lambda _: None)
-        agent.hibernation.logind = False  # this machine's logind is not asked
+    def start(path: Path) -> tuple[Agent, list[str]]:
+        notes: list[str] = []
+        agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=notes.append)
+        agent.hibernation.logind = False
         agent.psi_root = quiet_psi(tmp_path)
         made.append(agent)
         agent.start()
-        return agent
+        return agent, notes
 
-    yield make
+    yield start
     for agent in made:
         agent.stop()
+
+
+@pytest.fixture
+def agent_with(tmp_path: Path, start_agent: Callable[..., tuple[Any, list[str]]]
+               ) -> Callable[..., Any]:
+    """Agents in-process on one idle GPU, hibernation on after 6 s, ``[hibernate]`` lines
+    and the control plane given."""
+    from tests.fakes.control_plane import free_port
+
+    def make(control_url: str, hibernate: str) -> Any:
+        path = tmp_path / "clusterctl.toml"
+        path.write_text(agent_config(
+            tmp_path, f"enabled = true\npause_after_minutes = 0.1\n{hibernate}",
+            port=free_port(), control_url=control_url))
+        return start_agent(path)[0]
+
+    return make
 
 
 @pytest.fixture

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from clusterctl import config as cfg
 from clusterctl.errors import UsageError
+from clusterctl.hibernate import schedule
+from clusterctl.hibernate.controller import Hibernation
 from clusterctl.hibernate.schedule import Schedule, due, next_at, validate
+from tests.conftest import wait_until
 
 
 def utc(text: str) -> float:
@@ -76,41 +82,102 @@ class Clock:
         return self.now
 
 
-def test_a_scheduled_sleep_warns_then_acts_even_when_busy(tmp_path: Path) -> None:
-    from clusterctl import config as cfg
-    from clusterctl.hibernate import schedule
-    from clusterctl.hibernate.controller import Hibernation
+SAO_PAULO = Schedule("09:00", "18:00", "America/Sao_Paulo")  # 18:00 there is 21:00 UTC
+BUSY = (90.0,)  # one GPU at 90 %: a scheduled sleep does not wait for idleness
 
-    marker = tmp_path / "slept"
-    config = cfg.with_changes(
-        cfg.Config(paths=cfg.PathsConfig(state_dir=tmp_path / "state", run_dir=tmp_path)),
-        "hibernate", {"enabled": True, "action": "command", "schedule_grace": 60,
-                      "command": ["touch", str(marker)]})
-    schedule.save(tmp_path / "state", Schedule("09:00", "18:00", "America/Sao_Paulo"))
-    clock = Clock(utc("2026-11-23 20:58"))
-    events: list[tuple[str, str]] = []
-    hib = Hibernation(config, instance_id="n", record=lambda k, r, d: events.append((k, r)),
+
+def scheduled_node(tmp_path: Path, clock: Clock, events: list[str]
+                   ) -> tuple[Hibernation, Path]:
+    """A Hibernation on a real config file (grace 60 s, a command that appends a line to
+    ``action-ran`` each time it runs) with the Sao Paulo schedule saved; logind not asked."""
+    ran = tmp_path / "action-ran"
+    path = tmp_path / "clusterctl.toml"
+    path.write_text(f'[hibernate]\nenabled = true\naction = "command"\nschedule_grace = 60\n'
+                    f'command = ["sh", "-c", "echo ran >> {ran}"]\n'
+                    f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path}"\n')
+    config = cfg.load(path).config
+    schedule.save(config.paths.state_dir, SAO_PAULO)
+    hib = Hibernation(config, instance_id="n", record=lambda k, r, d: events.append(k),
                       drain=lambda: None, control=lambda: None, clock=clock, logind=False)
-    busy = (90.0,)
-    for minute in range(4):  # 20:58 .. 21:01 UTC, sampled each minute; 18:00 local = 21:00
-        clock.now = utc("2026-11-23 20:58") + 60 * minute
-        hib.observe(busy)
-    assert [k for k, _ in events] == ["hibernate_scheduled", "hibernate_started"]
-    assert events[0][1] == ("scheduled sleep at 18:00 America/Sao_Paulo: the action runs "
-                            "in 60 s")
-    deadline = time.monotonic() + 10
-    while hib.state.status != "hibernated" and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert hib.state.status == "hibernated" and marker.exists()
+    return hib, path
+
+
+def not_acted(hib: Hibernation, events: list[str], ran: Path) -> None:
+    assert "hibernate_started" not in events, events
+    assert hib.state.status not in ("hibernating", "hibernated")
+    assert not ran.exists()
+
+
+def test_a_scheduled_sleep_waits_its_grace_then_acts_even_when_busy(tmp_path: Path) -> None:
+    """sleep+0 warns, +30 s and +59 s still do nothing; +60 s (the grace) runs the action
+    on a busy node, once."""
+    sleep_at = utc("2026-11-23 21:00")
+    clock = Clock(sleep_at - 60)
+    events: list[str] = []
+    hib, _ = scheduled_node(tmp_path, clock, events)
+    ran = tmp_path / "action-ran"
+    for offset in (-60, 0, 30, 59):
+        clock.now = sleep_at + offset
+        hib.observe(BUSY)
+        not_acted(hib, events, ran)
+    assert events == ["hibernate_scheduled"]
+    clock.now = sleep_at + 60
+    hib.observe(BUSY)
+    assert events == ["hibernate_scheduled", "hibernate_started"]
+    wait_until(lambda: hib.state.status == "hibernated", 10)
+    assert ran.read_text() == "ran\n"
+    assert events == ["hibernate_scheduled", "hibernate_started", "hibernated"]
     assert hib.next_times(clock.now) == {"timezone": "America/Sao_Paulo",
                                          "sleep_at": "2026-11-24T21:00:00Z",
                                          "wake_at": "2026-11-24T12:00:00Z"}
 
 
-def test_a_manual_suspend_is_noticed_and_the_idle_clock_restarts(tmp_path: Path) -> None:
-    from clusterctl import config as cfg
-    from clusterctl.hibernate.controller import Hibernation
+def test_the_warning_says_when_the_action_runs(tmp_path: Path) -> None:
+    config = cfg.with_changes(
+        cfg.Config(paths=cfg.PathsConfig(state_dir=tmp_path / "state", run_dir=tmp_path)),
+        "hibernate", {"enabled": True, "action": "command", "schedule_grace": 60,
+                      "command": ["true"]})
+    schedule.save(tmp_path / "state", SAO_PAULO)
+    clock = Clock(utc("2026-11-23 20:59"))
+    said: list[tuple[str, str]] = []
+    hib = Hibernation(config, instance_id="n", record=lambda k, r, d: said.append((k, r)),
+                      drain=lambda: None, control=lambda: None, clock=clock, logind=False)
+    clock.now = utc("2026-11-23 21:00")
+    hib.observe(BUSY)
+    assert said == [("hibernate_scheduled", "scheduled sleep at 18:00 America/Sao_Paulo: "
+                     "the action runs in 60 s")]
 
+
+def cli(conf: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "clusterctl", "hibernate", *args,
+                           "--config", str(conf)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_inhibit_held_at_the_scheduled_time_holds_the_sleep_off(tmp_path: Path) -> None:
+    """`clusterctl hibernate inhibit` held when the grace ends: no action, however long
+    it holds; cleared, the next sample acts."""
+    sleep_at = next_at("18:00", SAO_PAULO.tz, time.time())  # within a day, in real time
+    clock = Clock(sleep_at - 60)
+    events: list[str] = []
+    hib, conf = scheduled_node(tmp_path, clock, events)
+    ran = tmp_path / "action-ran"
+    cli(conf, "inhibit", "--for", "48h", "--why", "training run")  # covers sleep_at
+    for offset in (0, 60, 61, 600):
+        clock.now = sleep_at + offset
+        hib.observe(BUSY)
+        not_acted(hib, events, ran)
+    assert events == ["hibernate_scheduled"]
+    cli(conf, "inhibit", "--clear")
+    clock.now = sleep_at + 601
+    hib.observe(BUSY)
+    wait_until(lambda: hib.state.status == "hibernated", 10)
+    assert ran.read_text() == "ran\n"
+    assert events == ["hibernate_scheduled", "hibernate_started", "hibernated"]
+
+
+def test_a_manual_suspend_is_noticed_and_the_idle_clock_restarts(tmp_path: Path) -> None:
     config = cfg.with_changes(
         cfg.Config(paths=cfg.PathsConfig(state_dir=tmp_path / "state", run_dir=tmp_path)),
         "hibernate", {"enabled": True, "action": "command", "command": ["true"]})

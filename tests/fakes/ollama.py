@@ -2,15 +2,18 @@
 
 Answers what clusterctl asks, in Ollama's shapes: ``GET /api/version`` ->
 ``{"version": "..."}``; ``GET /api/ps`` -> the loaded ``models``; ``POST /api/generate``
-with ``keep_alive: 0`` and no prompt unloads a model (``done_reason: "unload"``), as
-Ollama does. Anything else is a 404 like Ollama's router gives; every request is
-recorded (method, path, body) so a test can check nothing was deleted.
+with ``keep_alive: 0`` and no prompt, or ``POST /api/chat`` with ``keep_alive: 0`` and no
+messages, unloads a model (``done_reason: "unload"``), as Ollama does. Anything else is
+a 404 like Ollama's router gives; every request is recorded (method, path, body) so a
+test can check nothing was deleted, and every model unloaded is listed in ``unloads``
+(name, and ``time.time()`` when it went) so a test can tell when it happened.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,10 +27,12 @@ class FakeOllama(ThreadingHTTPServer):
         self.requests: list[str] = []
         self.calls: list[tuple[str, str, dict[str, object] | None]] = []
         self.loaded: list[dict[str, object]] = []  # /api/ps entries
+        self.unloads: list[tuple[str, float]] = []  # (model, time.time()) as each went
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)
         return f"http://{host}:{port}"
 
 
@@ -52,17 +57,21 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         self.server.calls.append(("POST", self.path, body))
-        if self.path != "/api/generate":
+        if self.path not in ("/api/generate", "/api/chat"):
             self._send(404, b"404 page not found", "text/plain")
             return
         names = [m["name"] for m in self.server.loaded]
         if body.get("model") not in names:
             self._json(404, {"error": f"model '{body.get('model')}' not found"})
             return
-        if body.get("keep_alive") == 0 and not body.get("prompt"):
+        asks = body.get("messages") if self.path == "/api/chat" else body.get("prompt")
+        if body.get("keep_alive") == 0 and not asks:
             self.server.loaded = [m for m in self.server.loaded if m["name"] != body["model"]]
+            self.server.unloads.append((body["model"], time.time()))
+            said = ({"message": {"role": "assistant", "content": ""}}
+                    if self.path == "/api/chat" else {"response": ""})
             self._json(200, {"model": body["model"], "created_at": "2026-11-23T00:00:00Z",
-                             "response": "", "done": True, "done_reason": "unload"})
+                             **said, "done": True, "done_reason": "unload"})
             return
         self._json(400, {"error": "this stand-in only unloads"})
 
