@@ -41,20 +41,22 @@ def test_before_the_action_the_control_plane_has_everything_and_ollama_is_empty(
                       f'command = ["sh", "-c", "{hold}"]\ncommand_timeout = 60\n',
             port=free_port(), control_url=plane.url, interval_s=3600, ollama_url=server.url))
         agent, _ = start_agent(path)
-        wait_until(lambda: agent.progress.delivery_at is not None, 10)  # the hourly pass
-        log = EventLog(tmp_path / "state", "vast_12345")
-        for n in (1, 2, 3):  # pending until the next pass, an hour away
-            log.record("swap_expanded", f"event {n}", {"n": n}, now=1_790_000_000.0 + n)
-        wait_until(started.exists, 15)  # the idle period (6 s) is over, the action runs
-        # the action is held: what the control plane and Ollama have now, they had before
-        action_at = float(started.read_text())
-        heartbeats = [h["status"] for h in plane.heartbeats]
-        received = [e["id"] for e in plane.events]
-        unloads = list(server.unloads)
-        still_loaded = list(server.loaded)
-        recorded = [json.loads(line) for line in
-                    (tmp_path / "state/events.jsonl").read_text().splitlines()]
-        release.touch()
+        try:
+            wait_until(lambda: agent.progress.delivery_at is not None, 10)  # the hourly pass
+            log = EventLog(tmp_path / "state", "vast_12345")
+            for n in (1, 2, 3):  # pending until the next pass, an hour away
+                log.record("swap_expanded", f"event {n}", {"n": n}, now=1_790_000_000.0 + n)
+            wait_until(started.exists, 15)  # the idle period (6 s) is over, the action runs
+            # the action is held: what the control plane and Ollama have now, they had before
+            action_at = float(started.read_text())
+            heartbeats = [h["status"] for h in plane.heartbeats]
+            received = [e["id"] for e in plane.events]
+            unloads = list(server.unloads)
+            still_loaded = list(server.loaded)
+            recorded = [json.loads(line) for line in
+                        (tmp_path / "state/events.jsonl").read_text().splitlines()]
+        finally:  # the held command never outlives the test
+            release.touch()
         wait_until(lambda: agent.hibernation.state.status == "hibernated", 15)
     assert heartbeats[-1] == "hibernating" and len(heartbeats) == 2, heartbeats
     kinds = [e["event_type"] for e in recorded]
