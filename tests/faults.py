@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from tests.conftest import FAKE_NVML_DIR, H100, REPO, wait_until
 from tests.fakes.control_plane import free_port
 

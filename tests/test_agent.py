@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from clusterctl.agent.service import Agent
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from clusterctl.host.nvml import Nvml
 from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
 from tests.fakes.control_plane import free_port, running

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clusterctl.agent.outbox import Outbox
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 
 
 def record(log: EventLog, *numbers: int) -> None:

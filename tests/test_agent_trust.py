@@ -351,8 +351,8 @@ def test_a_backlog_to_a_slow_control_plane_never_holds_heartbeats_or_the_watchdo
     from clusterctl import config as cfg
     from clusterctl.agent.control import ControlClient
     from clusterctl.agent.heartbeat import Delivery
-    from clusterctl.agent.outbox import Outbox
-    from clusterctl.events import EventLog
+    from clusterctl.events.log import EventLog
+    from clusterctl.events.outbox import Outbox
 
     state = tmp_path / "state"
     log_ = EventLog(state, "node-1")
@@ -442,8 +442,8 @@ def test_two_flushes_at_once_send_each_event_once(tmp_path: Path) -> None:
     from clusterctl import config as cfg
     from clusterctl.agent.control import ControlClient
     from clusterctl.agent.heartbeat import Delivery
-    from clusterctl.agent.outbox import Outbox
-    from clusterctl.events import EventLog
+    from clusterctl.events.log import EventLog
+    from clusterctl.events.outbox import Outbox
 
     state = tmp_path / "state"
     log_ = EventLog(state, "node-1")

@@ -18,9 +18,9 @@ from clusterctl import config as cfg
 from clusterctl.agent import control
 from clusterctl.agent.control import Answer, ControlClient, read_token
 from clusterctl.agent.heartbeat import Delivery
-from clusterctl.agent.outbox import Outbox
 from clusterctl.errors import ClusterctlError, HostError, TemporaryError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 from clusterctl.hibernate import actions
 from tests.fakes.hostile import (
     GARBAGE,

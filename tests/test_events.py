@@ -5,7 +5,7 @@ import multiprocessing
 import re
 from pathlib import Path
 
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 
 NOW = 1_765_967_700.0  # 2025-12-17T10:35:00Z
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from clusterctl.errors import HostError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from clusterctl.locks import exclusive
 from tests.faults import fill, tmpfs
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from tests.conftest import wait_until
 from tests.fakes import hostile
 from tests.fakes.control_plane import ControlPlane, free_port, running

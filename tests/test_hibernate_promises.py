@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clusterctl.agent.service import Agent
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from tests.conftest import agent_config, wait_until
 from tests.fakes import ollama
 from tests.fakes.control_plane import free_port, running

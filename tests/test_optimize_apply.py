@@ -18,8 +18,8 @@ from pyfakefs.fake_file import FakeFile
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from clusterctl import config as cfg
-from clusterctl import optimize
 from clusterctl.errors import HostError
+from clusterctl.optimize import executor as optimize
 from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_YAML_FILE, OLLAMA_DROPIN, SYSCTL_FILE
 from tests.hosttree import SAMPLES, laptop
 

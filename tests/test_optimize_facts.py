@@ -10,7 +10,7 @@ import pytest
 
 from clusterctl.config import Config, OllamaConfig
 from clusterctl.host.nvml import Nvml
-from clusterctl.optimize import read_facts
+from clusterctl.optimize.executor import read_facts
 from clusterctl.optimize.plan import plan
 from tests.conftest import H100, HOSTS, load_fake_nvml
 

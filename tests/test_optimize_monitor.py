@@ -14,9 +14,9 @@ import pytest
 
 from clusterctl.agent.control import ControlClient
 from clusterctl.agent.heartbeat import Delivery
-from clusterctl.agent.outbox import Outbox
 from clusterctl.config import Config, HeartbeatConfig, OllamaConfig, OptimizeConfig, PathsConfig
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 from clusterctl.optimize.monitor import (
     MonitorAction,
     MonitorState,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import optimize
 from clusterctl.config import Config, OllamaConfig, OptimizeConfig, PathsConfig
+from clusterctl.optimize import executor as optimize
 
 pytestmark = pytest.mark.integration
 KEYS = {"vm.swappiness": Path("/proc/sys/vm/swappiness"),

@@ -18,11 +18,11 @@ import pytest
 
 from clusterctl.agent.control import ControlClient
 from clusterctl.agent.heartbeat import Delivery
-from clusterctl.agent.outbox import Outbox
 from clusterctl.agent.service import Agent
 from clusterctl.config import HeartbeatConfig
-from clusterctl.events import FILE_NAME as EVENTS_FILE
-from clusterctl.events import EventLog
+from clusterctl.events.log import FILE_NAME as EVENTS_FILE
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 from clusterctl.host.nvml import Nvml
 from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
 from tests.fakes.control_plane import ControlPlane, Hold, free_port, running

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from clusterctl import config as cfg
 from clusterctl.agent.control import ControlClient
 from clusterctl.agent.heartbeat import Delivery
-from clusterctl.agent.outbox import Outbox
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 from tests.fakes.control_plane import running
 from tests.faults import fill, tmpfs
 

@@ -366,7 +366,7 @@ def test_a_full_disk_mid_create_is_a_failed_event_and_leaves_nothing(tmp_path: P
     """Facts said there was room; the filesystem filled up before the file was made."""
     from dataclasses import replace
 
-    from clusterctl import swap
+    from clusterctl.swap import executor as swap
     from clusterctl.swap.policy import plan_expand
 
     with loop_mount(tmp_path, "ext4", size_mib=320) as mount:

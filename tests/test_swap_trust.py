@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import swap
 from clusterctl.errors import HostError
+from clusterctl.swap import executor as swap
 from clusterctl.swap.policy import plan_clean, plan_expand
 from clusterctl.system import swapfiles
 from clusterctl.units import MIB

@@ -28,6 +28,7 @@ import itertools
 import math
 import os
 import re
+import socket
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -1177,3 +1178,9 @@ def _a(noun: str) -> str:
 
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def instance_id(config: Config) -> str:
+    """This node's name to the control plane and in events: ``[heartbeat] instance_id``,
+    else the host name."""
+    return config.heartbeat.instance_id or socket.gethostname()

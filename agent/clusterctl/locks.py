@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from clusterctl.errors import HostError, TemporaryError
-from clusterctl.events import open_regular
+from clusterctl.system import open_regular
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from datetime import datetime, timezone
 
 KIB = 1024
 MIB = 1024**2
@@ -62,3 +63,8 @@ def percent(part: float, whole: float) -> float | None:
     if whole <= 0:
         return None
     return 100.0 * part / whole
+
+
+def iso_utc(ts: float) -> str:
+    """A Unix time as ISO-8601 UTC to the second: ``2026-11-23T21:00:00Z``."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

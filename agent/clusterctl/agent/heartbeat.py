@@ -23,9 +23,10 @@ from typing import Any
 
 from clusterctl import __version__, system
 from clusterctl.agent.control import Backoff, ControlClient
-from clusterctl.agent.outbox import Outbox
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import iso_utc, open_regular
+from clusterctl.events.outbox import Outbox
+from clusterctl.system import open_regular
+from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl.agent")
 SCHEMA_VERSION = 1

@@ -34,14 +34,13 @@ from typing import Any
 import sdnotify
 
 from clusterctl import config as cfg
-from clusterctl import swap
 from clusterctl.agent.api import serve
 from clusterctl.agent.control import TOTAL_TIMEOUT_S, ControlClient
 from clusterctl.agent.heartbeat import Delivery, status_payload
 from clusterctl.agent.metrics import write_textfile
-from clusterctl.agent.outbox import Outbox
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 from clusterctl.gpu.monitor import GpuMonitor
 from clusterctl.gpu.shapes import fleet_metrics
 from clusterctl.hibernate.controller import Hibernation
@@ -49,6 +48,7 @@ from clusterctl.host.nvml import Nvml
 from clusterctl.host.procfs import read_boot_id, read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.host.software import read_loaded_models
+from clusterctl.swap import executor as swap
 from clusterctl.system.memory import unload_model
 
 log = logging.getLogger("clusterctl.agent")
@@ -140,7 +140,7 @@ class Agent:
         self._reload = threading.Event()
         self._naps = threading.Condition()
         self._generation = 0
-        self.hibernation = Hibernation(self.config, instance_id=swap.instance_id(self.config),
+        self.hibernation = Hibernation(self.config, instance_id=cfg.instance_id(self.config),
                                        record=self._record, drain=self._drain,
                                        control=self._control_client, clock=clock,
                                        failed=lambda err: self.loop_failed("hibernate", err))
@@ -285,7 +285,7 @@ class Agent:
         state = self.hibernation.state
         memory, swap_ = self.summaries()
         return status_payload(
-            instance_id=swap.instance_id(self.config), boot_id=read_boot_id(Path("/")),
+            instance_id=cfg.instance_id(self.config), boot_id=read_boot_id(Path("/")),
             sequence=sequence, now=self.clock(),
             monotonic_s=time.monotonic() - self.started_monotonic, status=state.status,
             idle_since=state.idle_since, gpus=metrics["gpus"], memory=memory, swap=swap_,
@@ -374,7 +374,7 @@ class Agent:
 
     def _record(self, kind: str, reason: str, details: dict[str, Any]) -> None:
         try:
-            EventLog(self.config.paths.state_dir, swap.instance_id(self.config)).record(
+            EventLog(self.config.paths.state_dir, cfg.instance_id(self.config)).record(
                 kind, reason, details, now=self.clock())
         except ClusterctlError as err:
             log.error("cannot record %s: %s", kind, err.one_line())

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from clusterctl.check import Report
     from clusterctl.check.report import Finding
+    from clusterctl.check.run import Report
     from clusterctl.host import HostFacts
 
 # rich, the host readers and the checker load when `check` runs, not when any
@@ -62,7 +62,7 @@ def check(
     """
     from rich.console import Console
 
-    from clusterctl.check import report_dict, run_check
+    from clusterctl.check.run import report_dict, run_check
     from clusterctl.host import Nvml
 
     start(verbose, quiet)
@@ -88,7 +88,7 @@ def _progress(*, enabled: bool) -> Iterator[Callable[[int], None] | None]:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from clusterctl.check import WRITE_TEST_BYTES
+    from clusterctl.check.run import WRITE_TEST_BYTES
 
     with Progress(
         "[progress.description]{task.description}",

@@ -22,7 +22,7 @@ from clusterctl.cli.common import (
     start,
 )
 from clusterctl.errors import EXIT_FAILED, UsageError
-from clusterctl.events import iso_utc
+from clusterctl.units import iso_utc
 
 app = typer.Typer(help="Idle GPU machines go to sleep by themselves: status, actions, events.",
                   no_args_is_help=True)
@@ -38,9 +38,9 @@ def _iso(ts: float | None) -> str | None:
 
 
 def status_dict(config: cfg.Config, *, logind: bool = True) -> dict[str, Any]:
+    from clusterctl.config import instance_id
     from clusterctl.hibernate import schedule
     from clusterctl.hibernate.controller import inhibited_by, load_state
-    from clusterctl.swap import instance_id
 
     state = load_state(config.paths.state_dir)
     sched = schedule.load(config.paths.state_dir)
@@ -104,7 +104,7 @@ def events_cmd(limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
                json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
                quiet: QuietOpt = False) -> None:
     """Hibernation events, newest first (the seed's {"events": [...]})."""
-    from clusterctl.events import EventLog
+    from clusterctl.events.log import EventLog
 
     start(verbose, quiet)
     c = cfg.load(config).config
@@ -158,9 +158,9 @@ def now_cmd(dry_run: DryRunOpt = False, config: ConfigOpt = None, verbose: Verbo
             quiet: QuietOpt = False) -> None:
     """Run [hibernate] action now, whatever the GPUs are doing (--dry-run: say what)."""
     from clusterctl.agent.control import ControlClient
-    from clusterctl.events import EventLog
+    from clusterctl.config import instance_id
+    from clusterctl.events.log import EventLog
     from clusterctl.hibernate import actions
-    from clusterctl.swap import instance_id
     from clusterctl.system import sleep
 
     start(verbose, quiet)
@@ -205,13 +205,13 @@ def heartbeat_cmd(once: Annotated[bool, typer.Option("--once", help="Send one an
     """Send one heartbeat to [heartbeat] control_url now (the agent sends them normally)."""
     from clusterctl.agent.control import ControlClient
     from clusterctl.agent.heartbeat import Delivery, status_payload
-    from clusterctl.agent.outbox import Outbox
+    from clusterctl.config import instance_id
+    from clusterctl.events.outbox import Outbox
     from clusterctl.gpu.monitor import view_now
     from clusterctl.gpu.shapes import fleet_metrics
     from clusterctl.hibernate.controller import load_state
     from clusterctl.host.nvml import Nvml
     from clusterctl.host.procfs import read_boot_id, read_memory
-    from clusterctl.swap import instance_id
 
     start(verbose, quiet)
     if not once:

@@ -68,8 +68,8 @@ def plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Verbo
     Lines marked * would change. A sysctl set by a later file in /etc/sysctl.d
     is reported and left to that file (it wins at boot).
     """
-    from clusterctl import optimize
     from clusterctl.host import Nvml
+    from clusterctl.optimize import executor as optimize
 
     start(verbose, quiet)
     loaded = cfg.load(config)
@@ -90,8 +90,8 @@ def apply_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False, config: Con
     The first change saves every original value under the state dir;
     `clusterctl optimize revert` puts them back.
     """
-    from clusterctl import optimize
     from clusterctl.host import Nvml
+    from clusterctl.optimize import executor as optimize
 
     start(verbose, quiet)
     loaded = cfg.load(config)
@@ -120,7 +120,7 @@ def apply_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False, config: Con
 def verify_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
                quiet: QuietOpt = False) -> None:
     """Drift between what apply set and what is live now; exit 1 if any."""
-    from clusterctl import optimize
+    from clusterctl.optimize import executor as optimize
 
     start(verbose, quiet)
     loaded = cfg.load(config)
@@ -143,7 +143,7 @@ def revert_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
                config: ConfigOpt = None, verbose: VerboseOpt = 0,
                quiet: QuietOpt = False) -> None:
     """Put back every original value, remove the files apply created, restart what it touched."""
-    from clusterctl import optimize
+    from clusterctl.optimize import executor as optimize
 
     start(verbose, quiet)
     loaded = cfg.load(config)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from clusterctl.config import Config
-    from clusterctl.swap import Operation, RunResult
+    from clusterctl.swap.executor import Operation, RunResult
     from clusterctl.swap.policy import Action, Plan, SwapFacts
 
 app = typer.Typer(help="Auto-expanding swap files in [swap] dir.", no_args_is_help=True)
@@ -57,7 +57,7 @@ def status_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Managed swap files, memory use, and what the next `swap auto` would do and why."""
-    from clusterctl import swap
+    from clusterctl.swap import executor as swap
 
     start(verbose, quiet)
     loaded = cfg.load(config)
@@ -70,7 +70,7 @@ def status_cmd(
 
 def _changing(operation: Operation, size: str | None, dry_run: bool, json_out: bool,
               config: Path | None, wait: float) -> None:
-    from clusterctl import swap
+    from clusterctl.swap import executor as swap
 
     loaded = cfg.load(config)
     size_bytes = None

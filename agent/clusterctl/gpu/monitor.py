@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Literal
 
 from clusterctl import system
-from clusterctl.config import Config
+from clusterctl.config import Config, instance_id
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from clusterctl.gpu import power
 from clusterctl.gpu.history import History, Point
 from clusterctl.gpu.states import GpuState, next_state
 from clusterctl.gpu.throttle import Decision, Throttled, decide
 from clusterctl.host.nvml import GpuSample, GpuSnapshot, Nvml
-from clusterctl.swap import instance_id
 
 log = logging.getLogger("clusterctl.gpu")
 PROCESSES_EVERY = 10  # process lists are a slow read: every 10th sample

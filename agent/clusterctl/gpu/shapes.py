@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from clusterctl.events import iso_utc
 from clusterctl.gpu.history import Trend
 from clusterctl.gpu.monitor import GpuView
 from clusterctl.host.nvml import GpuSnapshot
+from clusterctl.units import iso_utc
 
 
 def fleet_metrics(snapshot: GpuSnapshot, views: tuple[GpuView, ...]) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from typing import Any
 from clusterctl import system
 from clusterctl.config import Config
 from clusterctl.errors import ClusterctlError
-from clusterctl.events import iso_utc
 from clusterctl.hibernate import actions, schedule
 from clusterctl.hibernate.idle import IdleRules, IdleState, Observation, finished, step
 from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times
 from clusterctl.host.sessions import running, ssh_sessions
 from clusterctl.system import sleep
+from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl.hibernate")
 STATE_FILE = "hibernate.json"

@@ -8,13 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterctl.config import Config
+from clusterctl.config import Config, instance_id
 from clusterctl.errors import HostError
-from clusterctl.events import EventLog
+from clusterctl.events.log import EventLog
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.software import LoadedModel, read_loaded_models
-from clusterctl.optimize import rooted
-from clusterctl.swap import instance_id
+from clusterctl.optimize.executor import rooted
 from clusterctl.system.memory import compact_memory, drop_page_cache, unload_model
 
 log = logging.getLogger("clusterctl.optimize")

@@ -35,17 +35,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from clusterctl import swap, system
-from clusterctl.agent.outbox import Outbox
-from clusterctl.config import Config, cleanup_refusal, normal_path
+from clusterctl import system
+from clusterctl.config import Config, cleanup_refusal, instance_id, normal_path
 from clusterctl.errors import HostError
-from clusterctl.events import FILE_NAME as EVENTS_FILE
-from clusterctl.events import EventLog
+from clusterctl.events.log import FILE_NAME as EVENTS_FILE
+from clusterctl.events.log import EventLog
+from clusterctl.events.outbox import Outbox
 from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times, read_memory
-from clusterctl.optimize import restart_units, rooted
 from clusterctl.optimize.emergency import free_memory
+from clusterctl.optimize.executor import restart_units, rooted
 from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_UNIT, parse_env
-from clusterctl.swap import instance_id
+from clusterctl.swap import executor as swap
 from clusterctl.units import format_size
 
 log = logging.getLogger("clusterctl.optimize")

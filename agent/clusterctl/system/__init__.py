@@ -9,6 +9,7 @@ file writes (the config editor); swap, sysctl and unit changes join it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -83,3 +84,19 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: Path, flags: int, *, what: str, mode: int = 0o600) -> int:
+    """``os.open`` that never follows a symlink at ``path`` and accepts only a regular file
+    (O_NONBLOCK: a FIFO planted there cannot hang the open)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise HostError(f"{what} {path} is a symlink; clusterctl never writes through one",
+                            fix=f"remove {path}") from err
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HostError(f"{what} {path} is not a regular file", fix=f"remove {path}")
+    return fd

@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import stat
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -28,32 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from clusterctl.errors import HostError
+from clusterctl.system import open_regular
+from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl")
 FILE_NAME = "events.jsonl"
 ROTATE_BYTES = 8 * 2**20  # then renamed events.jsonl.<UTC time>; monitor removes old ones
 _NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
             errno.EIO: "I/O error", errno.EFBIG: "file too large"}
-
-
-def iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def open_regular(path: Path, flags: int, *, what: str, mode: int = 0o600) -> int:
-    """``os.open`` that never follows a symlink at ``path`` and accepts only a regular file
-    (O_NONBLOCK: a FIFO planted there cannot hang the open)."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise HostError(f"{what} {path} is a symlink; clusterctl never writes through one",
-                            fix=f"remove {path}") from err
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise HostError(f"{what} {path} is not a regular file", fix=f"remove {path}")
-    return fd
 
 
 class EventLog:

@@ -44,8 +44,9 @@ from typing import IO, Any, TypeGuard
 
 from clusterctl import system
 from clusterctl.errors import ClusterctlError, HostError
-from clusterctl.events import FILE_NAME as EVENTS_FILE
-from clusterctl.events import open_regular, parse_event
+from clusterctl.events.log import FILE_NAME as EVENTS_FILE
+from clusterctl.events.log import parse_event
+from clusterctl.system import open_regular
 from clusterctl.units import format_size
 
 log = logging.getLogger("clusterctl.agent")
