@@ -5,64 +5,94 @@ from typing import Any
 
 import pytest
 
-from clusterctl.check.report import build_report, tier_profile
+from clusterctl.check.report import Report, build_report
 from clusterctl.config import Config
+from clusterctl.host import HostFacts
 from clusterctl.host.disk_speed import WriteTestResult
+from clusterctl.optimize.plan import OptimizeFacts, plan, tier_profile
 from clusterctl.units import GIB, KIB, MIB
 from tests.factories import ADVANCED, BASIC, INTERMEDIATE, machine
 
 CONFIG = Config()
 
 
-def report_for(**spec: Any):  # type: ignore[no-untyped-def]
-    return build_report(machine(**spec), CONFIG)
+def optimize_facts(host: HostFacts, *, dask: bool = True) -> OptimizeFacts:
+    """What `optimize` reads on the machine the factory describes (sysctls at their defaults,
+    none of clusterctl's files yet)."""
+    media = host.swap_dir.media
+    return OptimizeFacts(
+        logical_cores=host.cpu.logical_cores, ram_bytes=host.memory.total_bytes,
+        swap_media="ssd" if media == "ssd" else "hdd" if media == "hdd" else None,
+        gpu_vram_bytes=tuple(g.memory_total_bytes for g in host.gpus.gpus
+                             if not g.lost and g.memory_total_bytes),
+        ollama_installed=host.ollama.installed, dask_installed=dask,
+        sysctl_live={"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"},
+        sysctl_overrides=(), ollama_env={}, files_now={})
 
 
-def codes(report) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def report_for(**spec: Any) -> Report:
+    host = machine(**spec)
+    return build_report(host, CONFIG, plan=plan(optimize_facts(host), CONFIG))
+
+
+def codes(report: Report) -> dict[str, str]:
     return {f.code: f.severity for f in report.findings}
 
 
-# -- the seed's three machines: tier, recommendations, score -------------------
+def recommended(report: Report, *keys: str) -> dict[str, str]:
+    values = {s.key: s.value for s in report.recommendations}
+    return {k: values.get(k, "(not recommended)") for k in keys}
+
+
+# -- the hardware table's three example machines: tier, recommendations, score ---------
+# The recommendations are the optimize plan: the tier's row is the floor, the node's
+# cores, RAM and VRAM bound it.
 
 
 def test_basic_machine() -> None:
     report = report_for(**BASIC)
     assert report.tier == "basic"
-    assert report.recommendations == {
-        "DASK_WORKERS": 2, "DASK_THREADS": 1, "MEMORY_LIMIT": "1.5GB",
-        "OLLAMA_LAYERS": 10, "OLLAMA_MODELS": 1,
-        "vm.swappiness": 30, "vm.vfs_cache_pressure": 100,  # HDD values
-    }
+    expected = {"DASK_NWORKERS": "2", "DASK_NTHREADS": "1", "DASK_MEMORY_LIMIT": "1.5GB",
+                "vm.swappiness": "30", "vm.vfs_cache_pressure": "100"}  # HDD values
+    assert recommended(report, *expected) == expected
+    assert report.recommendations_skipped == (
+        "ollama: not installed (no ollama binary or ollama.service)",)
     ram_gib = 3_995_000 * KIB / GIB
-    expected = 25 * 2 / 16 + 25 * ram_gib / 64 + (4 + 5 * 50 / 100) + 0
-    assert report.score == round(expected) == 11
+    score = 25 * 2 / 16 + 25 * ram_gib / 64 + (4 + 5 * 50 / 100) + 0
+    assert report.score == round(score) == 11
     assert report.ready  # "4 GB" with 3.8 GiB MemTotal meets the 4 GiB minimum
 
 
 def test_intermediate_machine() -> None:
     report = report_for(**INTERMEDIATE)
     assert report.tier == "intermediate"
-    assert report.recommendations == {
-        "DASK_WORKERS": 4, "DASK_THREADS": 2, "MEMORY_LIMIT": "3GB",
-        "OLLAMA_LAYERS": 20, "OLLAMA_MODELS": 2,
-        "vm.swappiness": 10, "vm.vfs_cache_pressure": 50,  # SSD values
-    }
+    expected = {"DASK_NWORKERS": "4", "DASK_NTHREADS": "2",
+                "vm.swappiness": "10", "vm.vfs_cache_pressure": "50"}  # SSD values
+    assert recommended(report, *expected) == expected
+    # "12 GB" cannot give 4 workers the tier's 3GB each: 0.8 x 12.4 GB / 4 = 2.49 -> 2GB
+    limit = next(s for s in report.recommendations if s.key == "DASK_MEMORY_LIMIT")
+    assert (limit.value, limit.floor) == ("2GB", "3GB")
+    assert limit.reason.startswith("intermediate tier floor 3GB, lowered: 80% of RAM")
     gpu = 35 * math.log2(1 + 8188 * MIB / GIB) / math.log2(81)
-    expected = 25 * 6 / 16 + 25 * (12_150_000 * KIB / GIB) / 64 + 15 + gpu
-    assert report.score == round(expected) == 46
+    score = 25 * 6 / 16 + 25 * (12_150_000 * KIB / GIB) / 64 + 15 + gpu
+    assert report.score == round(score) == 46
 
 
 def test_advanced_machine() -> None:
-    report = report_for(**ADVANCED)
+    report = report_for(**ADVANCED, ollama="running")
     assert report.tier == "advanced"
-    assert report.recommendations["DASK_WORKERS"] == 6
-    assert report.recommendations["DASK_THREADS"] == 2
-    assert report.recommendations["MEMORY_LIMIT"] == "4GB"
-    assert report.recommendations["OLLAMA_LAYERS"] == 35
-    assert report.recommendations["OLLAMA_MODELS"] == 3
+    expected = {"DASK_NWORKERS": "6", "DASK_NTHREADS": "2", "DASK_MEMORY_LIMIT": "4GB",
+                "num_gpu": "35", "OLLAMA_MAX_LOADED_MODELS": "3"}
+    assert recommended(report, *expected) == expected
     assert report.score == 78
     assert [p.name for p in report.score_parts] == ["cpu", "memory", "storage", "gpu"]
     assert sum(p.max_points for p in report.score_parts) == 100
+
+
+def test_without_a_plan_the_check_recommends_nothing_but_still_judges() -> None:
+    report = build_report(machine(**BASIC), CONFIG, plan=None)
+    assert report.recommendations == () and report.recommendations_skipped == ()
+    assert report.tier == "basic" and report.ready
 
 
 @pytest.mark.parametrize(
@@ -88,7 +118,7 @@ def test_a_big_gpu_node_scores_near_full_marks() -> None:
 def test_measured_write_speed_replaces_the_media_guess() -> None:
     facts = machine(**ADVANCED)
     slow = WriteTestResult("/var/lib", 256 * MIB, seconds=2.56)  # 100 MiB/s
-    report = build_report(facts, CONFIG, mode="full", write_test=slow)
+    report = build_report(facts, CONFIG, plan=None, mode="full", write_test=slow)
     storage = next(p for p in report.score_parts if p.name == "storage")
     assert storage.points == pytest.approx(10 * (256 * MIB / 2.56) / 500e6 + 5)
     assert "measured 105 MB/s" in storage.detail

@@ -38,7 +38,8 @@ def test_help_lists_the_commands() -> None:
 def test_check_json_on_a_two_gpu_server(tmp_path: Path, conf: Path, fake_nvml: ModuleType
                                         ) -> None:
     fake_nvml.configure({"gpus": [H100, {**H100, "uuid": "GPU-b"}]})
-    root = gpu_server(tmp_path / "host").root
+    root = (gpu_server(tmp_path / "host").file("proc/sys/vm/swappiness", "60\n")
+            .file("proc/sys/vm/vfs_cache_pressure", "100\n")).root
     code, out, err = invoke("check", "--json", "--root", str(root), "--config", str(conf))
     assert code == 0, err
     data = json.loads(out)
@@ -51,7 +52,13 @@ def test_check_json_on_a_two_gpu_server(tmp_path: Path, conf: Path, fake_nvml: M
     assert data["gpu_reason"] is None
     assert data["swap_dir"]["device"] == "md0" and data["swap_dir"]["media"] == "ssd"
     assert [d["name"] for d in data["disks"]] == ["nvme0n1", "nvme1n1", "sda"]
-    assert data["recommendations"]["OLLAMA_MODELS"] == 3
+    # what `optimize apply` would set there: neither Ollama nor Dask is installed
+    assert [(r["key"], r["value"], r["file"]) for r in data["recommendations"]] == [
+        ("vm.swappiness", "10", "/etc/sysctl.d/90-clusterctl.conf"),
+        ("vm.vfs_cache_pressure", "50", "/etc/sysctl.d/90-clusterctl.conf")]
+    assert data["recommendations_skipped"] == [
+        "ollama: not installed (no ollama binary or ollama.service)",
+        "dask: not installed (no distributed package found)"]
     assert 0 <= data["score"] <= 100
     assert sum(p["points"] for p in data["score_parts"]) == pytest.approx(data["score"], abs=0.5)
 
@@ -74,8 +81,11 @@ def test_check_human_report(conf: Path, fake_nvml: ModuleType) -> None:
     assert code == 0
     assert out.startswith("ci-vm-zram: tier basic, score ")
     assert "/dev/zram0 1024M prio 100" in out
-    assert "Recommended for the basic tier" in out
-    assert "DASK_WORKERS" in out
+    assert ("Recommended for the basic tier: what `clusterctl optimize apply` would set "
+            "(* differs from now)\n") in out
+    # what `optimize` would set there: nothing (a tree without /proc/sys, no Ollama, no Dask)
+    assert "skipped vm.swappiness: this kernel has no /proc/sys/vm/swappiness\n" in out
+    assert "skipped dask: not installed (no distributed package found)\n" in out
     assert "WARN swap dir /var/lib/clusterctl/swap (ext4 on /) is on a rotating disk" in out
     assert "fix: set [swap] dir to a filesystem on an SSD or NVMe disk" in out
 

@@ -1,7 +1,9 @@
-"""The optimize planner: the seed's table, disk types, GPU-less and multi-GPU nodes."""
+"""The optimize planner: the hardware table as the floor, disk types, GPU-less and multi-GPU
+nodes."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from clusterctl.config import Config, OptimizeConfig
 from clusterctl.optimize.plan import (
     DASK_ENV_FILE,
     DASK_YAML_FILE,
+    GB,
     OLLAMA_DROPIN,
     SYSCTL_FILE,
     OptimizeFacts,
@@ -32,9 +35,9 @@ def facts(*, cores: int, memtotal_kib: int, vram_mib: tuple[int, ...] = (),
     return OptimizeFacts(**base)
 
 
-# The seed's three example machines (cluster-ai-resource-manager.md, "Recomendações por
-# Hardware"), each at the top of its row, MemTotal as such machines show it.
-SEED_MACHINES = {
+# The hardware table's three example machines, each at the top of its row, MemTotal as such
+# machines show it.
+EXAMPLE_MACHINES = {
     # 2 cores, "4 GB", a 4 GB GPU (GTX 1650)
     "basic": facts(cores=2, memtotal_kib=3_995_000, vram_mib=(4096,)),
     # 6 cores, "16 GB", an 8 GB GPU (RTX 4060)
@@ -42,25 +45,25 @@ SEED_MACHINES = {
     # 16 cores, "32 GB", a 24 GB GPU (RTX 4090)
     "advanced": facts(cores=16, memtotal_kib=32_780_000, vram_mib=(24564,)),
 }
-# DASK_WORKERS, DASK_THREADS, MEMORY_LIMIT, OLLAMA_LAYERS, OLLAMA_MODELS
-SEED_TABLE = {
+# DASK_NWORKERS, DASK_NTHREADS, DASK_MEMORY_LIMIT, num_gpu, OLLAMA_MAX_LOADED_MODELS
+TABLE = {
     "basic": ("2", "1", "1.5GB", "10", "1"),
     "intermediate": ("4", "2", "3GB", "20", "2"),
     "advanced": ("6", "2", "4GB", "35", "3"),
 }
 
 
-@pytest.mark.parametrize("tier", SEED_TABLE)
-def test_the_seeds_example_machines_give_its_table(tier: str) -> None:
-    p = plan(SEED_MACHINES[tier], Config())
+@pytest.mark.parametrize("tier", TABLE)
+def test_the_tables_example_machines_get_its_rows(tier: str) -> None:
+    p = plan(EXAMPLE_MACHINES[tier], Config())
     assert p.tier == tier
     got = tuple(p.setting(k).value for k in ("DASK_NWORKERS", "DASK_NTHREADS",
                                              "DASK_MEMORY_LIMIT", "num_gpu",
                                              "OLLAMA_MAX_LOADED_MODELS"))
-    assert got == SEED_TABLE[tier]
+    assert got == TABLE[tier]
 
 
-def test_ssd_and_hdd_get_the_seeds_sysctls() -> None:
+def test_ssd_and_hdd_get_their_sysctls() -> None:
     ssd = plan(facts(cores=8, memtotal_kib=32_000_000, media="ssd"), Config())
     hdd = plan(facts(cores=8, memtotal_kib=32_000_000, media="hdd"), Config())
     unknown = plan(facts(cores=8, memtotal_kib=32_000_000, media=None), Config())
@@ -132,7 +135,7 @@ def test_missing_software_is_skipped_with_a_reason() -> None:
 
 
 def test_the_dask_files_carry_the_settings() -> None:
-    p = plan(SEED_MACHINES["advanced"], Config())
+    p = plan(EXAMPLE_MACHINES["advanced"], Config())
     env = next(f for f in p.files if f.path == DASK_ENV_FILE).content
     assert "DASK_SCHEDULER_ADDRESS=tcp://127.0.0.1:8786\nDASK_NWORKERS=6\n" in env
     yaml = next(f for f in p.files if f.path == DASK_YAML_FILE).content
@@ -144,3 +147,82 @@ def test_the_dask_files_carry_the_settings() -> None:
     assert not [s.key for s in again.settings if s.group == "dask" and s.changes]
 
 
+
+
+# -- the tier row is the floor -------------------------------------------------------
+
+
+def test_this_node_gives_each_worker_its_ram_share_above_the_basic_floor() -> None:
+    """The 2-core, 23.5 GiB node of the report: the basic row says 1.5GB per worker, the
+    node's RAM gives 10GB, and that is what `optimize` writes and `check` recommends."""
+    limit = plan(facts(cores=2, memtotal_kib=24_684_096, ollama=False), Config()
+                 ).setting("DASK_MEMORY_LIMIT")
+    assert (limit.value, limit.floor) == ("10GB", "1.5GB")
+    assert limit.reason == ("basic tier floor 1.5GB, raised: 80% of RAM (23.5G) / 2 workers, "
+                            "in 0.5GB steps")
+
+
+def test_a_node_below_its_rows_memory_figure_is_lowered_and_says_why() -> None:
+    p = plan(facts(cores=4, memtotal_kib=8_058_956, media="hdd", ollama=False), Config())
+    assert p.tier == "intermediate"  # 4 cores, "8 GB"
+    limit = p.setting("DASK_MEMORY_LIMIT")  # 4 x 3GB would not fit in 80 % of 8.25 GB
+    assert (limit.value, limit.floor) == ("1.5GB", "3GB")
+    assert limit.reason.startswith("intermediate tier floor 3GB, lowered: 80% of RAM (7.7G)")
+    threads = p.setting("DASK_NTHREADS")
+    assert (threads.value, threads.floor) == ("1", "2")
+    assert threads.reason.endswith("lowered: 4 cores for 4 workers")
+
+
+SHAPES = {
+    **{f"{tier} example": m for tier, m in EXAMPLE_MACHINES.items()},
+    "2 cores, 23.5 GiB, no GPU": facts(cores=2, memtotal_kib=24_684_096, ollama=False),
+    "2 cores, 23.5 GiB, Ollama on the CPU": facts(cores=2, memtotal_kib=24_684_096),
+    "2 cores, 3.8 GiB, Ollama on the CPU": facts(cores=2, memtotal_kib=3_995_000),
+    "1 core, 4 GiB": facts(cores=1, memtotal_kib=4_000_000),
+    "3 cores, 61 GiB": facts(cores=3, memtotal_kib=64_000_000),
+    "4 cores, 7.7 GiB": facts(cores=4, memtotal_kib=8_058_956),
+    "8 threads, 15.3 GiB, Ollama on the CPU": facts(cores=8, memtotal_kib=16_082_128),
+    "16 cores, 126 GiB, a 4 GB GPU": facts(cores=16, memtotal_kib=131_981_020, vram_mib=(4096,)),
+    "64 cores, 1 TiB, 8 x 80 GB": facts(cores=64, memtotal_kib=1_056_000_000,
+                                        vram_mib=(81559,) * 8),
+}
+
+
+def _number(value: str) -> float:
+    return float(value.removesuffix("GB"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_tier_row_is_a_floor_left_only_where_the_node_bounds_it(shape: str) -> None:
+    """Every setting from the table starts at its row's value; it ends below only where the
+    node cannot hold it (and the reason says "lowered" and names the limit), above only as
+    a share of what the node has ("raised"); and the limits do hold."""
+    node = SHAPES[shape]
+    config = Config()
+    p = plan(node, config)
+    floored = [s for s in p.settings if s.floor is not None]
+    ollama_keys = {"OLLAMA_MAX_LOADED_MODELS", "num_gpu"} if node.ollama_installed else set()
+    assert {s.key for s in floored} == {"DASK_NWORKERS", "DASK_NTHREADS",
+                                        "DASK_MEMORY_LIMIT"} | ollama_keys
+    for s in floored:
+        value, floor = _number(s.value), _number(s.floor or "")
+        assert s.reason.startswith(f"{p.tier} tier floor "), s
+        assert ("lowered: " in s.reason) == (value < floor), s
+        assert ("raised: " in s.reason) == (value > floor), s
+    workers = int(p.setting("DASK_NWORKERS").value)
+    threads = int(p.setting("DASK_NTHREADS").value)
+    limit = _number(p.setting("DASK_MEMORY_LIMIT").value) * GB
+    assert workers <= node.logical_cores or workers == 1
+    assert threads <= math.ceil(node.logical_cores / workers)  # about a thread per core
+    reserve = 0
+    if node.ollama_installed:
+        models = int(p.setting("OLLAMA_MAX_LOADED_MODELS").value)
+        model = config.optimize.ollama_model_size_bytes
+        fit = (sum(v // model for v in node.gpu_vram_bytes) if node.gpu_vram_bytes
+               else node.ram_bytes // 2 // model)
+        assert models <= max(1, fit)
+        assert p.setting("num_gpu").value == (p.setting("num_gpu").floor
+                                              if node.gpu_vram_bytes else "0")
+        reserve = 0 if node.gpu_vram_bytes else models * model
+    share = config.optimize.dask_memory_fraction * (node.ram_bytes - reserve)
+    assert workers * limit <= share or limit == 0.5 * GB  # Dask's smallest useful limit

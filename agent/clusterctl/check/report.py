@@ -1,65 +1,31 @@
 """The resource checker's judgement: tier, score, findings and recommendations.
 
-Pure functions of host facts and config (cluster-ai-resource-manager.md's
-resource checker). Nothing here reads the host.
+Pure functions of host facts, config and the optimize plan; nothing here reads
+the host. Nothing here chooses a setting either: the recommendations are the
+plan of ``optimize.plan`` (what `clusterctl optimize apply` would write, and
+why), which starts from the hardware table's row as its floor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from clusterctl.config import Config
 from clusterctl.host import HostFacts
 from clusterctl.host.disk_speed import WriteTestResult
+from clusterctl.optimize.plan import OptimizePlan, Setting, Tier, ram_counts_as, tier_profile
 from clusterctl.swap.filesystems import swapfile_support
 from clusterctl.units import GIB, format_size
 
-Tier = Literal["basic", "intermediate", "advanced"]
 Severity = Literal["fail", "warn", "info"]
 Mode = Literal["quick", "full"]
-
-# A "16 GB" machine shows about 15.5 GiB of MemTotal (firmware and kernel
-# reservations): RAM counts as N GiB when MemTotal reaches 90 % of it.
-RAM_TOLERANCE = 0.9
 
 MIN_CORES = 2
 MIN_RAM_GIB = 4
 MIN_SWAP_DIR_FREE_BYTES = 10 * GIB
-
-
-@dataclass(frozen=True)
-class TierProfile:
-    """One row of the seed's "Recomendações por Hardware" table."""
-
-    tier: Tier
-    min_cores: int
-    min_ram_gib: int
-    dask_workers: int
-    dask_threads: int
-    memory_limit: str
-    ollama_layers: int
-    ollama_models: int
-
-
-TIERS: tuple[TierProfile, ...] = (
-    TierProfile("advanced", 8, 16, 6, 2, "4GB", 35, 3),
-    TierProfile("intermediate", 4, 8, 4, 2, "3GB", 20, 2),
-    TierProfile("basic", 0, 0, 2, 1, "1.5GB", 10, 1),
-)
-
-
-def ram_counts_as(total_bytes: int, gib: float) -> bool:
-    return total_bytes >= RAM_TOLERANCE * gib * GIB
-
-
-def tier_profile(logical_cores: int, ram_bytes: int) -> TierProfile:
-    """Basic (2-4 cores, 4-8 GB), intermediate (4-8, 8-16), advanced (8+, 16+)."""
-    for profile in TIERS:
-        if logical_cores >= profile.min_cores and ram_counts_as(ram_bytes, profile.min_ram_gib):
-            return profile
-    return TIERS[-1]
 
 
 @dataclass(frozen=True)
@@ -85,13 +51,23 @@ class Report:
     score: int
     score_parts: tuple[ScorePart, ...]
     findings: tuple[Finding, ...]
-    recommendations: dict[str, int | str]
+    plan: OptimizePlan | None  # what `optimize apply` would do; None: its facts were unreadable
     write_test: WriteTestResult | None
 
     @property
     def ready(self) -> bool:
         """False when the host is below the minimum (`check` exits 1)."""
         return not any(f.severity == "fail" for f in self.findings)
+
+    @property
+    def recommendations(self) -> tuple[Setting, ...]:
+        """The settings `clusterctl optimize apply` would write, and its advice."""
+        return self.plan.settings if self.plan is not None else ()
+
+    @property
+    def recommendations_skipped(self) -> tuple[str, ...]:
+        """What that plan leaves out, and why (software not installed, a missing sysctl)."""
+        return self.plan.skipped if self.plan is not None else ()
 
 
 # ---------------------------------------------------------------------------
@@ -149,10 +125,14 @@ def score_parts(facts: HostFacts, write_test: WriteTestResult | None) -> tuple[S
 
 
 # ---------------------------------------------------------------------------
-# findings
+# findings: one rule per concern. A rule reads the facts and the config and
+# returns its findings; a new finding is a new rule added to RULES (or a case
+# in the rule that owns its subject).
+
+Rule = Callable[[HostFacts, Config], Iterable[Finding]]
 
 
-def findings(facts: HostFacts, config: Config) -> tuple[Finding, ...]:
+def _minimum_findings(facts: HostFacts, config: Config) -> list[Finding]:
     out: list[Finding] = []
     cores = facts.cpu.logical_cores
     if cores < MIN_CORES:
@@ -163,11 +143,7 @@ def findings(facts: HostFacts, config: Config) -> tuple[Finding, ...]:
         out.append(Finding("fail", "memory.total",
                            f"{format_size(total)} of RAM; at least {MIN_RAM_GIB} GiB needed",
                            "add memory or use a larger node"))
-    out.extend(_swap_dir_findings(facts, config))
-    out.extend(_system_findings(facts))
-    out.extend(_gpu_findings(facts))
-    out.extend(_service_findings(facts))
-    return tuple(out)
+    return out
 
 
 def _swap_dir_findings(facts: HostFacts, config: Config) -> list[Finding]:
@@ -204,7 +180,7 @@ def _swap_dir_findings(facts: HostFacts, config: Config) -> list[Finding]:
     return out
 
 
-def _system_findings(facts: HostFacts) -> list[Finding]:
+def _system_findings(facts: HostFacts, config: Config) -> list[Finding]:
     out: list[Finding] = []
     if facts.cpu.usage_percent is not None and facts.cpu.usage_percent > 90:
         out.append(Finding("warn", "cpu.busy", f"CPU {facts.cpu.usage_percent:.0f}% busy",
@@ -230,7 +206,7 @@ def _system_findings(facts: HostFacts) -> list[Finding]:
     return out
 
 
-def _gpu_findings(facts: HostFacts) -> list[Finding]:
+def _gpu_findings(facts: HostFacts, config: Config) -> list[Finding]:
     out: list[Finding] = []
     inventory = facts.gpus
     if not inventory.available:
@@ -245,7 +221,7 @@ def _gpu_findings(facts: HostFacts) -> list[Finding]:
     return out
 
 
-def _service_findings(facts: HostFacts) -> list[Finding]:
+def _service_findings(facts: HostFacts, config: Config) -> list[Finding]:
     out: list[Finding] = []
     ollama = facts.ollama
     if ollama.installed and not ollama.running:
@@ -260,33 +236,33 @@ def _service_findings(facts: HostFacts) -> list[Finding]:
     return out
 
 
+RULES: tuple[Rule, ...] = (
+    _minimum_findings,
+    _swap_dir_findings,
+    _system_findings,
+    _gpu_findings,
+    _service_findings,
+)
+
+
+def findings(facts: HostFacts, config: Config) -> tuple[Finding, ...]:
+    return tuple(finding for rule in RULES for finding in rule(facts, config))
+
+
 # ---------------------------------------------------------------------------
-# recommendations and the whole report
-
-
-def recommendations(facts: HostFacts, config: Config) -> dict[str, int | str]:
-    profile = tier_profile(facts.cpu.logical_cores, facts.memory.total_bytes)
-    ssd = facts.swap_dir.media == "ssd"
-    opt = config.optimize
-    return {
-        "DASK_WORKERS": profile.dask_workers,
-        "DASK_THREADS": profile.dask_threads,
-        "MEMORY_LIMIT": profile.memory_limit,
-        "OLLAMA_LAYERS": profile.ollama_layers,
-        "OLLAMA_MODELS": profile.ollama_models,
-        "vm.swappiness": opt.swappiness_ssd if ssd else opt.swappiness_hdd,
-        "vm.vfs_cache_pressure": opt.cache_pressure_ssd if ssd else opt.cache_pressure_hdd,
-    }
+# the whole report
 
 
 def build_report(
     facts: HostFacts,
     config: Config,
     *,
+    plan: OptimizePlan | None,
     mode: Mode = "quick",
     write_test: WriteTestResult | None = None,
     extra_findings: tuple[Finding, ...] = (),
 ) -> Report:
+    """``plan`` is ``optimize.plan.plan`` of this node: `check` recommends what it says."""
     parts = score_parts(facts, write_test)
     return Report(
         mode=mode,
@@ -294,6 +270,6 @@ def build_report(
         score=round(sum(p.points for p in parts)),
         score_parts=parts,
         findings=findings(facts, config) + extra_findings,
-        recommendations=recommendations(facts, config),
+        plan=plan,
         write_test=write_test,
     )

@@ -1,7 +1,9 @@
 """`clusterctl check`: the resource checker.
 
-``run_check`` reads the host, optionally runs the measured write test, and
-judges the result; ``report_dict`` is the one JSON shape (`check --json`).
+``run_check`` reads the host, reads what optimize reads and plans as optimize
+plans (so the recommendations are what `clusterctl optimize apply` would
+write), optionally runs the measured write test, and judges the result;
+``report_dict`` is the one JSON shape (`check --json`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from clusterctl.config import Config
 from clusterctl.errors import HostError
 from clusterctl.host import HostFacts, Nvml, read_host
 from clusterctl.host.disk_speed import WriteTestResult, measure_sequential_write
+from clusterctl.optimize.executor import read_facts
+from clusterctl.optimize.plan import OptimizePlan, plan, setting_dict
 from clusterctl.swap.filesystems import swapfile_support
 from clusterctl.units import GIB, MIB, format_size
 
@@ -43,12 +47,24 @@ def run_check(
     facts = read_host(
         root, swap_dir=config.swap.dir, ollama_url=config.ollama.url, nvml=nvml
     )
+    the_plan, extra = _optimize_plan(config, root, nvml)
     write_test: WriteTestResult | None = None
-    extra: tuple[Finding, ...] = ()
     if mode == "full":
-        write_test, extra = _write_test(facts, root, write_test_bytes, progress)
-    return facts, build_report(facts, config, mode=mode, write_test=write_test,
+        write_test, tested = _write_test(facts, root, write_test_bytes, progress)
+        extra += tested
+    return facts, build_report(facts, config, plan=the_plan, mode=mode, write_test=write_test,
                                extra_findings=extra)
+
+
+def _optimize_plan(config: Config, root: Path, nvml: Nvml
+                   ) -> tuple[OptimizePlan | None, tuple[Finding, ...]]:
+    """What `clusterctl optimize plan` shows: the same reader, the same planner."""
+    try:
+        return plan(read_facts(config, root=root, nvml=nvml), config), ()
+    except HostError as err:
+        return None, (Finding("warn", "optimize.unreadable",
+                              f"no recommendations: {err.message}",
+                              err.fix or "`clusterctl optimize plan` stops on the same read"),)
 
 
 def _write_test(
@@ -135,7 +151,8 @@ def report_dict(facts: HostFacts, report: Report) -> dict[str, Any]:
             if report.write_test else None
         ),
         "findings": [_plain(f) for f in report.findings],
-        "recommendations": report.recommendations,
+        "recommendations": [setting_dict(s) for s in report.recommendations],
+        "recommendations_skipped": list(report.recommendations_skipped),
     }
 
 

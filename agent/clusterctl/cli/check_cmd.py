@@ -106,6 +106,10 @@ _SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
 
 
 def render(facts: HostFacts, report: Report, console: Console) -> None:
+    from rich.text import Text
+
+    from clusterctl.cli.optimize_cmd import setting_lines
+
     hostname = facts.system.hostname or "this host"
     verdict = "[green]ready[/]" if report.ready else "[bold red]below the minimum[/]"
     console.print(
@@ -116,8 +120,12 @@ def render(facts: HostFacts, report: Report, console: Console) -> None:
     console.print(_facts_table(facts, report))
     console.print(f"\n[bold]Score {report.score}/100[/]")
     console.print(_score_table(report))
-    console.print(f"\n[bold]Recommended for the {report.tier} tier[/]")
-    console.print(_recommendations_table(report))
+    console.print(f"\n[bold]Recommended for the {report.tier} tier[/]: what `clusterctl "
+                  "optimize apply` would set (* differs from now)", soft_wrap=True)
+    for line in setting_lines(report.recommendations):
+        console.print(Text(line), soft_wrap=True)
+    for line in report.recommendations_skipped:
+        console.print(Text(f"skipped {line}"), soft_wrap=True)
     if report.findings:
         console.print("\n[bold]Findings[/]")
         for finding in report.findings:
@@ -202,17 +210,6 @@ def _score_table(report: Report) -> Table:
     table.add_column("why")
     for part in report.score_parts:
         table.add_row(part.name, f"{part.points:.1f}/{part.max_points:.0f}", Text(part.detail))
-    return table
-
-
-def _recommendations_table(report: Report) -> Table:
-    from rich.table import Table
-
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in report.recommendations.items():
-        table.add_row(key, str(value))
     return table
 
 

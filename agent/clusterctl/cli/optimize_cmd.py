@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -20,18 +21,19 @@ from clusterctl.cli.common import (
 from clusterctl.errors import EXIT_FAILED
 
 if TYPE_CHECKING:
-    from clusterctl.optimize.plan import OptimizeFacts, OptimizePlan
+    from clusterctl.optimize.plan import OptimizeFacts, OptimizePlan, Setting
 
 app = typer.Typer(help="sysctl, Dask and Ollama settings chosen from the hardware; revertible.",
                   no_args_is_help=True)
 
 
 def plan_dict(facts: OptimizeFacts, plan: OptimizePlan) -> dict[str, Any]:
+    """The `optimize plan --json` object; `check --json` lists the same settings."""
+    from clusterctl.optimize.plan import setting_dict
+
     return {
         "tier": plan.tier,
-        "settings": [{"group": s.group, "key": s.key, "value": s.value, "current": s.current,
-                      "changes": s.changes, "file": s.applied_by, "reason": s.reason}
-                     for s in plan.settings],
+        "settings": [setting_dict(s) for s in plan.settings],
         "files": [{"path": f.path, "changes": facts.files_now.get(f.path) != f.content,
                    "restarts": f.restarts} for f in plan.files],
         "skipped": list(plan.skipped),
@@ -40,16 +42,24 @@ def plan_dict(facts: OptimizeFacts, plan: OptimizePlan) -> dict[str, Any]:
     }
 
 
+def setting_lines(settings: Sequence[Setting]) -> list[str]:
+    """One line per setting, * where it would change: `optimize plan` and `check` alike."""
+    width = max((len(s.key) for s in settings), default=10)
+    lines = []
+    for s in settings:
+        now = "not set" if s.current is None else s.current
+        mark = "*" if s.changes else " "
+        advice = "" if s.applied_by else " (advice)"
+        lines.append(f"{mark} {s.key:<{width}}  {s.value:<22} now {now:<22} {s.reason}{advice}")
+    return lines
+
+
 def _print_plan(facts: OptimizeFacts, plan: OptimizePlan) -> None:
     gpus = len(facts.gpu_vram_bytes)
     print(f"{plan.tier} tier: {facts.logical_cores} cores, "
           f"{facts.ram_bytes / 2**30:.1f}G RAM, {gpus} GPU{'s' if gpus != 1 else ''}")
-    width = max((len(s.key) for s in plan.settings), default=10)
-    for s in plan.settings:
-        now = "not set" if s.current is None else s.current
-        mark = "*" if s.changes else " "
-        advice = "" if s.applied_by else " (advice)"
-        print(f"{mark} {s.key:<{width}}  {s.value:<22} now {now:<22} {s.reason}{advice}")
+    for line in setting_lines(plan.settings):
+        print(line)
     for f in plan.files:
         state = "to write" if facts.files_now.get(f.path) != f.content else "up to date"
         print(f"file {f.path}: {state}")

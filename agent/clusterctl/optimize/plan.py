@@ -1,23 +1,45 @@
-"""The optimize planner: host facts + config -> the settings, the files, and why (pure).
+"""The one planner for what clusterctl tunes: host facts + config -> each setting's
+value, the file that carries it, and why (pure).
 
-Dask and Ollama follow the seed's hardware table (check.report.TIERS) with the
-seed's rule for Dask memory (80 % of RAM divided by the workers), bounded by what
-the node really has: threads never exceed its cores, Ollama never keeps more
-models loaded than fit in VRAM (or in RAM without a GPU), and on a node without a
-GPU the RAM Ollama's models take is kept out of Dask's share.
+`clusterctl optimize plan` prints this plan, `optimize apply` writes it, and
+`clusterctl check` shows the same plan as its recommendations: no other module
+chooses these values.
+
+The hardware table (``TIERS``) picks a row by cores and RAM (basic,
+intermediate, advanced). The row is the **floor** the planner starts from:
+DASK_NWORKERS, DASK_NTHREADS, DASK_MEMORY_LIMIT, OLLAMA_MAX_LOADED_MODELS (the
+row's count per GPU) and num_gpu each start at the row's value, kept in
+``Setting.floor``. From there:
+
+- a value goes **below** its floor only when the node cannot hold the floor,
+  and its reason says "lowered" and names what bound it: at most one worker
+  per core; no more threads per worker than the cores over the workers,
+  rounded up; a memory limit no larger than ``dask_memory_fraction`` of RAM
+  (less Ollama's models on a node without a GPU) over the workers, in 0.5GB
+  steps and never under 0.5GB; no more models than fit in VRAM (or in half
+  the RAM without a GPU); no GPU layers without a GPU;
+- a value goes **above** its floor ("raised") only where it is a share of
+  what the node has: the memory limit is the RAM share per worker (so a node
+  with more RAM than its row assumes gives each worker more), and the model
+  count grows with the GPUs. More cores never add workers or threads beyond
+  the row.
+
+The other settings have no floor: the sysctls follow the disk under the swap
+dir, OLLAMA_NUM_PARALLEL and OLLAMA_KEEP_ALIVE the VRAM, the Dask thresholds
+the config.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from clusterctl.check.report import TierProfile, tier_profile
 from clusterctl.config import Config
 from clusterctl.units import GIB, format_size
 
 Group = Literal["sysctl", "dask", "ollama"]
+Tier = Literal["basic", "intermediate", "advanced"]
 
 SYSCTL_FILE = "/etc/sysctl.d/90-clusterctl.conf"
 DASK_ENV_FILE = "/etc/clusterctl/dask-worker.env"
@@ -28,6 +50,47 @@ OLLAMA_UNIT = "ollama.service"
 SYSCTL_KEYS = ("vm.swappiness", "vm.vfs_cache_pressure")
 GB = 1000**3  # Dask reads "3GB" as 3 * 10**9 bytes
 HEADER = "# Written by `clusterctl optimize apply`; `clusterctl optimize revert` removes it.\n"
+
+# A "16 GB" machine shows about 15.5 GiB of MemTotal (firmware and kernel
+# reservations): RAM counts as N GiB when MemTotal reaches 90 % of it.
+RAM_TOLERANCE = 0.9
+
+
+@dataclass(frozen=True)
+class TierProfile:
+    """One row of the hardware table: where the planner starts (the floor)."""
+
+    tier: Tier
+    min_cores: int
+    min_ram_gib: int
+    dask_workers: int
+    dask_threads: int
+    memory_limit_gb: float  # per Dask worker, in Dask's decimal GB
+    ollama_layers: int  # num_gpu: a model's layers on the GPU
+    ollama_models: int  # loaded at once, per GPU
+
+    @property
+    def memory_limit(self) -> str:
+        return f"{self.memory_limit_gb:g}GB"
+
+
+TIERS: tuple[TierProfile, ...] = (
+    TierProfile("advanced", 8, 16, 6, 2, 4, 35, 3),
+    TierProfile("intermediate", 4, 8, 4, 2, 3, 20, 2),
+    TierProfile("basic", 0, 0, 2, 1, 1.5, 10, 1),
+)
+
+
+def ram_counts_as(total_bytes: int, gib: float) -> bool:
+    return total_bytes >= RAM_TOLERANCE * gib * GIB
+
+
+def tier_profile(logical_cores: int, ram_bytes: int) -> TierProfile:
+    """Basic (2-4 cores, 4-8 GB), intermediate (4-8, 8-16), advanced (8+, 16+)."""
+    for profile in TIERS:
+        if logical_cores >= profile.min_cores and ram_counts_as(ram_bytes, profile.min_ram_gib):
+            return profile
+    return TIERS[-1]
 
 
 @dataclass(frozen=True)
@@ -61,10 +124,17 @@ class Setting:
     current: str | None  # in effect now; None: not set (the program's default)
     reason: str
     applied_by: str | None  # the file that carries it; None: advice only
+    floor: str | None = None  # the tier row's value it starts from; None: not in the table
 
     @property
     def changes(self) -> bool:
         return self.applied_by is not None and self.current != self.value
+
+
+def setting_dict(s: Setting) -> dict[str, Any]:
+    """One setting as `optimize plan --json` and `check --json` both print it."""
+    return {"group": s.group, "key": s.key, "value": s.value, "current": s.current,
+            "changes": s.changes, "file": s.applied_by, "floor": s.floor, "reason": s.reason}
 
 
 @dataclass(frozen=True)
@@ -76,7 +146,7 @@ class PlannedFile:
 
 @dataclass(frozen=True)
 class OptimizePlan:
-    tier: str
+    tier: Tier
     settings: tuple[Setting, ...]
     files: tuple[PlannedFile, ...]
     sysctl: dict[str, str]  # live values to set
@@ -113,6 +183,21 @@ def plan(facts: OptimizeFacts, config: Config) -> OptimizePlan:
         skipped.append("dask: not installed (no distributed package found)")
     return OptimizePlan(profile.tier, tuple(settings), tuple(files), sysctl, tuple(skipped),
                         facts.sysctl_overrides)
+
+
+def _from_floor(profile: TierProfile, floor: str, value: float, floor_value: float,
+                bound: str) -> str:
+    """"basic tier floor 2", and why the value left it (``bound``) when it did."""
+    start = f"{profile.tier} tier floor {floor}"
+    if value < floor_value:
+        return f"{start}, lowered: {bound}"
+    if value > floor_value:
+        return f"{start}, raised: {bound}"
+    return start
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # -- sysctl ------------------------------------------------------------------------
@@ -158,8 +243,11 @@ def _ollama(facts: OptimizeFacts, config: Config, profile: TierProfile) -> list[
     else:
         fit = int(facts.ram_bytes // 2 // model)  # CPU inference: models in RAM, half of it
         where = f"no GPU: models in RAM ({format_size(facts.ram_bytes)})"
-    per_gpu = max(1, len(vram))
-    models = max(1, min(profile.ollama_models * per_gpu, fit))
+    floor_models = profile.ollama_models * max(1, len(vram))
+    models = max(1, min(floor_models, fit))
+    per_gpu = (f"{profile.ollama_models} per GPU x {len(vram)}" if len(vram) > 1
+               else _count(profile.ollama_models, "model"))
+    fits = f"{fit} of {format_size(model)} fit ({where})"
     smallest = min(vram) if vram else 0
     parallel = 4 if smallest >= 48 * GIB else 2 if smallest >= 16 * GIB else 1
     tight = not vram and facts.ram_bytes < 16 * GIB
@@ -168,8 +256,9 @@ def _ollama(facts: OptimizeFacts, config: Config, profile: TierProfile) -> list[
     return [
         Setting("ollama", "OLLAMA_MAX_LOADED_MODELS", str(models),
                 env.get("OLLAMA_MAX_LOADED_MODELS"),
-                f"{profile.tier} tier: {profile.ollama_models} per GPU; "
-                f"{fit} of {format_size(model)} fit ({where})", OLLAMA_DROPIN),
+                _from_floor(profile, per_gpu, models, floor_models, f"only {fits}")
+                if models < floor_models else f"{profile.tier} tier floor {per_gpu}; {fits}",
+                OLLAMA_DROPIN, floor=str(floor_models)),
         Setting("ollama", "OLLAMA_NUM_PARALLEL", str(parallel), env.get("OLLAMA_NUM_PARALLEL"),
                 "each parallel request needs its own context memory: 1 below 16G of VRAM, "
                 "2 from 16G, 4 from 48G", OLLAMA_DROPIN),
@@ -178,9 +267,11 @@ def _ollama(facts: OptimizeFacts, config: Config, profile: TierProfile) -> list[
                 "VRAM to spare: keep models warm" if keep_alive == "30m" else
                 "Ollama's default", OLLAMA_DROPIN),
         Setting("ollama", "num_gpu", str(layers), None,
-                f"{profile.tier} tier: {layers} layers on the GPU (a model parameter: "
+                f"{profile.tier} tier floor {layers} layers on the GPU (a model parameter: "
                 "set it in a Modelfile or per request)" if vram else
-                "no GPU: every layer on the CPU", None),
+                _from_floor(profile, f"{profile.ollama_layers} layers", 0, profile.ollama_layers,
+                            "no GPU, every layer on the CPU"),
+                None, floor=str(profile.ollama_layers)),
     ]
 
 
@@ -202,24 +293,26 @@ def _dask(facts: OptimizeFacts, config: Config, profile: TierProfile,
     share = opt.dask_memory_fraction * max(0, facts.ram_bytes - reserve)
     # in steps of 0.5 GB (Dask's decimal units), never below 0.5 GB
     limit_gb = max(0.5, math.floor(share / workers / GB * 2) / 2)
-    limit = f"{limit_gb:g}GB"
-    why_limit = (f"{opt.dask_memory_fraction:.0%} of RAM ({format_size(facts.ram_bytes)}"
+    share_why = (f"{opt.dask_memory_fraction:.0%} of RAM ({format_size(facts.ram_bytes)}"
                  + (f" less {format_size(reserve)} for Ollama's models" if reserve else "")
                  + f") / {workers} workers, in 0.5GB steps")
+    floor_gb = profile.memory_limit_gb
+    why_limit = (f"{profile.tier} tier floor {profile.memory_limit} = {share_why}"
+                 if limit_gb == floor_gb else
+                 _from_floor(profile, profile.memory_limit, limit_gb, floor_gb, share_why))
     return [
         Setting("dask", "DASK_SCHEDULER_ADDRESS", opt.dask_scheduler,
                 env.get("DASK_SCHEDULER_ADDRESS"), "[optimize] dask_scheduler", DASK_ENV_FILE),
         Setting("dask", "DASK_NWORKERS", str(workers), env.get("DASK_NWORKERS"),
-                f"{profile.tier} tier: {profile.dask_workers} workers"
-                + (f", at most one per core ({cores})" if workers < profile.dask_workers else ""),
-                DASK_ENV_FILE),
+                _from_floor(profile, f"{profile.dask_workers} workers", workers,
+                            profile.dask_workers, f"at most one per core ({cores})"),
+                DASK_ENV_FILE, floor=str(profile.dask_workers)),
         Setting("dask", "DASK_NTHREADS", str(threads), env.get("DASK_NTHREADS"),
-                f"{profile.tier} tier: {profile.dask_threads} threads per worker"
-                + (f", {cores} cores for {workers} workers" if threads < profile.dask_threads
-                   else ""),
-                DASK_ENV_FILE),
-        Setting("dask", "DASK_MEMORY_LIMIT", limit, env.get("DASK_MEMORY_LIMIT"), why_limit,
-                DASK_ENV_FILE),
+                _from_floor(profile, f"{_count(profile.dask_threads, 'thread')} per worker",
+                            threads, profile.dask_threads, f"{cores} cores for {workers} workers"),
+                DASK_ENV_FILE, floor=str(profile.dask_threads)),
+        Setting("dask", "DASK_MEMORY_LIMIT", f"{limit_gb:g}GB", env.get("DASK_MEMORY_LIMIT"),
+                why_limit, DASK_ENV_FILE, floor=profile.memory_limit),
         *(Setting("dask", f"distributed.worker.memory.{name}", f"{value:g}",
                   f"{value:g}" if yaml_now else None,
                   f"[optimize] dask_{name}", DASK_YAML_FILE)
