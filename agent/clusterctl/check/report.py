@@ -172,6 +172,14 @@ def _swap_dir_findings(facts: HostFacts, config: Config) -> list[Finding]:
         out.append(Finding("warn", "swap.media",
                            f"swap dir {where} is on a rotating disk ({disks}); swapping there "
                            "is slow", "set [swap] dir to a filesystem on an SSD or NVMe disk"))
+    if fs.unknown_reason is not None:
+        out.append(Finding("info", "swap.media_unknown",
+                           f"the disk under swap dir {where} is of unknown type: "
+                           f"{fs.unknown_reason}",
+                           "only advice depends on it (swappiness is then tuned as for a "
+                           "rotating disk); to have it known, keep what the swap dir is stored "
+                           "on where clusterctl's units can read it (a loop image not under "
+                           "/root, /home or /run/user, which ProtectHome= hides)"))
     if not facts.swaps:
         out.append(Finding("info", "swap.none",
                            "no swap is active",

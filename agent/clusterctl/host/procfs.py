@@ -7,6 +7,7 @@ value the kernel does not report is ``None``, never 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,16 @@ from clusterctl.units import KIB, percent
 
 def read_text(root: Path, relative: str) -> str | None:
     """Text of ``root/relative``, or None when it is absent or unreadable."""
+    text = read_text_or_error(root, relative)
+    return text if isinstance(text, str) else None
+
+
+def read_text_or_error(root: Path, relative: str) -> str | OSError:
+    """Text of ``root/relative``, or the error that kept it from being read (to say why)."""
     try:
         return (root / relative.lstrip("/")).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
+    except OSError as err:
+        return err
 
 
 # ---------------------------------------------------------------------------
@@ -197,20 +204,36 @@ def parse_pressure(text: str) -> Pressure:
 
 def read_pressure(root: Path) -> PressureFacts:
     results: dict[str, Pressure | None] = {}
+    unreadable: OSError | None = None
     for resource in ("cpu", "memory", "io"):
-        text = read_text(root, f"proc/pressure/{resource}")
+        text = read_text_or_error(root, f"proc/pressure/{resource}")
+        if isinstance(text, OSError):
+            results[resource] = None
+            if resource == "memory" and text.errno not in (errno.ENOENT, errno.EOPNOTSUPP):
+                unreadable = text  # there, but not for us (EACCES, EIO); psi=0: EOPNOTSUPP
+            continue
         try:
             results[resource] = parse_pressure(text) if text else None
         except (ValueError, KeyError):
             results[resource] = None  # a format this version does not know: no PSI, not a crash
     reason = None
     if results["memory"] is None:
-        if (root / "proc/pressure").is_dir():
+        if unreadable is not None:
+            reason = f"cannot read /proc/pressure/memory: {unreadable.strerror or unreadable}"
+        elif _is_dir(root / "proc/pressure"):
             reason = "PSI is compiled in but disabled (boot with psi=1)"
         else:
             reason = "kernel has no PSI (needs Linux 4.20+ with CONFIG_PSI)"
     return PressureFacts(cpu=results["cpu"], memory=results["memory"], io=results["io"],
                          reason=reason)
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory; False also when it cannot be looked at."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -259,7 +282,11 @@ def parse_cpuinfo(text: str) -> tuple[int, int | None, str | None]:
 
 def _physical_from_sysfs(root: Path) -> int | None:
     pairs = set()
-    for topo in (root / "sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+    try:  # a CPU taken offline while listed: its directory goes (ENOENT mid-glob)
+        topologies = list((root / "sys/devices/system/cpu").glob("cpu[0-9]*/topology"))
+    except OSError:
+        return None
+    for topo in topologies:
         core = read_text(root, str(topo.relative_to(root) / "core_id"))
         package = read_text(root, str(topo.relative_to(root) / "physical_package_id"))
         if core is None or package is None:

@@ -35,6 +35,10 @@ class PressureTrigger:
                 raise HostError("this kernel has no PSI (/proc/pressure/memory)",
                                 fix="boot Linux 4.20+ with psi=1; swap is then adjusted by "
                                 "clusterctl-swap.timer only") from err
+            except OSError as err:  # EACCES, EOPNOTSUPP (psi=0), EIO
+                raise HostError(f"cannot open {self.path}: {err.strerror or err}",
+                                fix="run as root on a kernel with PSI enabled; swap is then "
+                                "adjusted by clusterctl-swap.timer only") from err
             try:
                 os.write(fd, f"some {stall_us} {window_us}\n".encode())  # the newline matters
             except OSError as err:

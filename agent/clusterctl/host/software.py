@@ -7,6 +7,7 @@ HostError that says which: an HTTP error, no answer, or something that is not it
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,27 @@ class SystemFacts:
     cgroup: CgroupMode | None
 
 
+def _holds(path: Path, test: Callable[[Path], bool]) -> bool:
+    """``test(path)`` (is_dir, is_file, exists); False when the path cannot be looked at
+    (EACCES on a hidden directory, EIO): only what can be seen is reported as there."""
+    try:
+        return test(path)
+    except OSError:
+        return False
+
+
+def _glob(directory: Path, pattern: str) -> list[Path]:
+    """``directory.glob(pattern)``, sorted; what was listed before a directory vanished
+    mid-walk (a package being upgraded: ENOENT) or could not be read is left out."""
+    found: list[Path] = []
+    try:
+        for path in directory.glob(pattern):
+            found.append(path)
+    except OSError:
+        pass
+    return sorted(found)
+
+
 def read_system(root: Path) -> SystemFacts:
     hostname = read_text(root, "proc/sys/kernel/hostname")
     kernel = read_text(root, "proc/sys/kernel/osrelease")
@@ -38,7 +60,7 @@ def read_system(root: Path) -> SystemFacts:
     return SystemFacts(
         hostname=hostname.strip() if hostname else None,
         kernel=kernel.strip() if kernel else None,
-        systemd_booted=(root / "run/systemd/system").is_dir(),
+        systemd_booted=_holds(root / "run/systemd/system", Path.is_dir),
         init=init.strip() if init else None,
         cgroup=cgroup_mode(root),
     )
@@ -46,11 +68,11 @@ def read_system(root: Path) -> SystemFacts:
 
 def cgroup_mode(root: Path) -> CgroupMode | None:
     cgroup = root / "sys/fs/cgroup"
-    if (cgroup / "cgroup.controllers").exists():
+    if _holds(cgroup / "cgroup.controllers", Path.exists):
         return "v2"
-    if (cgroup / "unified/cgroup.controllers").exists():
+    if _holds(cgroup / "unified/cgroup.controllers", Path.exists):
         return "hybrid"
-    if cgroup.is_dir() and any(cgroup.iterdir()):
+    if _holds(cgroup, lambda p: p.is_dir() and any(p.iterdir())):
         return "v1"
     return None
 
@@ -58,14 +80,14 @@ def cgroup_mode(root: Path) -> CgroupMode | None:
 def find_binary(root: Path, name: str) -> str | None:
     for directory in BIN_DIRS:
         candidate = root / directory / name
-        if candidate.is_file():
+        if _holds(candidate, Path.is_file):
             return f"/{directory}/{name}"
     return None
 
 
 def find_unit(root: Path, unit: str) -> str | None:
     for directory in UNIT_DIRS:
-        if (root / directory / unit).is_file():
+        if _holds(root / directory / unit, Path.is_file):
             return f"/{directory}/{unit}"
     return None
 
@@ -130,9 +152,9 @@ def read_dask(root: Path) -> DaskFacts:
     """Dask as installed for the node's Pythons (not clusterctl's own venv)."""
     worker = find_binary(root, "dask") or find_binary(root, "dask-worker")
     for pattern in _SITE_GLOBS:
-        for site in sorted(root.glob(pattern)):
+        for site in _glob(root, pattern):
             found = {}
-            for entry in site.glob("*.dist-info"):
+            for entry in _glob(site, "*.dist-info"):
                 match = _DIST_INFO.match(entry.name)
                 if match:
                     found[match.group(1)] = match.group(2)

@@ -8,6 +8,7 @@ filesystem of its backing file.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,31 @@ from clusterctl.host.procfs import read_text, unescape_octal
 
 Media = Literal["ssd", "hdd"]
 StatVfs = Callable[[Path], os.statvfs_result]
+# a path that is not there (or a loop of symlinks): the probe goes on without it
+ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+class Unreadable(Exception):
+    """A path a probe needs is there but cannot be read (EACCES, EPERM, EIO, ...).
+
+    Raised inside this module only: ``read_filesystem`` turns it into facts that are
+    unknown (None), with the reason in ``unknown_reason``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _exists(path: Path, shown: str) -> bool:
+    """Whether ``path`` exists (symlinks followed); Unreadable when it cannot tell."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno in ABSENT:
+            return False
+        raise Unreadable(f"cannot read {shown}: {err.strerror or err}") from err
+    return True
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,9 @@ class FilesystemFacts:
     total_bytes: int | None
     available_bytes: int | None  # free to ordinary users (statvfs f_bavail)
     free_bytes: int | None  # free including root's reserve (f_bfree)
+    # why some of the above is unknown: a path the probe could not read (a loop device's
+    # backing file under a hidden /root, say), or None when nothing was in the way
+    unknown_reason: str | None = None
 
     @property
     def media(self) -> Media | None:
@@ -97,11 +126,15 @@ class FilesystemFacts:
 
 
 def existing_ancestor(root: Path, path: str) -> str:
-    """The nearest existing directory at or above ``path``, symlinks resolved, root-relative."""
+    """The nearest existing directory at or above ``path``, symlinks resolved, root-relative.
+
+    Unreadable when a path on the way up is there but cannot be looked at: then which
+    filesystem holds ``path`` is unknown (the one above it would be a guess).
+    """
     candidate = PurePosixPath(path)
     while True:
         full = root / str(candidate).lstrip("/")
-        if full.exists():
+        if _exists(full, str(candidate)):
             resolved = full.resolve()
             try:
                 return "/" + str(resolved.relative_to(root.resolve())).removeprefix(".")
@@ -120,28 +153,40 @@ def read_filesystem(
     statvfs: StatVfs | None = None,
     _depth: int = 0,
 ) -> FilesystemFacts:
-    """Everything about the filesystem that holds ``path`` (which need not exist yet)."""
+    """Everything about the filesystem that holds ``path`` (which need not exist yet).
+
+    Never raises for a path it cannot read: what depends on it is None, and
+    ``unknown_reason`` says which path and why.
+    """
     mounts = read_mounts(root) if mounts is None else mounts
-    existing = existing_ancestor(root, path)
-    mount = mount_of(existing, mounts)
+    reason: str | None = None
+    try:
+        existing: str | None = existing_ancestor(root, path)
+    except Unreadable as err:
+        existing, reason = None, err.reason
+    mount = mount_of(existing, mounts) if existing is not None else None
     device = disks_rotational = None
     disks: tuple[str, ...] = ()
     if mount is not None:
-        device = block_device_name(root, mount)
-        if device is not None and _depth < 4:
-            disks, disks_rotational = underlying_disks(root, device, mounts, _depth=_depth)
+        try:
+            device = block_device_name(root, mount)
+            if device is not None and _depth < 4:
+                disks, disks_rotational = underlying_disks(root, device, mounts, _depth=_depth)
+        except Unreadable as err:  # which disks are under it is advice: unknown
+            reason = err.reason
     total = available = free = None
     stat_fn: StatVfs = statvfs or os.statvfs
     try:
-        st = stat_fn(root / existing.lstrip("/"))
-        total = st.f_blocks * st.f_frsize
-        available = st.f_bavail * st.f_frsize
-        free = st.f_bfree * st.f_frsize
+        if existing is not None:
+            st = stat_fn(root / existing.lstrip("/"))
+            total = st.f_blocks * st.f_frsize
+            available = st.f_bavail * st.f_frsize
+            free = st.f_bfree * st.f_frsize
     except OSError:
         pass
     return FilesystemFacts(
         path=path,
-        existing_path=existing,
+        existing_path=existing if existing is not None else path,
         mountpoint=mount.mountpoint if mount else None,
         fstype=mount.fstype if mount else None,
         source=mount.source if mount else None,
@@ -151,6 +196,7 @@ def read_filesystem(
         total_bytes=total,
         available_bytes=available,
         free_bytes=free,
+        unknown_reason=reason,
     )
 
 
@@ -169,7 +215,7 @@ def _cat(path: Path) -> str | None:
 def block_device_name(root: Path, mount: Mount) -> str | None:
     """Kernel name of the block device behind a mount, if it has one."""
     link = _sysfs(root) / "dev/block" / f"{mount.major}:{mount.minor}"
-    if link.exists():
+    if _exists(link, f"/sys/dev/block/{mount.major}:{mount.minor}"):
         return link.resolve().name
     # btrfs and a few others show an anonymous 0:N; the source names the device.
     if mount.source.startswith("/dev/mapper/"):
@@ -180,7 +226,7 @@ def block_device_name(root: Path, mount: Mount) -> str | None:
         return None
     if mount.source.startswith("/dev/"):
         name = PurePosixPath(mount.source).name
-        if (_sysfs(root) / "class/block" / name).exists():
+        if _exists(_sysfs(root) / "class/block" / name, f"/sys/class/block/{name}"):
             return name
     return None
 
@@ -188,16 +234,22 @@ def block_device_name(root: Path, mount: Mount) -> str | None:
 def underlying_disks(
     root: Path, name: str, mounts: tuple[Mount, ...], *, _depth: int = 0
 ) -> tuple[tuple[str, ...], bool | None]:
-    """The whole disks under a block device and whether any of them rotates."""
+    """The whole disks under a block device and whether any of them rotates.
+
+    Unreadable when a path on the way cannot be read (a loop device's backing file
+    in a directory this process may not look into).
+    """
     node = _sysfs(root) / "class/block" / name
-    if not node.exists():
+    if not _exists(node, f"/sys/class/block/{name}"):
         return (), None
     real = node.resolve()
-    if (real / "partition").exists():
+    if _exists(real / "partition", f"/sys/class/block/{name}/partition"):
         real = real.parent
     backing = _cat(real / "loop/backing_file")
     if backing:
         fs = read_filesystem(root, backing.strip(), mounts=mounts, _depth=_depth + 1)
+        if fs.unknown_reason is not None:
+            raise Unreadable(f"{fs.unknown_reason} (the backing file of {real.name})")
         return fs.disks, fs.rotational
     slaves = sorted(p.name for p in (real / "slaves").glob("*"))
     if slaves:

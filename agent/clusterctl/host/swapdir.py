@@ -114,6 +114,9 @@ def walk_to_dir(path: Path, *, create: bool = False, strict: bool = True
                 return None, first
             except PermissionError:
                 return None, first or Distrust(str(here), NOT_READABLE, target)
+            except OSError as err:  # EIO, ENOTDIR...: it cannot be reached, so not used
+                return None, first or Distrust(str(here), f"not readable ({err.strerror})",
+                                               target)
             os.close(fd)
             fd, here = child, here / part
     finally:
@@ -155,6 +158,9 @@ class SwapDirListing:
     exists: bool
     problem: str | None  # why it is not trusted: follows "swap dir PATH is"
     entries: tuple[SwapDirEntry, ...]
+    # entries that are there but could not be read (EIO): "NAME: strerror", left out of
+    # ``entries`` (what they are is unknown, so nothing may be done with them)
+    unreadable: tuple[str, ...] = ()
 
 
 def has_swap_signature(fd: int, page_size: int) -> bool:
@@ -171,9 +177,21 @@ def read_swap_dir(path: Path, *, page_size: int | None = None) -> SwapDirListing
     if dfd is None:
         return SwapDirListing(str(path), distrust is not None and distrust.target, problem, ())
     entries = []
+    unreadable: list[str] = []
     try:
-        for name in sorted(os.listdir(dfd)):  # noqa: PTH208 - listing by descriptor
-            est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        try:
+            names = sorted(os.listdir(dfd))  # noqa: PTH208 - listing by descriptor
+        except OSError as err:  # EIO on a failing disk: nothing in it can be used
+            return SwapDirListing(str(path), True, problem or f"not readable ({err.strerror})",
+                                  ())
+        for name in names:
+            try:
+                est = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed since the listing (a `swap clean` under way): gone
+            except OSError as err:
+                unreadable.append(f"{name}: {err.strerror or err}")
+                continue
             regular = stat.S_ISREG(est.st_mode)
             signature = False
             if regular and est.st_size >= page:
@@ -185,12 +203,15 @@ def read_swap_dir(path: Path, *, page_size: int | None = None) -> SwapDirListing
                 if fd >= 0:
                     try:
                         signature = has_swap_signature(fd, page)
+                    except OSError as err:  # EIO reading the header: swap or not, unknown
+                        unreadable.append(f"{name}: {err.strerror or err}")
+                        continue
                     finally:
                         os.close(fd)
             entries.append(SwapDirEntry(name, est.st_size, regular, signature))
     finally:
         os.close(dfd)
-    return SwapDirListing(str(path), True, problem, tuple(entries))
+    return SwapDirListing(str(path), True, problem, tuple(entries), tuple(unreadable))
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from clusterctl.errors import HostError
+
 # systemd-sysctl's search path, in its order of precedence for files of the same name
 SYSCTL_DIRS = ("etc/sysctl.d", "run/sysctl.d", "usr/local/lib/sysctl.d", "usr/lib/sysctl.d",
                "lib/sysctl.d")
@@ -15,11 +17,21 @@ def proc_path(key: str) -> str:
 
 
 def read_sysctl(root: Path, key: str) -> str | None:
-    """The live value ("60"), or None when this kernel has no such key."""
+    """The live value ("60"), or None when this kernel has no such key.
+
+    HostError when the key is there but cannot be read (EACCES, EIO): whoever sets it
+    must have the value to save and restore, and "no such key" would be a lie.
+    """
+    path = root / proc_path(key)
     try:
-        return (root / proc_path(key)).read_text().strip()
+        return path.read_text(errors="replace").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as err:
+        raise HostError(f"cannot read sysctl {key} (/{proc_path(key)}): "
+                        f"{err.strerror or err}",
+                        fix="run as root, with /proc/sys readable (ProtectKernelTunables= "
+                        "keeps it readable)") from err
 
 
 def _settings(text: str) -> dict[str, str]:

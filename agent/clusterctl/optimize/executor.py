@@ -73,12 +73,16 @@ def read_facts(config: Config, *, root: Path = Path("/"), nvml: Nvml | None = No
 
 
 def _read(root: Path, path: str) -> str | None:
+    """A file apply may write: its text, None when absent; HostError when it is there but
+    cannot be read (its original could not be saved, so nothing may overwrite it)."""
     try:
         return rooted(root, path).read_text()
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise HostError(f"cannot read {path}: {err.strerror}") from err
+        raise HostError(f"cannot read {path}: {err.strerror or err}",
+                        fix=f"make {path} a readable regular file (or remove it), "
+                        "then run it again") from err
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,20 @@ __all__ = ["Operation", "PolicyError", "RunResult", "read_facts", "run", "status
 
 
 def read_facts(config: Config, *, root: Path = Path("/")) -> SwapFacts:
+    """One snapshot of what the swap policy decides on.
+
+    What is advice degrades and is reported (the disk type under the swap dir, PSI);
+    a swap dir entry that is there but cannot be read (EIO) stops here: whether it is
+    one of ours, and active, is unknown, and no step may guess.
+    """
     swap_dir = config.swap.dir
     listing = read_swap_dir(swap_dir)
+    if listing.unreadable:
+        raise HostError(f"cannot read {len(listing.unreadable)} entr"
+                        f"{'y' if len(listing.unreadable) == 1 else 'ies'} in swap dir "
+                        f"{swap_dir}: " + "; ".join(listing.unreadable),
+                        fix="check the disk under the swap dir (dmesg, smartctl); swap is "
+                        "left as it is until they can be read")
     return SwapFacts(
         memory=read_memory(root),
         pressure=read_pressure(root),
