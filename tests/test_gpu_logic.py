@@ -14,7 +14,7 @@ CFG = GpuConfig(throttle_enabled=True)
 O, N, T, C = GpuState.OPTIMAL, GpuState.NORMAL, GpuState.THROTTLED, GpuState.CRITICAL  # noqa: E741
 
 
-def test_the_seeds_table() -> None:
+def test_the_state_table() -> None:
     assert [raw_state(t, 10, CFG) for t in (40, 64, 65, 74, 75, 89, 90, 101)] == [
         O, O, N, N, T, T, C, C]
     assert [raw_state(40, m, CFG) for m in (69.9, 70, 84.9, 85, 94.9, 95)] == [O, N, N, T, T, C]

@@ -1,4 +1,4 @@
-"""The GPU monitor and the seeds' Python API, on the fake NVML (in-process)."""
+"""The GPU monitor and the Python API, on the fake NVML (in-process)."""
 
 from __future__ import annotations
 
@@ -189,10 +189,10 @@ def test_a_gpu_refusing_the_limit_is_logged_and_sampling_goes_on(
     assert "GPU 0: no permission to set its power limit; run as root" in caplog.text
 
 
-# -- the seeds' Python API --------------------------------------------------------------
+# -- the Python API -------------------------------------------------------------------
 
 
-def test_the_junmai_quick_start_works(nv: ModuleType, tmp_path: Path) -> None:
+def test_the_python_api_quick_start_works(nv: ModuleType, tmp_path: Path) -> None:
     gpu_manager = GpuManager(config(tmp_path), nvml=Nvml(module=nv))
     assert gpu_manager.is_available()
     status = gpu_manager.get_gpu_status()

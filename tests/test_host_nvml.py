@@ -308,3 +308,66 @@ def test_real_gpu_placement_and_throttle_plan_change_no_setting(tmp_path: Path) 
     assert view.decision is not None and view.decision.move in ("lower", "floor")
     assert after.power_limit_w == before.power_limit_w  # nothing was set
     assert not (tmp_path / "state/gpu-power.json").exists()
+
+
+# -- one error policy for every NVML call ------------------------------------------
+
+DEVICE_CALLS = ("nvmlDeviceGetHandleByIndex", "nvmlDeviceGetName", "nvmlDeviceGetUUID",
+                "nvmlDeviceGetPciInfo", "nvmlDeviceGetMemoryInfo",
+                "nvmlDeviceGetPowerManagementLimitConstraints",
+                "nvmlDeviceGetPowerManagementDefaultLimit", "nvmlDeviceGetUtilizationRates",
+                "nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage",
+                "nvmlDeviceGetPowerManagementLimit", "nvmlDeviceGetClockInfo",
+                "nvmlDeviceGetPerformanceState", "nvmlDeviceGetFanSpeed",
+                "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetTotalEccErrors",
+                "nvmlDeviceGetRemappedRows", "nvmlDeviceGetComputeRunningProcesses")
+
+
+@pytest.mark.parametrize("code", [1, 2, 4, 6, 10, 15, 16, 17, 20, 999])
+def test_no_nvml_failure_leaves_the_nvml_layer_as_pynvml_s_own_error(nv: ModuleType,
+                                                                     code: int) -> None:
+    """Whatever call fails, and however: a sample, an inventory and a GPU's handle give a
+    reason (a field error, a lost GPU, a HostError), never pynvml's NVMLError."""
+    from clusterctl.errors import HostError
+
+    for call in DEVICE_CALLS:
+        nv.configure({"gpus": [{**H100, "errors": {call: code},
+                                "processes": [{"pid": 7, "name": "ollama"}]}, A100]})
+        nvml = Nvml(module=nv)
+        for _ in range(2):
+            sample = nvml.sample(processes=True)
+            assert sample.gpus[0].lost or sample.gpus[0].error, (call, code)
+            assert sample.gpus[1].temperature_c == 40  # the other GPU still reports
+            assert nvml.inventory().gpus[1].name == A100["name"]
+        try:
+            nvml.handle(0)
+        except HostError as err:
+            assert call in str(err) and str(err).startswith("GPU 0: "), str(err)
+        assert nvml.handle(1) is not None
+
+
+def test_a_gpu_that_needs_a_reset_is_lost_and_says_so(nv: ModuleType) -> None:
+    """NVML_ERROR_RESET_REQUIRED from every call of one GPU: it is lost, as one that fell off
+    the bus, with the reason an operator acts on; the others keep reporting."""
+    needs_reset = dict.fromkeys(DEVICE_CALLS[1:], nv.NVML_ERROR_RESET_REQUIRED)
+    nv.configure({"gpus": [{**H100, "errors": needs_reset}, A100]})
+    nvml = Nvml(module=nv)
+    broken, ok = nvml.sample().gpus
+    assert broken.lost and "needs a reset" in (broken.error or "")
+    assert not ok.lost and ok.temperature_c == 40
+    info = nvml.inventory().gpus[0]
+    assert info.lost and "needs a reset" in (info.error or "")
+
+
+def test_a_fixed_fact_that_fails_is_said_with_every_sample_not_taken_for_unsupported(
+        nv: ModuleType) -> None:
+    """None with no error means "this GPU does not report it"; a read that failed says so
+    (the default power limit, read once, refused here), in every sample."""
+    nv.configure({"gpus": [{**H100, "errors": {
+        "nvmlDeviceGetPowerManagementDefaultLimit": nv.NVML_ERROR_NO_PERMISSION}}]})
+    nvml = Nvml(module=nv)
+    for _ in range(2):
+        gpu = nvml.sample().gpus[0]
+        assert gpu.power_default_limit_w is None and not gpu.lost
+        assert gpu.error == "nvmlDeviceGetPowerManagementDefaultLimit: Insufficient Permissions"
+        assert gpu.temperature_c == 40

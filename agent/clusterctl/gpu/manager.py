@@ -1,4 +1,4 @@
-"""The Python API of the GPU seeds (junmai's GPU manager, superezio's HardwareManager).
+"""The Python API for programs on the node: GPU status, states, trends, VRAM placement.
 
     from clusterctl.gpu.manager import get_gpu_manager
 
@@ -15,7 +15,12 @@
 Thin over the same core as the CLI and the agent: NVML sampling, states with
 hysteresis, the placement ledger under /var/lib/clusterctl (shared with
 `clusterctl gpu place`, and locked, so other processes see the same allocations),
-and the throttle controller (only with ``[gpu] throttle_enabled``).
+and the throttle controller's plan.
+
+It reads and plans: power limits have one owner, the agent (or `clusterctl gpu
+throttle reset` by hand). A manager never sets a power limit, never writes or gives
+back a record in gpu-power.json, and records no event, unless it is made with
+``plan_only=False``; even then it gives back only the limits it lowered itself.
 """
 
 from __future__ import annotations
@@ -33,11 +38,22 @@ from clusterctl.host.nvml import Nvml
 
 
 class GpuManager:
+    """GPU status and placement for one program.
+
+    ``plan_only`` (the default): the throttle controller only plans (``GpuView.decision``
+    says what the agent would do); no power limit is set and nothing of the agent's is
+    undone. ``plan_only=False`` asks this process to act on ``[gpu] throttle_enabled``
+    itself: it then lowers limits as the agent would, and ``stop_monitoring()`` /
+    ``shutdown()`` give back only the limits THIS process lowered, never a record it
+    did not write (the agent's, or one another writer changed since).
+    """
+
     def __init__(self, config: cfg.Config | None = None, *, nvml: Nvml | None = None,
-                 plan_only: bool = False) -> None:
+                 plan_only: bool = True) -> None:
         self.config = config if config is not None else cfg.load().config
         self.nvml = nvml if nvml is not None else Nvml()
-        self.monitor = GpuMonitor(self.config, self.nvml, plan_only=plan_only)
+        self.monitor = GpuMonitor(self.config, self.nvml, plan_only=plan_only,
+                                  owns_power_records=False, record_events=not plan_only)
         self._monitoring = False
 
     # -- reading -------------------------------------------------------------------
@@ -58,7 +74,8 @@ class GpuManager:
         return any(not v.sample.lost for v in self._views())
 
     def get_gpu_status(self, gpu_id: int = 0) -> dict[str, Any]:
-        """junmai's status shape, plus the placement ledger's allocations on that GPU."""
+        """The status shape (name, temperature, memory, state, throttling), plus the
+        placement ledger's allocations on that GPU."""
         view = self._view(gpu_id)
         out = shapes.manager_status(view)
         mine = {a.name: a.vram_mib for a in placement.load(self.config.paths.state_dir)
@@ -133,8 +150,9 @@ class GpuManager:
         self.monitor.callbacks[kind].append(fn)
 
     def update_config(self, changes: Mapping[str, Any]) -> None:
-        """Change [gpu] settings (the seed's keys), validated; a bad one changes nothing."""
-        aliases = {"memory_limit_mb": None}  # the seed's per-card cap: placement uses NVML
+        """Change [gpu] settings (the config file's keys), validated; a bad one changes
+        nothing."""
+        aliases = {"memory_limit_mb": None}  # a per-card cap: placement reads NVML instead
         unknown = [k for k in changes if k in aliases]
         if unknown:
             raise UsageError(f"{unknown[0]} is not a clusterctl setting: placement reads each "
@@ -143,7 +161,7 @@ class GpuManager:
         self.monitor.with_config(self.config)
 
     def shutdown(self) -> None:
-        """Stop monitoring, give back power limits, release NVML."""
+        """Stop monitoring (giving back only limits this process lowered), release NVML."""
         try:
             self.stop_monitoring()
         finally:
@@ -155,8 +173,8 @@ _manager_lock = threading.Lock()
 
 
 def get_gpu_manager() -> GpuManager:
-    """The process-wide manager (the seeds' singleton), made on first use."""
-    global _manager  # noqa: PLW0603 - one NVML session per process, as the seeds have
+    """The process-wide manager (plan-only), made on first use."""
+    global _manager  # noqa: PLW0603 - one NVML session per process
     with _manager_lock:
         if _manager is None:
             _manager = GpuManager()

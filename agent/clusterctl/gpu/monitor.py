@@ -1,24 +1,28 @@
 """The GPU monitor: sample, state (with hysteresis), history, callbacks, throttle.
 
 One ``step()`` is one sampling cycle; ``start()`` runs it every ``monitor_interval``
-on a background thread (the seeds' monitoring thread); ``stop()`` ends the thread
-and gives back every power limit it changed. The agent and `gpu watch` drive it;
-the Python API (``clusterctl.gpu.manager``) wraps it.
+on a background thread; ``stop()`` ends the thread. The agent and `gpu watch` drive
+it; the Python API (``clusterctl.gpu.manager``) wraps it.
+
+Power limits have one owner: the agent's monitor (``owns_power_records``), which
+gives back every record in ``gpu-power.json`` at start (a crashed run's) and at
+stop. A monitor that acts without owning the records (the Python API, when asked
+to act) gives back only the limits it lowered itself; a ``plan_only`` monitor
+(the default of the Python API, and `gpu watch`) never sets a limit nor writes a
+record.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from clusterctl import system
 from clusterctl.config import Config, instance_id
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.log import EventLog
@@ -27,10 +31,14 @@ from clusterctl.gpu.history import History, Point
 from clusterctl.gpu.states import GpuState, next_state
 from clusterctl.gpu.throttle import Decision, Throttled, decide
 from clusterctl.host.nvml import GpuSample, GpuSnapshot, Nvml
+from clusterctl.system import statefile
 
 log = logging.getLogger("clusterctl.gpu")
 PROCESSES_EVERY = 10  # process lists are a slow read: every 10th sample
 HISTORY_FILE = "gpu-history.json"
+# world-readable: temperatures and utilisation any user can see with nvidia-smi
+HISTORY_SPEC = statefile.StateFile(HISTORY_FILE, "the GPU history", statefile.Policy.START_OVER,
+                                   mode=0o644, durable=False, pretty=False, events_here=False)
 CallbackKind = Literal["normal", "throttle", "critical"]
 _KIND = {GpuState.OPTIMAL: "normal", GpuState.NORMAL: "normal",
          GpuState.THROTTLED: "throttle", GpuState.CRITICAL: "critical"}
@@ -46,7 +54,7 @@ class GpuView:
     throttled: bool  # clusterctl holds its power limit below the original
 
     @property
-    def temperature_celsius(self) -> int | None:  # the seed's callback argument names
+    def temperature_celsius(self) -> int | None:  # the callback argument's names
         return self.sample.temperature_c
 
     @property
@@ -60,11 +68,13 @@ class GpuView:
 
 class GpuMonitor:
     def __init__(self, config: Config, nvml: Nvml, *, plan_only: bool = False,
+                 owns_power_records: bool = True,
                  clock: Callable[[], float] = time.time, write_history: bool = False,
                  record_events: bool = True) -> None:
         self.config = config
         self.nvml = nvml
         self.plan_only = plan_only
+        self.owns_power_records = owns_power_records and not plan_only
         self.clock = clock
         self.write_history = write_history
         self.record_events = record_events  # False for viewers: the agent records them
@@ -77,6 +87,9 @@ class GpuMonitor:
         self.callbacks: dict[str, list[Callable[[GpuView], None]]] = {
             "normal": [], "throttle": [], "critical": []}
         self._records: dict[str, Throttled] | None = None
+        self._records_readable = True
+        self._said_unreadable = False
+        self._lowered: dict[str, Throttled] = {}  # records this monitor began, as it left them
         self._count = 0
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -85,24 +98,30 @@ class GpuMonitor:
     # -- one cycle -------------------------------------------------------------------
 
     def records(self) -> dict[str, Throttled]:
-        """The saved power-limit records. An unreadable file never stops monitoring: it
-        is set aside (kept, for the operator to read the originals from) and monitoring
-        goes on with no record."""
+        """The saved power-limit records. An unreadable file never stops monitoring: the
+        owner sets it aside (kept, for the operator to read the originals from) and goes
+        on with no record; any other monitor leaves it where it is, and writes none."""
         if self._records is None:
             try:
                 self._records = power.load(self.state_dir)
+                self._records_readable = True
             except ClusterctlError as err:
-                aside = None if self.plan_only else power.set_aside(self.state_dir,
-                                                                    now=self.clock())
-                log.error("%s; %s", err.one_line(),
-                          f"kept as {aside}; limits it held are no longer given back by "
-                          "clusterctl" if aside else "left where it is")
+                aside = (power.set_aside(self.state_dir, now=self.clock())
+                         if self.owns_power_records else None)
+                if aside is not None or not self._said_unreadable:
+                    log.error("%s; %s", err.one_line(),
+                              f"kept as {aside}; limits it held are no longer given back by "
+                              "clusterctl" if aside else "left where it is")
+                self._said_unreadable = aside is None
+                self._records_readable = aside is not None
                 self._records = {}
         return self._records
 
     def step(self) -> tuple[GpuView, ...]:
         with self._lock:
             now = self.clock()
+            if not self.owns_power_records:
+                self._records = None  # the owner changes them: read them again
             snapshot = self.nvml.sample(processes=self._count % PROCESSES_EVERY == 0, now=now)
             self._count += 1
             self.snapshot = snapshot
@@ -132,11 +151,13 @@ class GpuMonitor:
         records = self.records()
         if not gpu.lost:
             decision = decide(gpu, state, records.get(key), self.config.gpu, now)
-            if self.config.gpu.throttle_enabled and not self.plan_only:
+            if (self.config.gpu.throttle_enabled and not self.plan_only
+                    and self._records_readable):
                 try:
                     self._records = power.apply(decision, self.nvml, self.state_dir, records)
                 except ClusterctlError as err:
                     log.error("GPU %d: %s", gpu.index, err.one_line())
+                self._note_lowered(key, before=records.get(key))
                 if decision.move != "hold":
                     self._event("gpu_power_limited", decision.reason, gpu, now,
                                 move=decision.move, limit_w=decision.limit_w)
@@ -176,9 +197,7 @@ class GpuMonitor:
         data = {key: [[p.at, p.temperature_c, p.utilization_percent, p.memory_used_percent]
                       for p in h.points()] for key, h in self.histories.items()}
         with contextlib.suppress(ClusterctlError, OSError):
-            self.config.paths.run_dir.mkdir(parents=True, exist_ok=True)
-            system.atomic_write_text(self.config.paths.run_dir / HISTORY_FILE,
-                                     json.dumps(data), mode=0o644)
+            statefile.write(HISTORY_SPEC, self.config.paths.run_dir, data)
 
     # -- the thread ------------------------------------------------------------------
 
@@ -201,7 +220,8 @@ class GpuMonitor:
             self._stop.wait(self.config.gpu.monitor_interval_s)
 
     def stop(self) -> None:
-        """End the thread and give back every power limit clusterctl lowered."""
+        """End the thread and give back the power limits this monitor answers for: every
+        record for the owner, only those it lowered itself for any other."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=30)
@@ -209,17 +229,63 @@ class GpuMonitor:
         self.restore()
 
     def restore(self) -> list[str]:
+        """Give back what this monitor answers for (see :meth:`stop`); what was done."""
         with self._lock:
-            records = self.records()
-            if not records or self.plan_only:
+            if self.plan_only:
                 return []
-            snapshot = self.nvml.sample()
-            done = power.restore_all(self.nvml, self.state_dir,
-                                     {g.uuid: g.index for g in snapshot.gpus if g.uuid})
-            self._records = power.load(self.state_dir)
+            if not self.owns_power_records:
+                done = self._give_back_own()
+            else:
+                if not self.records():
+                    return []
+                snapshot = self.nvml.sample()
+                done = power.restore_all(self.nvml, self.state_dir,
+                                         {g.uuid: g.index for g in snapshot.gpus if g.uuid})
+                self._records = None
             for line in done:
                 log.warning("%s", line)
             return done
+
+    def _note_lowered(self, key: str, *, before: Throttled | None) -> None:
+        """Keep track of the records this monitor began (none before its own change)."""
+        after = (self._records or {}).get(key)
+        if after is None:
+            self._lowered.pop(key, None)
+        elif before is None or key in self._lowered:
+            self._lowered[key] = after
+
+    def _give_back_own(self) -> list[str]:
+        """The limits this monitor lowered, back to their originals; a record another
+        writer has changed since (or given back) is left to it."""
+        if not self._lowered:
+            return []
+        try:
+            records = power.load(self.state_dir)
+        except ClusterctlError as err:
+            return [f"{err.one_line()}: no power limit given back"]
+        where = {g.uuid or f"index-{g.index}": g.index for g in self.nvml.sample().gpus}
+        done = []
+        for key, mine in sorted(self._lowered.items()):
+            record = records.get(key)
+            if record != mine:
+                done.append(f"{key}: its power record changed since this process lowered "
+                            "it; left to the process that changed it")
+                continue
+            if key not in where:
+                done.append(f"{key}: not present now; its original "
+                            f"{mine.original_limit_w:.0f} W kept on record")
+                continue
+            back = Decision(key, where[key], "restore", mine.original_limit_w,
+                            "given back by the process that lowered it", None)
+            try:
+                records = power.apply(back, self.nvml, self.state_dir, records)
+            except ClusterctlError as err:
+                done.append(f"GPU {where[key]}: {err.one_line()}")
+                continue
+            done.append(f"GPU {where[key]}: power limit back to {mine.original_limit_w:.0f} W")
+        self._lowered.clear()
+        self._records = None
+        return done
 
     def with_config(self, config: Config) -> None:
         with self._lock:
@@ -231,19 +297,20 @@ class GpuMonitor:
                 self.histories[key] = fresh
 
 
-def load_history(run_dir: Path, size: int) -> dict[str, History]:
-    """The ring a running monitor keeps in ``<run_dir>/gpu-history.json``."""
-    try:
-        data = json.loads((run_dir / HISTORY_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    out = {}
-    for key, points in data.items():
-        history = History(size)
-        for at, temp, util, mem in points:
-            history.add(Point(at, temp, util, mem))
-        out[key] = history
-    return out
+def load_history(run_dir: Path, size: int, *, record: statefile.Recorder | None = None
+                 ) -> dict[str, History]:
+    """The ring a running monitor keeps in ``<run_dir>/gpu-history.json``; none when there
+    is none or it was damaged (kept aside; the monitor writes it whole again next sample).
+    The run dir has no event log: ``record`` says where the set-aside event goes."""
+    def parse(data: dict[str, Any]) -> dict[str, History]:
+        out = {}
+        for key, points in data.items():
+            history = History(size)
+            for at, temp, util, mem in points:
+                history.add(Point(at, temp, util, mem))
+            out[key] = history
+        return out
+    return statefile.read(HISTORY_SPEC, run_dir, parse, record=record) or {}
 
 
 def view_now(sample: GpuSample, config: Config, record: Throttled | None, now: float

@@ -1,4 +1,4 @@
-"""GPU states from temperature and VRAM use (the seed's table), with hysteresis (pure).
+"""GPU states from temperature and VRAM use (one table), with hysteresis (pure).
 
 | state     | temperature                   | VRAM in use            | speed |
 |-----------|-------------------------------|------------------------|-------|

@@ -4,8 +4,14 @@ Everything NVIDIA goes through :class:`Nvml`. It imports ``pynvml``
 (nvidia-ml-py) only when first asked, so a host without the driver pays
 nothing at start-up; it initialises NVML once; and a missing library, an
 unloaded driver or zero GPUs is a normal degraded state with a reason an
-operator can act on. A field the GPU does not support is ``None``; a GPU that
-fell off the bus is reported as lost while the others keep working.
+operator can act on.
+
+Every NVML call goes through one error policy, :func:`query` (over :func:`call`):
+a field the GPU or driver does not report (NOT_SUPPORTED, FUNCTION_NOT_FOUND) is
+``None``; a GPU that fell off the bus, needs a reset or answers UNKNOWN is lost
+while the others keep working; any other failure is that field's error, said with
+the sample. pynvml's own ``NVMLError`` never leaves this module: what escapes is an
+:class:`NvmlCallError`, a HostError with the call, the NVML code and plain words.
 
 The ``module`` argument lets tests hand in a stand-in with pynvml's names
 and error classes (tests/fakes); production code never passes it.
@@ -18,9 +24,12 @@ import importlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+
+from clusterctl.errors import HostError
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +160,7 @@ class _Static:
     power_max_limit_w: float | None
     unsupported: set[tuple[Any, ...]]  # calls answered NotSupported: not asked again
     memory_version: int | None  # nvmlMemory_v2 where the driver has it (used w/o reserved)
+    errors: tuple[str, ...] = ()  # fixed facts that failed to read: said with every sample
 
 
 # NVML return codes (nvml.h); the same values pynvml exports as NVML_ERROR_*.
@@ -160,8 +170,18 @@ _DRIVER_NOT_LOADED = 9
 _LIBRARY_NOT_FOUND = 12
 _FUNCTION_NOT_FOUND = 13
 _GPU_IS_LOST = 15
+_RESET_REQUIRED = 16
 _LIB_RM_VERSION_MISMATCH = 18
 _UNKNOWN = 999
+
+# "the hardware or driver does not report it": a capability, not a failure
+_UNREPORTED_CODES = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND})
+# the GPU stopped answering: nothing more is asked of it in this pass
+_LOST_CODES = frozenset({_GPU_IS_LOST, _RESET_REQUIRED, _UNKNOWN})
+_WORDS = {
+    _GPU_IS_LOST: "GPU is lost (fell off the bus; needs a reset or reboot)",
+    _RESET_REQUIRED: "GPU needs a reset (nvidia-smi -r) or a reboot",
+}
 
 _INIT_REASONS: dict[int, tuple[str, str]] = {
     _LIBRARY_NOT_FOUND: (
@@ -181,6 +201,112 @@ _INIT_REASONS: dict[int, tuple[str, str]] = {
         "reboot, or reload the nvidia kernel modules",
     ),
 }
+
+
+class NvmlCallError(HostError):
+    """An NVML call that failed: what clusterctl raises in place of pynvml's NVMLError,
+    which never leaves this module. ``code`` is the NVML return code (``None`` when
+    unknown); ``lost`` says the GPU stopped answering."""
+
+    def __init__(self, call: str, code: int | None, text: str) -> None:
+        super().__init__(f"{call}: {text}")
+        self.call = call
+        self.code = code
+        self.text = text
+
+    @property
+    def lost(self) -> bool:
+        return self.code in _LOST_CODES
+
+    @property
+    def unreported(self) -> bool:
+        return self.code in _UNREPORTED_CODES
+
+
+_UNREPORTED: Any = object()  # query()'s default: tells "not reported" from a value
+
+
+def call(nv: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``: any NVML failure, "not supported" too, as :class:`NvmlCallError`
+    (for calls whose every failure matters: init, counting, handles, writes)."""
+    try:
+        return fn(*args)
+    except nv.NVMLError as raw:
+        raise _error(fn, raw) from raw
+
+
+def _error(fn: Any, raw: Any) -> NvmlCallError:
+    """pynvml's error as clusterctl's: the call, the NVML code and plain words."""
+    code = getattr(raw, "value", None)
+    text = _WORDS.get(code, str(raw)) if isinstance(code, int) else str(raw)
+    err = NvmlCallError(getattr(fn, "__name__", "NVML"), code, text)
+    err.__cause__ = raw
+    return err
+
+
+def query(nv: Any, fn: Any, *args: Any, default: Any = None,
+          failed: Callable[[NvmlCallError], None] | None = None) -> Any:
+    """The one error policy for reading NVML: ``fn(*args)``'s answer, or ``default``
+    where the GPU or driver does not report it (NOT_SUPPORTED, FUNCTION_NOT_FOUND);
+    any other failure is an :class:`NvmlCallError` (``lost`` for GPU_IS_LOST,
+    RESET_REQUIRED and UNKNOWN), raised, or handed to ``failed`` (then ``None``)."""
+    try:
+        return fn(*args)
+    except nv.NVMLError as raw:
+        err = _error(fn, raw)
+    if err.unreported:
+        return default
+    if failed is None:
+        raise err
+    failed(err)
+    return None
+
+
+def answer(nv: Any, fn: Any, *args: Any) -> Any:
+    """``query`` for a fact that is only nice to have: ``None`` on any failure."""
+    try:
+        return query(nv, fn, *args)
+    except NvmlCallError as err:
+        log.debug("%s", err.message)
+        return None
+
+
+class _Reads:
+    """One GPU's reads in one pass, under :func:`query`'s policy: a field it does not
+    report is ``None`` (and, given ``unreported``, not asked again while the driver is
+    loaded); a failing field is ``None`` and noted in ``errors``; once the GPU is lost,
+    nothing more is asked of it."""
+
+    def __init__(self, nv: Any, handle: Any, unreported: set[tuple[Any, ...]] | None = None
+                 ) -> None:
+        self.nv = nv
+        self.handle = handle
+        self.unreported = unreported
+        self.errors: list[str] = []
+        self.lost = False
+        self.failure: NvmlCallError | None = None  # the call that found the GPU lost
+
+    def __call__(self, fn: Any, *args: Any) -> Any:
+        if self.lost:
+            return None
+        skip = self.unreported
+        if skip and (fn.__name__, *args) in skip:
+            return None
+        value = query(self.nv, fn, self.handle, *args, default=_UNREPORTED, failed=self._failed)
+        if value is _UNREPORTED:
+            if skip is not None:
+                skip.add((fn.__name__, *args))  # a capability of this GPU: not asked again
+            return None
+        return value
+
+    def _failed(self, err: NvmlCallError) -> None:
+        self.errors.append(err.message)
+        if err.lost:
+            self.lost, self.failure = True, err
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.errors) or None
 
 
 class Nvml:
@@ -216,13 +342,11 @@ class Nvml:
                     return None
             nv: Any = self._module
             try:
-                nv.nvmlInit()
-            except nv.NVMLError as err:
-                reason, fix = _INIT_REASONS.get(
-                    err.value, (f"NVML failed to initialise: {err}", None)
-                )
-                self._failure = (reason, fix)
-                log.debug("NVML unavailable: %s", reason)
+                call(nv, nv.nvmlInit)
+            except NvmlCallError as err:
+                self._failure = _INIT_REASONS.get(
+                    err.code or 0, (f"NVML failed to initialise: {err.text}", None))
+                log.debug("NVML unavailable: %s", self._failure[0])
                 return None
             self._initialised = True
             return nv
@@ -234,9 +358,9 @@ class Nvml:
             if self._initialised:
                 nv: Any = self._module
                 try:
-                    nv.nvmlShutdown()
-                except nv.NVMLError as err:
-                    log.debug("nvmlShutdown failed: %s", err)
+                    call(nv, nv.nvmlShutdown)
+                except NvmlCallError as err:
+                    log.debug("%s", err.message)
                 self._initialised = False
 
     def __enter__(self) -> Nvml:
@@ -254,42 +378,28 @@ class Nvml:
             assert self._failure is not None
             reason, fix = self._failure
             return GpuInventory((), None, None, reason=reason, fix=fix)
-        driver = self._optional(nv, nv.nvmlSystemGetDriverVersion)
-        cuda = self._optional(nv, nv.nvmlSystemGetCudaDriverVersion_v2)
+        driver = answer(nv, nv.nvmlSystemGetDriverVersion)
+        cuda = answer(nv, nv.nvmlSystemGetCudaDriverVersion_v2)
         if cuda is None:
-            cuda = self._optional(nv, nv.nvmlSystemGetCudaDriverVersion)
+            cuda = answer(nv, nv.nvmlSystemGetCudaDriverVersion)
         cuda_text = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else None
         try:
-            count = nv.nvmlDeviceGetCount()
-        except nv.NVMLError as err:
+            count = call(nv, nv.nvmlDeviceGetCount)
+        except NvmlCallError as err:
             return GpuInventory(
-                (), driver, cuda_text, reason=f"NVML could not count GPUs: {err}", fix=None
+                (), driver, cuda_text, reason=f"NVML could not count GPUs: {err.text}", fix=None
             )
         gpus = tuple(self._device_info(nv, index) for index in range(count))
         no_gpu = None if gpus else "the NVIDIA driver is loaded but reports no GPU"
         return GpuInventory(gpus, driver, cuda_text, reason=no_gpu)
 
-    def _device_info(self, nv: Any, index: int) -> GpuInfo:
+    @staticmethod
+    def _device_info(nv: Any, index: int) -> GpuInfo:
         try:
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-        except nv.NVMLError as err:
-            lost = err.value in (_GPU_IS_LOST, _UNKNOWN)
-            return GpuInfo(index, None, None, None, None, lost=lost, error=_describe(err))
-        errors: list[str] = []
-        lost = False
-
-        def read(fn: Any, *args: Any) -> Any:
-            nonlocal lost
-            try:
-                return fn(handle, *args)
-            except nv.NVMLError as err:
-                if err.value in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
-                    return None
-                if err.value in (_GPU_IS_LOST, _UNKNOWN):
-                    lost = True
-                errors.append(f"{fn.__name__}: {_describe(err)}")
-                return None
-
+            handle = call(nv, nv.nvmlDeviceGetHandleByIndex, index)
+        except NvmlCallError as err:
+            return GpuInfo(index, None, None, None, None, lost=err.lost, error=err.text)
+        read = _Reads(nv, handle)
         name = read(nv.nvmlDeviceGetName)
         uuid = read(nv.nvmlDeviceGetUUID)
         pci = read(nv.nvmlDeviceGetPciInfo)
@@ -300,8 +410,8 @@ class Nvml:
             uuid=_text(uuid),
             pci_bus_id=_text(getattr(pci, "busId", None)),
             memory_total_bytes=int(memory.total) if memory is not None else None,
-            lost=lost,
-            error="; ".join(errors) or None,
+            lost=read.lost,
+            error=read.error,
         )
 
     # -- sampling -----------------------------------------------------------
@@ -315,11 +425,16 @@ class Nvml:
         return self._failure
 
     def handle(self, index: int) -> Any:
-        """The cached NVML handle of GPU ``index`` (for clusterctl.system's writes)."""
+        """The cached NVML handle of GPU ``index`` (for clusterctl.system's writes);
+        :class:`NvmlCallError` (a HostError) when the GPU cannot be reached."""
         nv = self._nvml()
         if nv is None:
-            raise RuntimeError("NVML is not available")
-        return self._static_of(nv, index).handle
+            raise HostError(f"GPU {index}: NVML is not available: "
+                            f"{self._failure[0] if self._failure else 'unknown'}")
+        try:
+            return self._static_of(nv, index).handle
+        except NvmlCallError as err:
+            raise NvmlCallError(f"GPU {index}: {err.call}", err.code, err.text) from err
 
     def module(self) -> Any:
         return self._nvml()
@@ -333,70 +448,49 @@ class Nvml:
             return GpuSnapshot((), None, self._failure[0], self._failure[1], stamp)
         if self._count is None:
             try:
-                self._count = nv.nvmlDeviceGetCount()
-            except nv.NVMLError as err:
-                return GpuSnapshot((), None, f"NVML could not count GPUs: {err}", None, stamp)
-            self._driver = _text(self._optional(nv, nv.nvmlSystemGetDriverVersion))
-        gpus = tuple(self._sample_one(nv, i, processes) for i in range(self._count))
+                self._count = call(nv, nv.nvmlDeviceGetCount)
+            except NvmlCallError as err:
+                return GpuSnapshot((), None, f"NVML could not count GPUs: {err.text}", None,
+                                   stamp)
+            self._driver = _text(answer(nv, nv.nvmlSystemGetDriverVersion))
+        gpus = tuple(self._sample_one(nv, i, processes) for i in range(self._count or 0))
         reason = None if gpus else "the NVIDIA driver is loaded but reports no GPU"
         return GpuSnapshot(gpus, self._driver, reason, None, stamp)
 
     def _static_of(self, nv: Any, index: int) -> _Static:
+        """GPU ``index``'s fixed facts, read once; NvmlCallError when it cannot be reached
+        or is lost (nothing is cached then)."""
         cached = self._static.get(index)
         if cached is not None:
             return cached
-        handle = nv.nvmlDeviceGetHandleByIndex(index)
-
-        def quiet(fn: Any) -> Any:
-            try:
-                return fn(handle)
-            except nv.NVMLError as err:
-                if err.value in (_GPU_IS_LOST, _UNKNOWN):
-                    raise
-                return None
-
-        constraints = quiet(nv.nvmlDeviceGetPowerManagementLimitConstraints)
+        handle = call(nv, nv.nvmlDeviceGetHandleByIndex, index)
+        read = _Reads(nv, handle)
+        constraints = read(nv.nvmlDeviceGetPowerManagementLimitConstraints)
         low, high = constraints if constraints else (None, None)
         static = _Static(
             handle=handle,
-            name=_text(quiet(nv.nvmlDeviceGetName)),
-            uuid=_text(quiet(nv.nvmlDeviceGetUUID)),
-            pci_bus_id=_text(getattr(quiet(nv.nvmlDeviceGetPciInfo), "busId", None)),
-            power_default_limit_w=_watts(quiet(nv.nvmlDeviceGetPowerManagementDefaultLimit)),
+            name=_text(read(nv.nvmlDeviceGetName)),
+            uuid=_text(read(nv.nvmlDeviceGetUUID)),
+            pci_bus_id=_text(getattr(read(nv.nvmlDeviceGetPciInfo), "busId", None)),
+            power_default_limit_w=_watts(read(nv.nvmlDeviceGetPowerManagementDefaultLimit)),
             power_min_limit_w=_watts(low),
             power_max_limit_w=_watts(high),
             unsupported=set(),
-            memory_version=self._memory_version(nv, handle),
+            memory_version=None if read.lost else self._memory_version(nv, handle),
+            errors=tuple(read.errors),
         )
+        if read.failure is not None:
+            raise read.failure
         self._static[index] = static
         return static
 
     def _sample_one(self, nv: Any, index: int, processes: bool) -> GpuSample:
         try:
             static = self._static_of(nv, index)
-        except nv.NVMLError as err:
-            lost = err.value in (_GPU_IS_LOST, _UNKNOWN)
-            return GpuSample(index, None, None, None, lost=lost, error=_describe(err))
-        errors: list[str] = []
-        lost = False
-        handle, unsupported = static.handle, static.unsupported
-
-        def read(fn: Any, *args: Any) -> Any:
-            nonlocal lost
-            key = (fn.__name__, *args)
-            if lost or key in unsupported:
-                return None
-            try:
-                return fn(handle, *args)
-            except nv.NVMLError as err:
-                if err.value in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
-                    unsupported.add(key)  # a capability of this GPU: not asked again
-                    return None
-                if err.value in (_GPU_IS_LOST, _UNKNOWN):
-                    lost = True
-                errors.append(f"{fn.__name__}: {_describe(err)}")
-                return None
-
+        except NvmlCallError as err:
+            return GpuSample(index, None, None, None, lost=err.lost, error=err.text)
+        read = _Reads(nv, static.handle, static.unsupported)
+        read.errors.extend(static.errors)  # a fixed fact that failed stays said
         util = read(nv.nvmlDeviceGetUtilizationRates)
         memory = (read(nv.nvmlDeviceGetMemoryInfo, static.memory_version)
                   if static.memory_version else read(nv.nvmlDeviceGetMemoryInfo))
@@ -408,18 +502,18 @@ class Nvml:
         clock_memory = read(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_MEM)
         pstate = read(nv.nvmlDeviceGetPerformanceState)
         fan = read(nv.nvmlDeviceGetFanSpeed)
-        reasons = read(self._clock_reasons_fn(nv, handle))
+        reasons = read(self._clock_reasons_fn(nv, static.handle))
         ecc = read(nv.nvmlDeviceGetTotalEccErrors, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                    nv.NVML_VOLATILE_ECC)
         remapped = read(nv.nvmlDeviceGetRemappedRows)
-        processes_now = self._processes(nv, handle, read) if processes else None
-        if lost:
+        processes_now = self._processes(nv, read) if processes else None
+        if read.lost:
             self._static.pop(index, None)  # look the handle up again next time
             return GpuSample(index, static.name, static.uuid, static.pci_bus_id, lost=True,
-                             error="; ".join(errors))
+                             error=read.error)
         return GpuSample(
             index=index, name=static.name, uuid=static.uuid, pci_bus_id=static.pci_bus_id,
-            lost=False, error="; ".join(errors) or None,
+            lost=False, error=read.error,
             utilization_gpu_percent=None if util is None else int(util.gpu),
             utilization_memory_percent=None if util is None else int(util.memory),
             memory_total_mib=None if memory is None else int(memory.total) // MIB,
@@ -448,54 +542,33 @@ class Nvml:
         """nvmlMemory_v2 when this driver has it: its "used" leaves out what the driver
         reserves, as nvidia-smi shows it."""
         version = getattr(nv, "nvmlMemory_v2", None)
-        if version is None:
-            return None
-        try:
-            nv.nvmlDeviceGetMemoryInfo(handle, version)
-        except nv.NVMLError:
+        if version is None or answer(nv, nv.nvmlDeviceGetMemoryInfo, handle, version) is None:
             return None
         return int(version)
 
     def _clock_reasons_fn(self, nv: Any, handle: Any) -> Any:
         """nvmlDeviceGetCurrentClocksEventReasons, or the older throttle-reasons call."""
         if self._reasons_fn is None:
-            self._reasons_fn = nv.nvmlDeviceGetCurrentClocksEventReasons
+            older = nv.nvmlDeviceGetCurrentClocksThrottleReasons
+            self._reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", older)
             try:
-                self._reasons_fn(handle)
-            except nv.NVMLError as err:
-                if err.value == _FUNCTION_NOT_FOUND:
-                    self._reasons_fn = nv.nvmlDeviceGetCurrentClocksThrottleReasons
-            except AttributeError:
-                self._reasons_fn = nv.nvmlDeviceGetCurrentClocksThrottleReasons
+                call(nv, self._reasons_fn, handle)
+            except NvmlCallError as err:
+                if err.code == _FUNCTION_NOT_FOUND:
+                    self._reasons_fn = older
         return self._reasons_fn
 
     @staticmethod
-    def _processes(nv: Any, handle: Any, read: Any) -> tuple[GpuProcess, ...] | None:
+    def _processes(nv: Any, read: _Reads) -> tuple[GpuProcess, ...] | None:
         found = read(nv.nvmlDeviceGetComputeRunningProcesses)
         if found is None:
             return None
         out = []
         for proc in found:
-            try:
-                name = _text(nv.nvmlSystemGetProcessName(proc.pid))
-            except nv.NVMLError:
-                name = None
+            name = _text(answer(nv, nv.nvmlSystemGetProcessName, proc.pid))  # may have exited
             used = getattr(proc, "usedGpuMemory", None)
             out.append(GpuProcess(int(proc.pid), name or None, _mib(used)))
         return tuple(out)
-
-    @staticmethod
-    def _optional(nv: Any, fn: Any) -> Any:
-        try:
-            return fn()
-        except nv.NVMLError:
-            return None
-
-
-def _describe(err: Any) -> str:
-    if err.value == _GPU_IS_LOST:
-        return "GPU is lost (fell off the bus; needs a reset or reboot)"
-    return str(err)
 
 
 def _int(value: object) -> int | None:
