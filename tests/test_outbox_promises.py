@@ -175,7 +175,6 @@ def test_the_heartbeat_sequence_keeps_increasing_across_a_restart(tmp_path: Path
         agent.stop()
     beats = _in_arrival_order(plane)
     sequences = [b["sequence"] for b in beats]
-    assert beats[before]["monotonic_s"] < beats[before - 1]["monotonic_s"]  # a new process
     assert sequences == sorted(set(sequences))  # strictly increasing, as received
     assert sequences[before] > sequences[before - 1]
     assert {b["instance_id"] for b in beats} == {"node-1"}

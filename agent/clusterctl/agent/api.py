@@ -1,10 +1,11 @@
 """The agent's local HTTP API and /metrics (loopback by default: ``[api] listen``).
 
-GET  /api/v1/monitoring/gpu-metrics          the fleet-manager seed's shape
-GET  /api/gpu/status?gpu_id=N                 junmai's {"success", "data"}
+GET  /api/v1/monitoring/gpu-metrics          every GPU's gauges, fleet-style
+GET  /api/gpu/status?gpu_id=N                 one GPU, as {"success", "data"}
 GET  /api/gpu/temperature/trend?gpu_id=N&duration=M
 POST /api/gpu/memory/allocate                 {"allocation_id", "required_mb", "gpu_id"?}
 PUT  /api/gpu/config                          {"temp_throttle": 80, ...}
+POST /api/hibernate/now                       run [hibernate] action now (202; 409 if running)
 GET  /metrics                                 Prometheus text (dcgm-exporter names)
 GET  /healthz                                 200 healthy/degraded, 503 unhealthy
 
@@ -38,7 +39,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 from clusterctl import config as cfg
 from clusterctl.agent.control import DeadlineReader, read_token
 from clusterctl.agent.metrics import render
-from clusterctl.errors import ClusterctlError, ConfigError
+from clusterctl.errors import ClusterctlError, ConfigError, TemporaryError
 from clusterctl.gpu import placement, shapes
 
 if TYPE_CHECKING:
@@ -333,6 +334,17 @@ def put_config(h: Handler) -> None:
     h._json(200, {"success": True, "data": cfg.as_toml_dict(new)["gpu"]})
 
 
+def hibernate_now(h: Handler) -> None:
+    """`clusterctl hibernate now` through the running agent: its one action sequence."""
+    h.authorised()
+    agent = h.server.agent
+    try:
+        agent.hibernation.start_now("clusterctl hibernate now")
+    except TemporaryError as err:
+        raise ApiError(409, err.one_line()) from err
+    h._json(202, {"success": True, "data": {"status": "hibernating"}})
+
+
 def metrics(h: Handler) -> None:
     body, content_type = render(h.server.agent)
     h._send(200, body, content_type)
@@ -352,6 +364,7 @@ ROUTES = {
     ("GET", "/api/gpu/temperature/trend"): gpu_trend,
     ("POST", "/api/gpu/memory/allocate"): allocate,
     ("PUT", "/api/gpu/config"): put_config,
+    ("POST", "/api/hibernate/now"): hibernate_now,
     ("GET", "/metrics"): metrics,
     ("GET", "/healthz"): healthz,
 }

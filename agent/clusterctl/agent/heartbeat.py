@@ -23,8 +23,11 @@ from typing import Any
 
 from clusterctl import __version__, system
 from clusterctl.agent.control import Backoff, ControlClient
+from clusterctl.config import Config, instance_id
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.outbox import Outbox
+from clusterctl.hibernate import schedule
+from clusterctl.host.procfs import MemoryFacts, read_boot_id, read_memory
 from clusterctl.system import open_regular
 from clusterctl.units import iso_utc
 
@@ -76,6 +79,31 @@ def status_payload(*, instance_id: str, boot_id: str | None, sequence: int, now:
         "schedule": schedule,  # the control plane wakes the node at wake_at
         "agent_version": __version__,
     }
+
+
+def memory_summaries(memory: MemoryFacts, *, last_swap_step: str | None = None,
+                     swap_steps: int | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(memory, swap) as heartbeats and metrics carry them, from one read of meminfo."""
+    return ({"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes,
+             "used_percent": None if memory.used_percent is None
+             else round(memory.used_percent, 1)},
+            {"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes,
+             "last_step": last_swap_step, "steps": swap_steps})
+
+
+def node_payload(config: Config, *, sequence: int, now: float, status: str,
+                 idle_since: float | None, gpus: list[dict[str, Any]],
+                 summaries: tuple[dict[str, Any], dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+    """The heartbeat this node sends, whoever sends it (the agent, `hibernate heartbeat
+    --once`): its id, boot, CLOCK_MONOTONIC, memory, swap and schedule read here."""
+    memory, swap = summaries or memory_summaries(read_memory(Path("/")))
+    return status_payload(
+        instance_id=instance_id(config), boot_id=read_boot_id(Path("/")),
+        sequence=sequence, now=now, monotonic_s=time.monotonic(), status=status,
+        idle_since=idle_since, gpus=gpus, memory=memory, swap=swap,
+        schedule=schedule.next_times(config.paths.state_dir, now))
 
 
 @dataclass

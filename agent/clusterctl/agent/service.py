@@ -36,20 +36,19 @@ import sdnotify
 from clusterctl import config as cfg
 from clusterctl.agent.api import serve
 from clusterctl.agent.control import TOTAL_TIMEOUT_S, ControlClient
-from clusterctl.agent.heartbeat import Delivery, status_payload
+from clusterctl.agent.heartbeat import Delivery, memory_summaries, node_payload
 from clusterctl.agent.metrics import write_textfile
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.log import EventLog
 from clusterctl.events.outbox import Outbox
 from clusterctl.gpu.monitor import GpuMonitor
 from clusterctl.gpu.shapes import fleet_metrics
+from clusterctl.hibernate import actions
 from clusterctl.hibernate.controller import Hibernation
 from clusterctl.host.nvml import Nvml
-from clusterctl.host.procfs import read_boot_id, read_memory
+from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
-from clusterctl.host.software import read_loaded_models
 from clusterctl.swap import executor as swap
-from clusterctl.system.memory import unload_model
 
 log = logging.getLogger("clusterctl.agent")
 SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this often
@@ -191,12 +190,8 @@ class Agent:
 
     def summaries(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(memory, swap) for heartbeats and metrics, from one read of /proc/meminfo."""
-        memory = read_memory(Path("/"))
-        return ({"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes,
-                 "used_percent": None if memory.used_percent is None
-                 else round(memory.used_percent, 1)},
-                {"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes,
-                 "last_step": self.progress.last_swap, "steps": self.progress.swap_steps})
+        return memory_summaries(read_memory(Path("/")), last_swap_step=self.progress.last_swap,
+                                swap_steps=self.progress.swap_steps)
 
     # -- the loops -------------------------------------------------------------------
 
@@ -281,15 +276,10 @@ class Agent:
         return min(float(config.heartbeat.interval_s), delivery.backoff.failed())
 
     def _payload(self, sequence: int) -> dict[str, Any]:
-        metrics = self.gpu_metrics()
         state = self.hibernation.state
-        memory, swap_ = self.summaries()
-        return status_payload(
-            instance_id=cfg.instance_id(self.config), boot_id=read_boot_id(Path("/")),
-            sequence=sequence, now=self.clock(),
-            monotonic_s=time.monotonic() - self.started_monotonic, status=state.status,
-            idle_since=state.idle_since, gpus=metrics["gpus"], memory=memory, swap=swap_,
-            schedule=self.hibernation.next_times(self.clock()))
+        return node_payload(self.config, sequence=sequence, now=self.clock(),
+                            status=state.status, idle_since=state.idle_since,
+                            gpus=self.gpu_metrics()["gpus"], summaries=self.summaries())
 
     def _control_client(self) -> ControlClient | None:
         if not self.config.heartbeat.control_url:
@@ -299,20 +289,10 @@ class Agent:
     def _drain(self) -> None:
         """Before the action: a last heartbeat (hibernating), Ollama's models unloaded,
         the outbox sent."""
-        if self.delivery is not None:
-            self.delivery.heartbeat(self._payload(self.delivery.next_sequence()))
-        try:
-            models = read_loaded_models(self.config.ollama.url, timeout_s=2.0)
-        except ClusterctlError:
-            models = ()
-        for model in models:
-            try:
-                unload_model(self.config.ollama.url, model.name)
-                log.info("unloaded %s before hibernating", model.name)
-            except ClusterctlError as err:
-                log.warning("%s", err.one_line())
-        if self.delivery is not None:
-            self.delivery.flush()
+        delivery = self.delivery
+        actions.drain(self.config, heartbeat=None if delivery is None else
+                      lambda: delivery.heartbeat(self._payload(delivery.next_sequence())),
+                      flush=None if delivery is None else delivery.flush)
 
     def _pressure_loop(self) -> None:
         """Arm the PSI trigger and answer it; armed again after any failure. Returns

@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import re
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,7 +20,7 @@ from clusterctl.cli.common import (
     emit_json,
     start,
 )
-from clusterctl.errors import EXIT_FAILED, UsageError
+from clusterctl.errors import EXIT_FAILED, TemporaryError, UsageError
 from clusterctl.units import iso_utc
 
 app = typer.Typer(help="Idle GPU machines go to sleep by themselves: status, actions, events.",
@@ -156,45 +155,104 @@ def config_cmd(set_: Annotated[list[str] | None, typer.Option(
 @cli_errors
 def now_cmd(dry_run: DryRunOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
             quiet: QuietOpt = False) -> None:
-    """Run [hibernate] action now, whatever the GPUs are doing (--dry-run: say what)."""
-    from clusterctl.agent.control import ControlClient
+    """Run [hibernate] action now, whatever the GPUs are doing (--dry-run: say what).
+
+    The running agent does it (through its local API), or, when no agent runs, this
+    command: the same drain, wake timer, action, events and state either way."""
+    from clusterctl.agent import local
     from clusterctl.config import instance_id
-    from clusterctl.events.log import EventLog
     from clusterctl.hibernate import actions
     from clusterctl.system import sleep
 
     start(verbose, quiet)
     c = cfg.load(config).config
-    plan = []
-    for action in c.hibernate.action:
-        if action == "command":
-            plan.append(f"command: {' '.join(c.hibernate.command) or '(none set)'}")
-        elif action == "control":
-            plan.append(f"control: POST {c.heartbeat.control_url or '(no control_url)'}"
-                        f"/api/instances/{instance_id(c)}/hibernate")
-        elif action == "systemd":
-            plan.append(f"systemd: start {actions.systemd_target(c, sleep.can)}")
-        else:
-            plan.append("none: report only")
     if dry_run:
-        for line in plan:
+        for action in c.hibernate.action:
+            if action == "command":
+                line = f"command: {' '.join(c.hibernate.command) or '(none set)'}"
+            elif action == "control":
+                line = (f"control: POST {c.heartbeat.control_url or '(no control_url)'}"
+                        f"/api/instances/{instance_id(c)}/hibernate")
+            elif action == "systemd":
+                line = f"systemd: start {actions.systemd_target(c, sleep.can)}"
+            else:
+                line = "none: report only"
             print(f"would run {line}")
         return
-    log = EventLog(c.paths.state_dir, instance_id(c))
-    log.record("hibernate_started", "clusterctl hibernate now", {"gpu_utilization": None},
-               now=time.time())
-    control = ControlClient(c.heartbeat) if c.heartbeat.control_url else None
-    outcome = actions.run(c, instance_id=instance_id(c), control=control)
+    answer = local.ask(c, "POST", "/api/hibernate/now")
+    if answer is not None:
+        code, body = answer
+        if code == 202:
+            print("the agent is putting the node to sleep; follow it with "
+                  "`clusterctl hibernate events`")
+            return
+        raise TemporaryError(f"the agent refused: {body.get('error', f'HTTP {code}')}",
+                             fix="create [api] token_file (root, mode 0600) and restart the "
+                                 "agent" if code in (401, 403) else None)
+    outcome = _here(c).act_now("clusterctl hibernate now")
     for line in outcome.done:
         print(line)
-    if outcome.ok:
-        log.record("hibernated", "; ".join(outcome.done), {"gpu_utilization": None},
-                   now=time.time())
-        return
-    log.record("hibernate_failed", f"{outcome.failed_action}: {outcome.error}",
-               {"gpu_utilization": None}, now=time.time())
-    print(f"clusterctl: {outcome.failed_action} failed: {outcome.error}")
-    raise typer.Exit(EXIT_FAILED)
+    if not outcome.ok:
+        print(f"clusterctl: {outcome.failed_action or 'hibernate'} failed: {outcome.error}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _delivery(c: cfg.Config) -> Any:
+    """A Delivery to [heartbeat] control_url, as the agent has; None without one."""
+    from clusterctl.agent.control import ControlClient
+    from clusterctl.agent.heartbeat import Delivery
+    from clusterctl.events.outbox import Outbox
+
+    if not c.heartbeat.control_url:
+        return None
+    return Delivery(ControlClient(c.heartbeat), Outbox(c.paths.state_dir), c.paths.state_dir)
+
+
+def _gpus(c: cfg.Config) -> list[dict[str, Any]]:
+    """Every GPU as a heartbeat carries it, from one sample now."""
+    from clusterctl.gpu.monitor import view_now
+    from clusterctl.gpu.shapes import fleet_metrics
+    from clusterctl.host.nvml import Nvml
+
+    with Nvml() as nvml:
+        snapshot = nvml.sample()
+    views = tuple(view_now(g, c, None, snapshot.sampled_at) for g in snapshot.gpus)
+    gpus: list[dict[str, Any]] = fleet_metrics(snapshot, views)["gpus"]
+    return gpus
+
+
+def _here(c: cfg.Config) -> Any:
+    """The agent's hibernation controller, run by this command (no agent runs)."""
+    from clusterctl.agent.control import ControlClient
+    from clusterctl.agent.heartbeat import node_payload
+    from clusterctl.config import instance_id
+    from clusterctl.events.log import EventLog
+    from clusterctl.hibernate import actions
+    from clusterctl.hibernate.controller import Hibernation
+
+    log = EventLog(c.paths.state_dir, instance_id(c))
+    delivery = _delivery(c)
+    hibernation: Hibernation
+
+    def heartbeat() -> object:
+        state = hibernation.state
+        return delivery.heartbeat(node_payload(
+            c, sequence=delivery.next_sequence(), now=time.time(), status=state.status,
+            idle_since=state.idle_since, gpus=_gpus(c)))
+
+    def drain() -> None:
+        actions.drain(c, heartbeat=None if delivery is None else heartbeat,
+                      flush=None if delivery is None else delivery.flush)
+
+    def record(kind: str, reason: str, details: dict[str, Any]) -> None:
+        log.record(kind, reason, details, now=time.time())
+
+    def control() -> ControlClient | None:
+        return ControlClient(c.heartbeat) if c.heartbeat.control_url else None
+
+    hibernation = Hibernation(c, instance_id=instance_id(c), record=record, drain=drain,
+                              control=control)
+    return hibernation
 
 
 @app.command("heartbeat")
@@ -202,38 +260,22 @@ def now_cmd(dry_run: DryRunOpt = False, config: ConfigOpt = None, verbose: Verbo
 def heartbeat_cmd(once: Annotated[bool, typer.Option("--once", help="Send one and exit.")]
                   = False, json_out: JsonOpt = False, config: ConfigOpt = None,
                   verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
-    """Send one heartbeat to [heartbeat] control_url now (the agent sends them normally)."""
-    from clusterctl.agent.control import ControlClient
-    from clusterctl.agent.heartbeat import Delivery, status_payload
-    from clusterctl.config import instance_id
-    from clusterctl.events.outbox import Outbox
-    from clusterctl.gpu.monitor import view_now
-    from clusterctl.gpu.shapes import fleet_metrics
+    """Send one heartbeat to [heartbeat] control_url now (the agent sends them normally):
+    the payload the agent sends, built by the same code."""
+    from clusterctl.agent.heartbeat import node_payload
     from clusterctl.hibernate.controller import load_state
-    from clusterctl.host.nvml import Nvml
-    from clusterctl.host.procfs import read_boot_id, read_memory
 
     start(verbose, quiet)
     if not once:
         raise UsageError("only --once is supported here; the agent sends heartbeats")
     c = cfg.load(config).config
-    if not c.heartbeat.control_url:
+    delivery = _delivery(c)
+    if delivery is None:
         raise UsageError("no [heartbeat] control_url to send to",
                          fix="clusterctl config set heartbeat.control_url https://...")
-    with Nvml() as nvml:
-        snapshot = nvml.sample()
-    views = tuple(view_now(g, c, None, snapshot.sampled_at) for g in snapshot.gpus)
-    memory = read_memory(Path("/"))
     state = load_state(c.paths.state_dir)
-    delivery = Delivery(ControlClient(c.heartbeat), Outbox(c.paths.state_dir),
-                        c.paths.state_dir)
-    payload = status_payload(
-        instance_id=instance_id(c), boot_id=read_boot_id(Path("/")),
-        sequence=delivery.next_sequence(), now=time.time(), monotonic_s=time.monotonic(),
-        status=state.status, idle_since=state.idle_since,
-        gpus=fleet_metrics(snapshot, views)["gpus"],
-        memory={"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes},
-        swap={"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes})
+    payload = node_payload(c, sequence=delivery.next_sequence(), now=time.time(),
+                           status=state.status, idle_since=state.idle_since, gpus=_gpus(c))
     ok = delivery.heartbeat(payload)
     if json_out:
         emit_json({"sent": ok, "error": delivery.state.last_error, "payload": payload})

@@ -3,13 +3,15 @@
 - ``none``: report only.
 - ``command``: ``[hibernate] command`` (argv, no shell) with a timeout, e.g. a snapshot.
 - ``control``: ``POST {control_url}/api/instances/{id}/hibernate``: the control plane
-  snapshots and destroys the instance, as the seed's does.
+  snapshots and destroys the instance.
 - ``systemd``: start ``[hibernate] systemd_unit`` (hibernate.target by default). For
   the sleep targets logind is asked first (CanHibernate...); when it says no, the
   ``fallback`` target is used, or the action is refused: never half asleep.
 
 Whatever an action raises, it is that action's failure (with the exception's text),
-never an exception out of ``run``.
+never an exception out of ``run``. Before the actions, ``drain`` (a last heartbeat,
+Ollama's models unloaded, the outbox sent) is the same for an idle node, `hibernate
+now` and a control-plane command.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 
 from clusterctl.config import Config
 from clusterctl.errors import ClusterctlError, HostError
+from clusterctl.host.software import read_loaded_models
 from clusterctl.system import sleep
+from clusterctl.system.memory import unload_model
 
 log = logging.getLogger("clusterctl.hibernate")
 FALLBACK_UNITS = {"suspend": "suspend.target", "poweroff": "poweroff.target"}
@@ -41,6 +45,27 @@ def describe(err: Exception) -> str:
     if isinstance(err, ClusterctlError):
         return err.one_line()
     return f"unexpected {type(err).__name__}: {err}"
+
+
+def drain(config: Config, *, heartbeat: Callable[[], object] | None,
+          flush: Callable[[], object] | None) -> None:
+    """Before the action: a last heartbeat (it says ``hibernating``), Ollama's models
+    unloaded, the outbox sent. Best effort: what cannot be done is logged, and the action
+    still runs."""
+    if heartbeat is not None:
+        heartbeat()
+    try:
+        models = read_loaded_models(config.ollama.url, timeout_s=2.0)
+    except ClusterctlError:
+        models = ()
+    for model in models:
+        try:
+            unload_model(config.ollama.url, model.name)
+            log.info("unloaded %s before hibernating", model.name)
+        except ClusterctlError as err:
+            log.warning("%s", err.one_line())
+    if flush is not None:
+        flush()
 
 
 def systemd_target(config: Config, can: Callable[[str], str | None]) -> str:

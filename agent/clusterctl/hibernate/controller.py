@@ -25,7 +25,7 @@ from typing import Any
 
 from clusterctl import system
 from clusterctl.config import Config
-from clusterctl.errors import ClusterctlError
+from clusterctl.errors import ClusterctlError, TemporaryError
 from clusterctl.hibernate import actions, schedule
 from clusterctl.hibernate.idle import IdleRules, IdleState, Observation, finished, step
 from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times
@@ -246,14 +246,32 @@ class Hibernation:
 
     def next_times(self, now: float) -> dict[str, Any] | None:
         """For heartbeats: when the node will be put to sleep and should be woken."""
-        sched = schedule.load(self.config.paths.state_dir)
-        if sched is None:
-            return None
-        return {"timezone": sched.tz,
-                "sleep_at": None if sched.sleep is None else iso_utc(
-                    schedule.next_at(sched.sleep, sched.tz, now)),
-                "wake_at": None if sched.wake is None else iso_utc(
-                    schedule.next_at(sched.wake, sched.tz, now))}
+        return schedule.next_times(self.config.paths.state_dir, now)
+
+    def act_now(self, reason: str) -> actions.Outcome:
+        """Run the action now, whatever the GPUs are doing (`hibernate now`, a control-plane
+        command), and wait for it: the same drain, wake timer, action, events and state as
+        an idle node's. TemporaryError while an action is running already."""
+        self._begin(reason)
+        return self._act()
+
+    def start_now(self, reason: str) -> None:
+        """``act_now`` in the background (the agent's API answers at once)."""
+        self._begin(reason)
+        try:
+            threading.Thread(target=self._act, name="hibernate", daemon=True).start()
+        except RuntimeError as err:
+            self.failed(err)
+            self._conclude(actions.Outcome(False, (), None, f"cannot start: {err}"))
+
+    def _begin(self, reason: str) -> None:
+        with self._state_lock:
+            if self._busy.locked() or self.state.status == "hibernating":
+                raise TemporaryError("the node is being put to sleep already",
+                                     fix="follow it with `clusterctl hibernate events`")
+            self._event("hibernate_started", reason, self.state.last_utilization)
+            self.state = replace(self.state, status="hibernating")
+            self._save()
 
     def _arm_wake(self) -> None:
         """Before a systemd sleep: a wake timer for the schedule's next wake time (systemd
@@ -271,7 +289,7 @@ class Hibernation:
         timer = sleep.set_wake_timer(at)
         log.info("the node wakes itself at %s (%s)", iso_utc(at), timer)
 
-    def _act(self) -> None:
+    def _act(self) -> actions.Outcome:
         with self._busy:
             try:
                 outcome = self._attempt()
@@ -279,6 +297,7 @@ class Hibernation:
                 self.failed(err)
                 outcome = actions.Outcome(False, (), None, actions.describe(err))
             self._conclude(outcome)
+            return outcome
 
     def _attempt(self) -> actions.Outcome:
         try:

@@ -12,10 +12,12 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from clusterctl import system
 from clusterctl.errors import UsageError
+from clusterctl.units import iso_utc
 
 FILE_NAME = "hibernate-schedule.json"
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
@@ -70,6 +72,19 @@ def due(schedule: Schedule, last_checked: float, now: float) -> float | None:
         return None
     occurrence = next_at(schedule.sleep, schedule.tz, last_checked)
     return occurrence if occurrence <= now else None
+
+
+def next_times(state_dir: Path, now: float) -> dict[str, Any] | None:
+    """What every heartbeat carries: when the node will be put to sleep and should be
+    woken (ISO-8601 UTC), in the saved schedule's zone; None without a schedule."""
+    sched = load(state_dir)
+    if sched is None:
+        return None
+    return {"timezone": sched.tz,
+            "sleep_at": None if sched.sleep is None else iso_utc(
+                next_at(sched.sleep, sched.tz, now)),
+            "wake_at": None if sched.wake is None else iso_utc(
+                next_at(sched.wake, sched.tz, now))}
 
 
 def load(state_dir: Path) -> Schedule | None:
