@@ -71,8 +71,8 @@ def machine(
     )
 
 
-# The seed's three example machines (cluster-ai-resource-manager.md,
-# "Recomendações por Hardware"), with MemTotal as such machines show it.
+# Three example machines, one per tier of the hardware table, with MemTotal as such
+# machines show it.
 # 2 cores, "4 GB", HDD, no GPU
 BASIC = {"cores": 2, "memtotal_kib": 3_995_000, "media": "hdd", "free_gib": 50}
 # 6 cores, "12 GB", SSD, an RTX 4060 8 GB

@@ -179,7 +179,7 @@ def test_a_slow_control_plane_never_slows_gpu_sampling(node: Callable[..., Node]
 # -- the local API -------------------------------------------------------------------
 
 
-def test_the_api_endpoints_in_the_seeds_shapes(node: Callable[..., Node]) -> None:
+def test_the_api_endpoints_in_their_documented_shapes(node: Callable[..., Node]) -> None:
     n = node()
     n.start()
     status, metrics = n.get("/api/v1/monitoring/gpu-metrics")

@@ -52,7 +52,7 @@ def test_shipped_default_file_has_every_spec_key_with_a_comment() -> None:
             assert lines[number - 1].startswith("#"), key
 
 
-def test_defaults_are_the_seeds_values() -> None:
+def test_defaults_are_the_documented_values() -> None:
     c = cfg.Config()
     assert (c.swap.min_size_bytes, c.swap.max_size_bytes, c.swap.increment_bytes) == (
         2 * GIB, 16 * GIB, 1 * GIB)

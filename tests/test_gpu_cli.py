@@ -49,7 +49,7 @@ CARD1 = {**A100, "uuid": "GPU-1", "pci_bus_id": "00000000:9A:00.0", "memory_used
          "processes": [{"pid": 777, "name": "ollama", "used_memory": 20 * GIB}]}
 
 
-def test_status_json_is_the_fleet_managers_shape_with_nulls_not_zeros(node: Path,
+def test_status_json_is_the_api_shape_with_nulls_not_zeros(node: Path,
                                                                       tmp_path: Path) -> None:
     env = gpus(tmp_path, CARD0, {**CARD1, "fan_percent": None, "lost": False})
     data = json.loads(cli(node, env, "status", "--json").stdout)

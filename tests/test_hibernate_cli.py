@@ -38,7 +38,7 @@ def cli(conf: Path, *args: str, env: dict[str, str] | None = None
                           check=False)
 
 
-def test_status_has_the_fleet_managers_fields(conf: Path) -> None:
+def test_status_has_the_control_planes_fields(conf: Path) -> None:
     data = json.loads(cli(conf, "status", "--json").stdout)
     assert data["status"] == "running"
     assert data["auto_hibernation"] == {"enabled": False, "pause_after_minutes": 3.0,

@@ -1,6 +1,6 @@
 """A control plane on 127.0.0.1 that records what agents send it.
 
-``POST /api/agent/status``, ``POST /api/agent/events`` and the seed's
+``POST /api/agent/status``, ``POST /api/agent/events`` and the
 ``POST /api/instances/{id}/hibernate`` are recorded (with the Authorization header).
 It can be told to answer 500, to answer garbage (a reply that is not HTTP), to be
 slow, or to refuse a token; stopping it makes the port refuse connections, as a

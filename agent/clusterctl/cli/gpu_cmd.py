@@ -89,7 +89,7 @@ def status_cmd(gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt 
                verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
     """Every GPU now: utilization, memory, temperature, power, clocks, state, processes.
 
-    --json gives the fleet-manager seed's /api/v1/monitoring/gpu-metrics shape with
+    --json gives the agent's /api/v1/monitoring/gpu-metrics shape with
     clusterctl's extra fields; a field the GPU does not report is null.
     """
     from clusterctl.gpu.shapes import fleet_metrics

@@ -74,7 +74,7 @@ def _schedule_dict(sched: Any) -> dict[str, Any]:
 @cli_errors
 def status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
                quiet: QuietOpt = False) -> None:
-    """The node's hibernation status as the agent keeps it, in the seed's shape."""
+    """The node's hibernation status as the agent keeps it, as the control plane shows it."""
     start(verbose, quiet)
     data = status_dict(cfg.load(config).config)
     if json_out:
@@ -102,7 +102,7 @@ def status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Ver
 def events_cmd(limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
                json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
                quiet: QuietOpt = False) -> None:
-    """Hibernation events, newest first (the seed's {"events": [...]})."""
+    """Hibernation events, newest first ({"events": [...]})."""
     from clusterctl.events.log import EventLog
 
     start(verbose, quiet)

@@ -3,7 +3,7 @@
 An append-only JSON-lines file under the state dir (``events.jsonl``). Each
 event has a unique ``id``, ``event_type``, an ISO-8601 UTC ``timestamp``,
 ``instance_id``, a ``reason`` and its details, flat, in the hibernation
-seed's shape. Appends take an exclusive lock on the file and fsync, so the
+shape the control plane reads. Appends take an exclusive lock on the file and fsync, so the
 timer, a manual command and the agent can write at once; a writer that waited
 while another rotated the file writes to the new one. An event is written
 whole or not at all: a full disk gives a HostError and the file is cut back to

@@ -1,4 +1,4 @@
-"""The VRAM placement ledger (the seeds' assign_model_to_gpu / allocate_memory).
+"""The VRAM placement ledger (what the Python API's assign_model_to_gpu / allocate_memory use).
 
 ``<state_dir>/gpu-allocations.json``, changed only under ``<run_dir>/gpu.lock`` with a
 fresh NVML sample taken inside the lock, so two processes placing at once can never

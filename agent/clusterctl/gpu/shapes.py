@@ -1,4 +1,4 @@
-"""The seeds' JSON shapes, built from monitor views (pure)."""
+"""The JSON shapes of the API, the CLI and heartbeats, built from monitor views (pure)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from clusterctl.units import iso_utc
 
 
 def fleet_metrics(snapshot: GpuSnapshot, views: tuple[GpuView, ...]) -> dict[str, Any]:
-    """gpu-fleet-manager's ``GET /api/v1/monitoring/gpu-metrics``, plus clusterctl's fields.
+    """``GET /api/v1/monitoring/gpu-metrics``: every GPU's gauges, with clusterctl's fields.
 
     Where a GPU does not report a field, it is null: never a made-up zero.
     """
@@ -60,7 +60,7 @@ def _fleet_gpu(view: GpuView) -> dict[str, Any]:
 
 
 def manager_status(view: GpuView) -> dict[str, Any]:
-    """junmai's ``GET /api/gpu/status`` ``data``."""
+    """``GET /api/gpu/status``'s ``data``."""
     g = view.sample
     return {
         "available": not g.lost,
@@ -79,7 +79,7 @@ def manager_status(view: GpuView) -> dict[str, Any]:
 
 
 def trend_dict(trend: Trend | None, gpu_id: int) -> dict[str, Any]:
-    """junmai's ``get_temperature_trend``: current_temp, avg_temp, min, max, trend."""
+    """The temperature trend (``get_temperature_trend``): current, average, min, max, trend."""
     if trend is None:
         return {"gpu_id": gpu_id, "samples": 0, "trend": "unknown"}
     return {"gpu_id": gpu_id, "current_temp": trend.current_c, "avg_temp": trend.average_c,
@@ -89,7 +89,7 @@ def trend_dict(trend: Trend | None, gpu_id: int) -> dict[str, Any]:
 
 
 def health(views: tuple[GpuView, ...], limit_c: int, reason: str | None) -> dict[str, Any]:
-    """superezio's ``gpu_status`` check: every GPU answers and is below ``limit_c``."""
+    """The health check: every GPU answers and is below ``limit_c``."""
     problems = []
     for v in views:
         g = v.sample

@@ -1,4 +1,4 @@
-"""The seed's emergency measures: free memory now (and, in `monitor`, react to load)."""
+"""The emergency measures: free memory now (and, in `monitor`, react to load)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`clusterctl optimize monitor`: the seed's emergency measures, with memory between runs.
+"""`clusterctl optimize monitor`: the emergency measures, with memory between runs.
 
 A sample (CPU over a short window, memory, the state dir's disk, the Dask worker
 count in our env file) and the saved ``MonitorState`` go into the pure

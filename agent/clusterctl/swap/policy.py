@@ -24,7 +24,7 @@ from clusterctl.swap.filesystems import swapfile_support
 from clusterctl.swap.ledger import Ledger
 from clusterctl.units import MIB, format_size
 
-# The seed's emergency: above 85 % in use, grow twice as fast.
+# The emergency rate: above 85 % in use, grow twice as fast.
 EMERGENCY_PERCENT = 85.0
 # Shrink only after memory use has stayed this far below the threshold...
 SHRINK_MARGIN_PERCENT = 20.0
