@@ -13,12 +13,13 @@ def record(log: EventLog, *numbers: int) -> None:
         log.record("swap_expanded", f"event {n}", {"n": n}, now=1_700_000_000 + n)
 
 
-def sent(outbox: Outbox, limit: int = 200) -> list[int]:
-    """Take one batch, acknowledge it, return its numbers."""
+def sent(outbox: Outbox, limit: int = 200) -> list[int | str]:
+    """Take one batch, acknowledge it, return its numbers (the type of an event this test
+    did not record)."""
     batch = outbox.pending(limit=limit)
     if batch.cursor:
         outbox.ack(batch.cursor)
-    return [e["n"] for e in batch.events]
+    return [e["n"] if "n" in e else e["event_type"] for e in batch.events]
 
 
 def test_events_go_in_order_once_each(tmp_path: Path) -> None:
@@ -60,7 +61,13 @@ def test_a_lost_cursor_resends_from_the_oldest_kept(tmp_path: Path) -> None:
     record(log, 1, 2)
     assert sent(outbox) == [1, 2]
     (tmp_path / "outbox.json").write_text("{garbage")
-    assert sent(outbox) == [1, 2]  # duplicates by id, never a loss
+    # duplicates by id, never a loss; and an event that the cursor was set aside
+    assert sent(outbox) == [1, 2, "state_file_set_aside"]
+    (aside,) = tmp_path.glob("outbox.json.corrupt-*")
+    assert aside.read_text() == "{garbage"
+    (event,) = [e for e in log.read() if e["event_type"] == "state_file_set_aside"]
+    assert (event["file"], event["kept_as"]) == (str(tmp_path / "outbox.json"), str(aside))
+    assert sent(outbox) == []
 
 
 def test_too_much_unsent_drops_the_oldest_files_and_counts_them(tmp_path: Path) -> None:

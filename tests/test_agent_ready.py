@@ -91,4 +91,4 @@ def test_the_agent_gives_back_a_crashed_runs_power_limit_as_it_starts(
     agent = n.start()  # returns at the first sample
     assert not agent.config.gpu.throttle_enabled
     assert gpu.power_limit_mw == 700_000
-    assert not Path(n.state / "gpu-power.json").exists()
+    assert not Path(n.state / "originals.json").exists()

@@ -153,7 +153,7 @@ def test_throttle_plan_changes_nothing_and_says_what_it_would_do(node: Path,
     assert moves == [(0, "throttled", "lower", 630.0), (1, "critical", "floor", 350.0)]
     text = cli(node, env, "throttle", "plan").stdout
     assert "throttling is off: nothing would be applied" in text
-    assert not (tmp_path / "state/gpu-power.json").exists()
+    assert not (tmp_path / "state/originals.json").exists()
     assert cli(node, env, "throttle", "status").stdout.startswith("throttling off")
 
 

@@ -76,18 +76,25 @@ def test_a_failing_callback_does_not_stop_monitoring(nv: ModuleType, tmp_path: P
     assert monitor.step()
 
 
+def saved_limits(state_dir: Path) -> dict[str, dict[str, object]] | None:
+    """The saved power limits on disk (the "gpu-power" section of originals.json), or None
+    when there is none."""
+    path = state_dir / "originals.json"
+    section = json.loads(path.read_text()).get("gpu-power") if path.exists() else None
+    return None if section is None else dict(section["gpus"])
+
+
 def originals_on_disk_at_each_set(nv: ModuleType, state_dir: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, object]]:
     """Every power limit the fake GPU 0 is given, as (milliwatts, the original limit in W
-    that gpu-power.json held for it at that moment, or None): the driver's side of the
+    that originals.json held for it at that moment, or None): the driver's side of the
     promise that the original is on disk before the limit goes down."""
     seen: list[tuple[int, object]] = []
     real_set = nv.nvmlDeviceSetPowerManagementLimit
     uuid = nv.machine.gpus[0].uuid
 
     def set_limit(handle: object, limit: int) -> None:
-        path = state_dir / "gpu-power.json"
-        record = json.loads(path.read_text())["gpus"].get(uuid) if path.exists() else None
+        record = (saved_limits(state_dir) or {}).get(uuid)
         seen.append((limit, None if record is None else record["original_limit_w"]))
         real_set(handle, limit)
 
@@ -104,8 +111,8 @@ def test_throttling_lowers_saves_the_original_first_and_gives_it_back_on_stop(
     monitor = GpuMonitor(config(tmp_path, throttle_enabled=True), Nvml(module=nv), clock=clock)
     monitor.step()
     assert gpu.set_limit_calls == [630_000]
-    saved = json.loads((tmp_path / "state/gpu-power.json").read_text())
-    assert saved["gpus"]["GPU-0"]["original_limit_w"] == 700.0
+    saved = saved_limits(tmp_path / "state")
+    assert saved is not None and saved["GPU-0"]["original_limit_w"] == 700.0
     clock.now += 15
     monitor.step()
     assert gpu.set_limit_calls == [630_000, 560_000]
@@ -117,7 +124,7 @@ def test_throttling_lowers_saves_the_original_first_and_gives_it_back_on_stop(
         "lower", "lower", "floor"]
     monitor.stop()
     assert gpu.power_limit_mw == 700_000
-    assert not (tmp_path / "state/gpu-power.json").exists()
+    assert not (tmp_path / "state/originals.json").exists()  # nothing left to give back
     # each lowering, and the way back, found the original already on disk
     assert sets == [(630_000, 700.0), (560_000, 700.0), (350_000, 700.0), (700_000, 700.0)]
 
@@ -138,7 +145,7 @@ def test_after_a_crash_the_next_start_gives_the_limit_back_before_any_stop(
     monitor.start()
     try:
         assert gpu.power_limit_mw == 700_000  # back before any stop
-        assert not (tmp_path / "state/gpu-power.json").exists()
+        assert not (tmp_path / "state/originals.json").exists()
         assert sets == [(630_000, 700.0), (700_000, 700.0)]
     finally:
         monitor.stop()
@@ -246,25 +253,47 @@ def test_monitoring_trend_callbacks_and_config_updates(nv: ModuleType, tmp_path:
     gpu_manager.shutdown()
 
 
-@pytest.mark.parametrize("content", [b'{"gpus": {"GPU-0": {"bogus": 1}}}', b"\xff\xfe",
-                                     b'{"gpus": ', b"42"])
-def test_an_unreadable_power_record_is_set_aside_and_monitoring_goes_on(
-        nv: ModuleType, tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture) -> None:
-    """A damaged gpu-power.json never stops sampling nor throttling; it is kept beside, for
-    the operator to read the originals from, and said once."""
-    nv.machine.gpus[0].temperature = [60, 88, 88]
+# -- saved originals that cannot be read -------------------------------------------------
+
+UNREADABLE = {  # the file, what it holds
+    "originals-truncated": ("originals.json", b'{"version": 1, "gpu-power": {"gpus": '),
+    "originals-section": ("originals.json", b'{"gpu-power": {"gpus": {"GPU-0": {"bogus": 1}}}}'),
+    "old-file-truncated": ("gpu-power.json", b'{"gpus": '),
+    "old-file-not-an-object": ("gpu-power.json", b"42"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_the_monitor_never_lowers_a_limit_while_the_saved_originals_cannot_be_read(
+        nv: ModuleType, tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Damaged originals hold the only copy of the limits to give back: sampling goes on, but
+    no limit goes down (it could not be given back), the file is neither set aside nor
+    written over, the monitor says why; once the operator fixes it, throttling resumes."""
+    name, content = UNREADABLE[case]
+    gpu = nv.machine.gpus[0]
+    gpu.temperature = [60, 88, 88, 88, 88]
     state = tmp_path / "state"
     state.mkdir()
-    (state / "gpu-power.json").write_bytes(content)
+    (state / name).write_bytes(content)
     clock = Clock()
     monitor = GpuMonitor(config(tmp_path, throttle_enabled=True, throttle_step_interval=0),
                          Nvml(module=nv), clock=clock)
-    with caplog.at_level("ERROR", logger="clusterctl.gpu"):
-        assert monitor.restore() == []
+    with caplog.at_level("INFO", logger="clusterctl.gpu"):
+        assert monitor.restore() == []  # nothing it could give back
         views = [monitor.step()[0] for _ in range(3)]
     assert [v.state.value for v in views] == ["optimal", "throttled", "throttled"]
-    assert views[-1].throttled  # a new record, with the original, was written
-    aside = state / f"gpu-power.json.corrupt-{int(clock.now)}"
-    assert aside.read_bytes() == content
-    assert json.loads((state / "gpu-power.json").read_text())["gpus"]["GPU-0"]
-    assert sum("gpu-power.json" in r.getMessage() for r in caplog.records) == 1
+    assert gpu.set_limit_calls == [] and gpu.power_limit_mw == 700_000
+    assert not any(v.throttled for v in views)
+    assert sorted(p.name for p in state.iterdir()
+                  if p.name not in ("events.jsonl", "originals.lock")) == [name]
+    assert (state / name).read_bytes() == content  # kept whole, where it was
+    assert name in (monitor.originals_problem or "")  # why, for the agent to report
+    assert sum(name in r.getMessage() for r in caplog.records) == 1  # said once
+
+    (state / name).unlink()  # the operator sets the limits by hand and starts afresh
+    clock.now += 1
+    assert monitor.step()[0].throttled
+    assert gpu.set_limit_calls == [630_000]
+    assert monitor.originals_problem is None
+    saved = saved_limits(state)
+    assert saved is not None and saved["GPU-0"]["original_limit_w"] == 700.0

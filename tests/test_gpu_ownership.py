@@ -1,7 +1,7 @@
 """One writer of GPU power limits: the agent (or `clusterctl gpu throttle reset` by hand).
 
 The Python API embedded in someone's program reads and plans: by default it never sets a
-limit, never gives back (or sets aside) a record of the agent's; asked to act, it gives
+limit, never gives back (or sets aside) a saved limit of the agent's; asked to act, it gives
 back only what its own process lowered. On the fake NVML, in-process; the agent's side is
 its GPU monitor, made as the agent makes it.
 """
@@ -42,8 +42,10 @@ def node_config(tmp_path: Path) -> cfg.Config:
 
 
 def power_records(tmp_path: Path) -> dict[str, object] | None:
-    path = tmp_path / "state/gpu-power.json"
-    return json.loads(path.read_text())["gpus"] if path.exists() else None
+    """The saved power limits: the "gpu-power" section of originals.json (None: none)."""
+    path = tmp_path / "state/originals.json"
+    section = json.loads(path.read_text()).get("gpu-power") if path.exists() else None
+    return None if section is None else dict(section["gpus"])
 
 
 def every_limit_asked(nv: ModuleType, monkeypatch: pytest.MonkeyPatch
@@ -118,21 +120,23 @@ def test_a_default_gpu_manager_never_sets_a_power_limit_even_on_a_95c_gpu(
     assert power_records(tmp_path) is None
 
 
+@pytest.mark.parametrize("name", ["originals.json", "gpu-power.json"],
+                         ids=["originals", "old-file"])
 @pytest.mark.parametrize("asked", [{}, {"plan_only": False}], ids=["default", "asked-to-act"])
 def test_a_gpu_manager_leaves_a_damaged_power_record_where_it_is(
-        nv: ModuleType, tmp_path: Path, asked: dict[str, bool]) -> None:
-    """The agent's gpu-power.json, damaged, holds the only copy of the originals: a program
-    on the node must neither move it aside (only its owner may) nor write over it, even on
-    a hot GPU when asked to act."""
+        nv: ModuleType, tmp_path: Path, asked: dict[str, bool], name: str) -> None:
+    """The agent's saved originals (or the old gpu-power.json not moved in yet), damaged,
+    hold the only copy of the original limits: a program on the node must neither move
+    them aside nor write over them, even on a hot GPU when asked to act."""
     state = tmp_path / "state"
     state.mkdir()
-    (state / "gpu-power.json").write_bytes(b'{"gpus": ')
+    (state / name).write_bytes(b'{"gpus": ')
     nv.machine.gpus[0].temperature = HOT
     manager = GpuManager(node_config(tmp_path), nvml=Nvml(module=nv), **asked)
     sample_in_the_background(manager, "throttle")
     assert nv.machine.gpus[0].power_limit_mw == 700_000
-    assert sorted(p.name for p in state.iterdir()) == ["gpu-power.json"]
-    assert (state / "gpu-power.json").read_bytes() == b'{"gpus": '
+    assert sorted(p.name for p in state.iterdir() if p.name != "originals.lock") == [name]
+    assert (state / name).read_bytes() == b'{"gpus": '
 
 
 def test_a_gpu_manager_asked_to_act_gives_back_only_what_it_lowered(

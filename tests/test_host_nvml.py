@@ -307,7 +307,7 @@ def test_real_gpu_placement_and_throttle_plan_change_no_setting(tmp_path: Path) 
         after = nvml.sample().gpus[0]
     assert view.decision is not None and view.decision.move in ("lower", "floor")
     assert after.power_limit_w == before.power_limit_w  # nothing was set
-    assert not (tmp_path / "state/gpu-power.json").exists()
+    assert not (tmp_path / "state/originals.json").exists()
 
 
 # -- one error policy for every NVML call ------------------------------------------

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyfakefs.fake_file import FakeFile
@@ -24,7 +25,13 @@ from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_YAML_FILE, OLLAMA_DROPI
 from tests.hosttree import SAMPLES, laptop
 
 ROOT = Path("/")
-STATE = Path("/var/lib/clusterctl/optimize.json")
+STATE = Path("/var/lib/clusterctl/originals.json")  # the saved originals, "optimize" section
+
+
+def saved_originals() -> dict[str, Any]:
+    """The "optimize" section of the saved originals."""
+    section: dict[str, Any] = json.loads(STATE.read_text())["optimize"]
+    return section
 
 
 @pytest.fixture
@@ -60,7 +67,7 @@ def test_apply_writes_every_file_sets_sysctls_and_saves_originals_first(node: cf
                             " yourself to use the new settings",
                             "systemd is not running here: restart ollama.service yourself to "
                             "use the new settings")
-    saved = json.loads(STATE.read_text())
+    saved = saved_originals()
     assert saved["originals"]["sysctl"] == {"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"}
     assert saved["originals"]["files"] == dict.fromkeys(result.written)
     assert "/etc/systemd/system/ollama.service.d" in saved["originals"]["dirs"]
@@ -145,7 +152,7 @@ def test_a_failure_half_way_keeps_the_originals_and_revert_undoes_the_part_appli
     assert Path("/proc/sys/vm/swappiness").read_text() == "10\n"
     assert Path(DASK_YAML_FILE).read_text() != "# the operator's own\n"
     assert Path(SYSCTL_FILE).exists() and Path(OLLAMA_DROPIN).exists()
-    saved = json.loads(STATE.read_text())  # the originals are on disk
+    saved = saved_originals()  # the originals are on disk
     assert saved["originals"]["sysctl"] == {"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"}
     assert saved["originals"]["files"][DASK_YAML_FILE] == "# the operator's own\n"
     assert saved["originals"]["files"][SYSCTL_FILE] is None
@@ -157,11 +164,28 @@ def test_a_failure_half_way_keeps_the_originals_and_revert_undoes_the_part_appli
     assert not STATE.exists()
 
 
+def test_revert_puts_back_what_an_older_clusterctl_saved_in_optimize_json(
+        node: cfg.Config) -> None:
+    """Applied by a clusterctl that kept the originals in optimize.json: this one moves them
+    into originals.json and its revert puts everything back."""
+    Path("/etc/dask").mkdir()
+    Path(DASK_YAML_FILE).write_text("# the operator's own\n")
+    before = tree("/etc", "/proc/sys")
+    optimize.apply(node)
+    old = STATE.with_name("optimize.json")  # as the older clusterctl left it
+    old.write_text(json.dumps({"version": 1, **saved_originals()}, indent=2) + "\n")
+    STATE.unlink()
+    result = optimize.revert(node)
+    assert result.restored_sysctl == {"vm.swappiness": "60", "vm.vfs_cache_pressure": "100"}
+    assert tree("/etc", "/proc/sys") == before  # everything as it was before apply
+    assert not STATE.exists() and not old.exists()  # nothing left to revert
+
+
 def test_a_second_apply_never_takes_its_own_values_for_originals(node: cfg.Config) -> None:
     optimize.apply(node)
     Path("/proc/sys/vm/swappiness").write_text("33\n")  # drifted; apply puts 10 back
     assert optimize.apply(node).set_live == {"vm.swappiness": "10"}
-    assert json.loads(STATE.read_text())["originals"]["sysctl"]["vm.swappiness"] == "60"
+    assert saved_originals()["originals"]["sysctl"]["vm.swappiness"] == "60"
     optimize.revert(node)
     assert Path("/proc/sys/vm/swappiness").read_text() == "60\n"
 
@@ -203,6 +227,6 @@ def test_a_broken_state_file_stops_apply_with_a_fix(node: cfg.Config) -> None:
     STATE.write_text("{not json")
     with pytest.raises(HostError) as err:
         optimize.apply(node)
-    assert "optimize.json" in err.value.message
-    assert "restore it from a backup" in (err.value.fix or "")
+    assert str(STATE) in err.value.message
+    assert "restore originals.json from a backup" in (err.value.fix or "")
     assert not Path(SYSCTL_FILE).exists()

@@ -2,7 +2,9 @@
 junk lines, a cursor of the wrong shape or a symlink, a drop followed by a rotation, a
 deleted file whose inode another file got, a writer rotating the log while the outbox
 reads it, a broken heartbeat sequence file. Delivery goes on, every event arrives once
-(at least once where the files do not say more), in order."""
+(at least once where the files do not say more), in order. A damaged cursor is kept aside
+as ``outbox.json.corrupt-<time>`` and a ``state_file_set_aside`` event (sent like any
+other) says so."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -19,13 +22,14 @@ from clusterctl import config as cfg
 from clusterctl.agent.control import ControlClient
 from clusterctl.agent.heartbeat import Delivery
 from clusterctl.errors import ClusterctlError
-from clusterctl.events.log import EventLog
+from clusterctl.events.log import EventLog, parse_event
 from clusterctl.events.outbox import Outbox
 from tests.fakes.control_plane import running
 from tests.faults import fill, tmpfs
 
 FAST_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None  # fsync'd cursors: fast there
 ROTATED = "events.jsonl.20000101T000000.{:06d}Z"  # before any test event
+SET_ASIDE = "state_file_set_aside"
 
 
 def record(log: EventLog, *numbers: int) -> list[str]:
@@ -33,16 +37,30 @@ def record(log: EventLog, *numbers: int) -> list[str]:
             for n in numbers]
 
 
-def drain(outbox: Outbox, limit: int = 200, rounds: int = 100) -> list[int]:
-    """Batches taken and acknowledged until none is left; their events' numbers."""
-    numbers: list[int] = []
+def tags(events: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[int | str]:
+    """Each event's number, or its type for one this test did not record (a set-aside)."""
+    return [e["n"] if "n" in e else e["event_type"] for e in events]
+
+
+def drain(outbox: Outbox, limit: int = 200, rounds: int = 100) -> list[int | str]:
+    """Batches taken and acknowledged until none is left; their events' tags."""
+    sent: list[int | str] = []
     for _ in range(rounds):
         batch = outbox.pending(limit=limit)
         if batch.cursor is None:
             break
-        numbers += [e["n"] for e in batch.events]
+        sent += tags(batch.events)
         outbox.ack(batch.cursor)
-    return numbers
+    return sent
+
+
+def set_aside(state: Path) -> tuple[Path, dict[str, Any]]:
+    """The one copy of the cursor kept aside, and the one event that says so."""
+    (aside,) = state.glob("outbox.json.corrupt-*")
+    (event,) = [e for e in EventLog(state, "node").read() if e["event_type"] == SET_ASIDE]
+    assert event["file"] == str(state / "outbox.json")
+    assert event["kept_as"] == str(aside)
+    return aside, event
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -128,14 +146,19 @@ def test_a_cursor_of_the_wrong_shape_is_reset_once_and_everything_is_sent_again(
     assert drain(outbox) == [1, 2, 3]
     cursor = tmp_path / "outbox.json"
     good = json.loads(cursor.read_text())
-    cursor.write_bytes(bad if isinstance(bad, bytes) else json.dumps({**good, **bad}).encode())
+    planted = bad if isinstance(bad, bytes) else json.dumps({**good, **bad}).encode()
+    cursor.write_bytes(planted)
     for _ in range(3):
         assert outbox.unsent_files() == {"events.jsonl"}
         assert outbox.unsent_bytes() == (tmp_path / "events.jsonl").stat().st_size
-        assert [e["n"] for e in outbox.pending().events] == [1, 2, 3]  # duplicates, no loss
-    assert len(warnings_of(caplog, "ignoring the cursor")) == 1
-    assert drain(outbox) == [1, 2, 3]
+        # duplicates, no loss; then the one event saying the cursor was set aside
+        assert tags(outbox.pending().events) == [1, 2, 3, SET_ASIDE]
+    assert len(warnings_of(caplog, f"the outbox cursor {cursor} was damaged")) == 1
+    aside, _ = set_aside(tmp_path)
+    assert aside.read_bytes() == planted  # kept whole, for whoever looks into it
+    assert drain(outbox) == [1, 2, 3, SET_ASIDE]
     assert drain(outbox) == []
+    assert drain(Outbox(tmp_path)) == []  # written afresh: a restart resends none
 
 
 def test_an_older_cursor_without_the_files_identity_still_works(tmp_path: Path) -> None:
@@ -160,31 +183,36 @@ def test_a_symlink_planted_as_the_cursor_is_not_followed(
     (tmp_path / "outbox.json").rename(target)  # a cursor that says "all sent"
     planted = target.read_text()
     (tmp_path / "outbox.json").symlink_to(target)
-    assert [e["n"] for e in outbox.pending().events] == [1, 2]
+    assert tags(outbox.pending().events) == [1, 2, SET_ASIDE]  # not "all sent"
     assert warnings_of(caplog, "is a symlink")
-    assert drain(outbox) == [1, 2]
-    assert target.read_text() == planted
+    aside, _ = set_aside(tmp_path)
+    assert aside.is_symlink() and aside.readlink() == target  # the link itself moved aside
+    assert drain(outbox) == [1, 2, SET_ASIDE]
+    assert target.read_text() == planted  # never written through
     assert not (tmp_path / "outbox.json").is_symlink()
+    assert drain(Outbox(tmp_path)) == []
 
 
 def test_a_cursor_that_cannot_be_written_is_kept_in_memory_and_nothing_is_sent_twice(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    log = EventLog(tmp_path, "node")
-    record(log, 1, 2)
-    (tmp_path / "outbox.json").mkdir()  # as unwritable as a full disk
-    with running() as plane:
-        sender = delivery(plane.url, tmp_path)
+    with tmpfs(tmp_path / "small", 64 * 1024) as state, running() as plane:
+        log = EventLog(state, "node")
+        record(log, 1, 2)
+        filler = fill(state)  # a full disk: no new file can take a byte
+        sender = delivery(plane.url, state)
         assert sender.flush() is True
         assert sender.flush() is True
-        record(log, 3)
+        record(log, 3)  # appended within the log's last block: a full disk still takes it
         assert sender.flush() is True
-        assert [e["n"] for e in plane.events] == [1, 2, 3]  # once each, in order
-        assert len(warnings_of(caplog, f"cannot write {tmp_path / 'outbox.json'}")) == 1
-        (tmp_path / "outbox.json").rmdir()
+        assert tags(plane.events) == [1, 2, 3]  # once each, in order
+        assert len(warnings_of(caplog, f"cannot write {state / 'outbox.json'}")) == 1
+        assert not (state / "outbox.json").exists()  # the cursor lives in memory only
+        assert tags(Outbox(state).pending().events) == [1, 2, 3]  # a restart: no loss
+        filler.unlink()  # space again
         record(log, 4)
         assert sender.flush() is True
-        assert [e["n"] for e in plane.events] == [1, 2, 3, 4]
-    assert Outbox(tmp_path).pending().events == ()  # written again: a restart resends none
+        assert tags(plane.events) == [1, 2, 3, 4]
+        assert Outbox(state).pending().events == ()  # written again: a restart resends none
 
 
 # -- a drop, then a rotation -------------------------------------------------------------
@@ -394,7 +422,28 @@ def _write(state: Path, files: list[tuple[list[bytes | None], bytes | None]]
 
 
 def _contents(state: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in state.iterdir() if p.name != "outbox.json"}
+    """Every file but the cursor and any copy of it set aside."""
+    return {p.name: p.read_bytes() for p in state.iterdir()
+            if not p.name.startswith("outbox.json")}
+
+
+def _set_aside_in(state: Path, planted: bytes, before: dict[str, bytes]
+                  ) -> list[tuple[str, int, str]]:
+    """After a bad cursor was read: it is kept aside whole, and the one thing written is a
+    line in the live log saying so (after a fresh newline when a crash cut the last line).
+    ``before`` is brought up to date; what the live log now holds that is to be sent."""
+    aside, event = set_aside(state)
+    assert aside.read_bytes() == planted
+    live, now = before["events.jsonl"], (state / "events.jsonl").read_bytes()
+    cut = live[-1:] not in (b"", b"\n")
+    assert now.startswith(live + b"\n" * cut)
+    added = now[len(live) + cut:]
+    assert added.endswith(b"\n") and added.count(b"\n") == 1
+    assert parse_event(added) == event
+    before["events.jsonl"] = now
+    completed = parse_event(live.rsplit(b"\n", 1)[-1]) if cut else None
+    return [*([("events.jsonl", len(live) + 1, str(completed["id"]))] if completed else []),
+            ("events.jsonl", len(now), str(event["id"]))]
 
 
 @settings(max_examples=200, deadline=None)
@@ -428,6 +477,8 @@ def test_the_outbox_sends_every_event_once_in_order_whatever_its_files_hold(
                 outbox.bound()
         except ClusterctlError:
             pass
+        if cursor is not None and cursor[0] == "bad":  # read first thing: set aside by now
+            expected = [*expected, *_set_aside_in(state, cursor[1], before)]
         after = _contents(state)
         if max_unsent is None:
             assert after == before  # nothing deleted, nothing changed, except by bound()
@@ -435,7 +486,7 @@ def test_the_outbox_sends_every_event_once_in_order_whatever_its_files_hold(
         assert all(before[name] == after[name] for name in after)
         assert "events.jsonl" in after  # the live file is never dropped
         sent: list[str] = []
-        for _ in range(len(events) + sum(len(lines) + 1 for lines, _ in files) + 2):
+        for _ in range(len(events) + sum(len(lines) + 1 for lines, _ in files) + 4):
             batch = outbox.pending(limit=limit)
             if batch.cursor is None:
                 break

@@ -278,7 +278,7 @@ def test_stopping_the_agent_gives_back_a_power_limit_it_lowered(node: Node,
         node.run(f"systemctl stop {AGENT}")
         calls = node.run("cat /run/clusterctl/nvml-calls.log").split("\n")
         assert calls[-2] == "GPU-hot 700000"  # the original, given back on stop
-        assert node.run("test ! -e /var/lib/clusterctl/gpu-power.json && echo none") == "none\n"
+        assert node.run("test ! -e /var/lib/clusterctl/originals.json && echo none") == "none\n"
         warnings = node.run(f"journalctl --no-pager -o cat -u {AGENT} -p warning")
         assert "GPU 0: power limit 630 W" in warnings
     finally:

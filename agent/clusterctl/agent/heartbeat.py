@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -21,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterctl import __version__, system
+from clusterctl import __version__
 from clusterctl.agent.control import Backoff, ControlClient
 from clusterctl.config import Config, instance_id
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.outbox import Outbox
 from clusterctl.hibernate import schedule
 from clusterctl.host.procfs import MemoryFacts, read_boot_id, read_memory
-from clusterctl.system import open_regular
+from clusterctl.system import statefile
 from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl.agent")
 SCHEMA_VERSION = 1
 SEQUENCE_FILE = "heartbeat.json"
+SEQUENCE_SPEC = statefile.StateFile(SEQUENCE_FILE, "the heartbeat sequence file",
+                                    statefile.Policy.START_OVER)
 MAX_SEQUENCE = 2**53  # exact in any JSON reader
 
 
@@ -43,7 +44,13 @@ def parse_sequence(raw: bytes) -> int:
         data = json.loads(raw)
     except (ValueError, RecursionError) as err:
         raise ValueError("not JSON") from err
-    sequence = data.get("sequence") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return _sequence_of(data)
+
+
+def _sequence_of(data: dict[str, Any]) -> int:
+    sequence = data.get("sequence")
     if not isinstance(sequence, int) or isinstance(sequence, bool) or \
             not 0 <= sequence < MAX_SEQUENCE:
         raise ValueError(f"sequence {sequence!r} is not a whole number from 0")
@@ -135,20 +142,14 @@ class Delivery:
         goes on in memory."""
         path = self.state_dir / SEQUENCE_FILE
         problems = []
-        try:
-            fd = open_regular(path, os.O_RDONLY, what="the heartbeat sequence file")
-            with os.fdopen(fd, "rb") as handle:
-                stored = parse_sequence(handle.read(4096))
-        except FileNotFoundError:
-            stored = 0
-        except (OSError, ClusterctlError, ValueError) as err:
+        try:  # a damaged file is kept aside, with an event, and the count starts over
+            stored = statefile.read(SEQUENCE_SPEC, self.state_dir, _sequence_of) or 0
+        except ClusterctlError as err:
             problems.append(f"cannot read {path}: {_why(err)}")
             stored = 0
         self._sequence = max(stored, self._sequence) + 1
         try:
-            self.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-            system.atomic_write_text(path, json.dumps({"sequence": self._sequence}) + "\n",
-                                     mode=0o600)
+            statefile.write(SEQUENCE_SPEC, self.state_dir, {"sequence": self._sequence})
         except (OSError, ClusterctlError) as err:
             problems.append(f"cannot keep the heartbeat sequence in {path}: {_why(err)}")
         for problem in problems:

@@ -122,7 +122,8 @@ class Agent:
         self.notify = notify if notify is not None else Notifier()
         self.clock = clock
         self.monitor = GpuMonitor(self.config, self.nvml, write_history=True)
-        self.outbox = Outbox(self.config.paths.state_dir)
+        self.outbox = Outbox(self.config.paths.state_dir,
+                             instance_id=cfg.instance_id(self.config))
         self.progress = Progress()
         self.stopping = threading.Event()
         self.first_cycle = threading.Event()
@@ -379,6 +380,8 @@ class Agent:
             beat = ("heartbeat ok" if state.last_heartbeat_ok else
                     f"heartbeat failing ({state.last_error})" if state.last_error
                     else "heartbeat pending")
+        if self.monitor.originals_problem:  # said, not a watchdog matter: sampling goes on
+            beat += "; GPU power limits held: the saved originals cannot be read"
         return f"{gpus}; swap {swap_used} MiB in use; {beat}"
 
     def problems(self, now: float | None = None) -> list[str]:

@@ -250,6 +250,7 @@ def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
     from clusterctl.gpu.monitor import GpuMonitor, load_history
     from clusterctl.gpu.shapes import trend_dict
     from clusterctl.host.nvml import Nvml
+    from clusterctl.system import statefile
 
     start(verbose, quiet)
     c = cfg.load(config).config
@@ -264,7 +265,9 @@ def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
                 time.sleep(min(c.gpu.monitor_interval_s, sample))
             histories = monitor.histories
         else:
-            histories = load_history(c.paths.run_dir, c.gpu.history_size)
+            histories = load_history(c.paths.run_dir, c.gpu.history_size,
+                                     record=statefile.events_to(
+                                         c.paths.state_dir, cfg.instance_id(c)))
         uuid = next((g.uuid for g in nvml.sample().gpus if g.index == gpu), None)
     history = histories.get(uuid or f"index-{gpu}") or History(1)
     data = trend_dict(history.trend(minutes, time.time()), gpu)

@@ -201,11 +201,13 @@ def _delivery(c: cfg.Config) -> Any:
     """A Delivery to [heartbeat] control_url, as the agent has; None without one."""
     from clusterctl.agent.control import ControlClient
     from clusterctl.agent.heartbeat import Delivery
+    from clusterctl.config import instance_id
     from clusterctl.events.outbox import Outbox
 
     if not c.heartbeat.control_url:
         return None
-    return Delivery(ControlClient(c.heartbeat), Outbox(c.paths.state_dir), c.paths.state_dir)
+    return Delivery(ControlClient(c.heartbeat),
+                    Outbox(c.paths.state_dir, instance_id=instance_id(c)), c.paths.state_dir)
 
 
 def _gpus(c: cfg.Config) -> list[dict[str, Any]]:

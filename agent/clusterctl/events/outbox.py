@@ -42,15 +42,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, TypeGuard
 
-from clusterctl import system
 from clusterctl.errors import ClusterctlError, HostError
 from clusterctl.events.log import FILE_NAME as EVENTS_FILE
 from clusterctl.events.log import parse_event
-from clusterctl.system import open_regular
+from clusterctl.system import open_regular, statefile
 from clusterctl.units import format_size
 
 log = logging.getLogger("clusterctl.agent")
 CURSOR_FILE = "outbox.json"
+CURSOR_SPEC = statefile.StateFile(CURSOR_FILE, "the outbox cursor", statefile.Policy.START_OVER,
+                                  pretty=False)
 MAX_UNSENT_BYTES = 64 * 2**20
 MAX_LINE_BYTES = 2**20  # a longer line is not an event: skipped
 MAX_CURSOR_BYTES = 4096
@@ -75,8 +76,10 @@ class Batch:
 
 
 class Outbox:
-    def __init__(self, state_dir: Path, *, max_unsent_bytes: int = MAX_UNSENT_BYTES) -> None:
+    def __init__(self, state_dir: Path, *, max_unsent_bytes: int = MAX_UNSENT_BYTES,
+                 instance_id: str | None = None) -> None:
         self.state_dir = state_dir
+        self.instance_id = instance_id  # who a damaged cursor's event is from (default: host)
         self.max_unsent_bytes = max_unsent_bytes
         self.skipped_lines = 0  # lines that were not events, each counted once
         self._told: set[Hashable] = set()
@@ -100,19 +103,13 @@ class Outbox:
         if self._unsaved is not None:
             return self._unsaved
         path = self.state_dir / CURSOR_FILE
-        try:
-            fd = open_regular(path, os.O_RDONLY, what="the outbox cursor")
-            with os.fdopen(fd, "rb") as handle:
-                raw = handle.read(MAX_CURSOR_BYTES + 1)
-            return parse_cursor(raw)
-        except FileNotFoundError:
-            return None
-        except (OSError, HostError, ValueError) as err:
-            problem = err.one_line() if isinstance(err, HostError) else \
-                getattr(err, "strerror", None) or str(err)
-            self._once(("cursor", problem), "outbox: ignoring the cursor %s (%s); sending "
-                       "from the oldest event kept (the control plane drops duplicates by "
-                       "id)", path, problem)
+        try:  # a damaged one is kept aside, with an event: all is sent again
+            return statefile.read(CURSOR_SPEC, self.state_dir, cursor_of,
+                                  record=statefile.events_to(self.state_dir, self.instance_id))
+        except ClusterctlError as err:
+            self._once(("cursor", err.one_line()), "outbox: ignoring the cursor %s (%s); "
+                       "sending from the oldest event kept (the control plane drops "
+                       "duplicates by id)", path, err.one_line())
             return None
 
     def ack(self, cursor: Cursor) -> None:
@@ -129,7 +126,7 @@ class Outbox:
     def _save(self, cursor: Cursor) -> None:
         """Write the cursor to ``outbox.json``, or raise ClusterctlError and change nothing."""
         path = self.state_dir / CURSOR_FILE
-        system.atomic_write_text(path, json.dumps(asdict(cursor)) + "\n", mode=0o600)
+        statefile.write(CURSOR_SPEC, self.state_dir, asdict(cursor))
         if self._unsaved is not None:
             log.info("outbox: %s written again", path)
             self._told = {key for key in self._told if not _is_ack_key(key)}
@@ -357,6 +354,12 @@ def parse_cursor(raw: bytes) -> Cursor:
         raise ValueError("not JSON") from err
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    data.pop("version", None)
+    return cursor_of(data)
+
+
+def cursor_of(data: dict[str, Any]) -> Cursor:
+    """The cursor in ``outbox.json``'s object, or ValueError saying what is wrong."""
     name, offset, last_id = data.get("file"), data.get("offset"), data.get("last_id")
     device, inode = data.get("device"), data.get("inode")
     if not isinstance(name, str) or not (name == EVENTS_FILE or is_rotated_name(name)):

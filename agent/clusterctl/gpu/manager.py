@@ -19,7 +19,7 @@ and the throttle controller's plan.
 
 It reads and plans: power limits have one owner, the agent (or `clusterctl gpu
 throttle reset` by hand). A manager never sets a power limit, never writes or gives
-back a record in gpu-power.json, and records no event, unless it is made with
+back a saved power limit (originals.json), and records no event, unless it is made with
 ``plan_only=False``; even then it gives back only the limits it lowered itself.
 """
 

@@ -5,7 +5,7 @@ on a background thread; ``stop()`` ends the thread. The agent and `gpu watch` dr
 it; the Python API (``clusterctl.gpu.manager``) wraps it.
 
 Power limits have one owner: the agent's monitor (``owns_power_records``), which
-gives back every record in ``gpu-power.json`` at start (a crashed run's) and at
+gives back every saved limit (``gpu.power``) at start (a crashed run's) and at
 stop. A monitor that acts without owning the records (the Python API, when asked
 to act) gives back only the limits it lowered itself; a ``plan_only`` monitor
 (the default of the Python API, and `gpu watch`) never sets a limit nor writes a
@@ -87,8 +87,8 @@ class GpuMonitor:
         self.callbacks: dict[str, list[Callable[[GpuView], None]]] = {
             "normal": [], "throttle": [], "critical": []}
         self._records: dict[str, Throttled] | None = None
-        self._records_readable = True
-        self._said_unreadable = False
+        # why the saved power limits cannot be read now (None: they can); no limit changes
+        self.originals_problem: str | None = None
         self._lowered: dict[str, Throttled] = {}  # records this monitor began, as it left them
         self._count = 0
         self._lock = threading.RLock()
@@ -98,30 +98,32 @@ class GpuMonitor:
     # -- one cycle -------------------------------------------------------------------
 
     def records(self) -> dict[str, Throttled]:
-        """The saved power-limit records. An unreadable file never stops monitoring: the
-        owner sets it aside (kept, for the operator to read the originals from) and goes
-        on with no record; any other monitor leaves it where it is, and writes none."""
+        """The saved power-limit records. Originals that cannot be read (a damaged record, a
+        move from the old file that cannot be settled) never stop sampling, and are never
+        set aside nor written over: while they cannot be read no limit is changed (never a
+        lowering without its original on record), ``originals_problem`` says why, the log
+        says it once, and they are read again at every sample, so a fixed record is taken
+        up without a restart."""
         if self._records is None:
             try:
                 self._records = power.load(self.state_dir)
-                self._records_readable = True
             except ClusterctlError as err:
-                aside = (power.set_aside(self.state_dir, now=self.clock())
-                         if self.owns_power_records else None)
-                if aside is not None or not self._said_unreadable:
-                    log.error("%s; %s", err.one_line(),
-                              f"kept as {aside}; limits it held are no longer given back by "
-                              "clusterctl" if aside else "left where it is")
-                self._said_unreadable = aside is None
-                self._records_readable = aside is not None
+                if self.originals_problem is None:
+                    log.error("%s; no GPU power limit is changed until it can be read",
+                              err.one_line())
+                self.originals_problem = err.one_line()
                 self._records = {}
+            else:
+                if self.originals_problem is not None:
+                    log.warning("the saved GPU power limits can be read again")
+                self.originals_problem = None
         return self._records
 
     def step(self) -> tuple[GpuView, ...]:
         with self._lock:
             now = self.clock()
-            if not self.owns_power_records:
-                self._records = None  # the owner changes them: read them again
+            if not self.owns_power_records or self.originals_problem is not None:
+                self._records = None  # the owner changes them, or they were unreadable
             snapshot = self.nvml.sample(processes=self._count % PROCESSES_EVERY == 0, now=now)
             self._count += 1
             self.snapshot = snapshot
@@ -152,9 +154,12 @@ class GpuMonitor:
         if not gpu.lost:
             decision = decide(gpu, state, records.get(key), self.config.gpu, now)
             if (self.config.gpu.throttle_enabled and not self.plan_only
-                    and self._records_readable):
+                    and self.originals_problem is None):
                 try:
                     self._records = power.apply(decision, self.nvml, self.state_dir, records)
+                except statefile.StateRefused:
+                    self._records = None  # damaged since it was read: read (and say) it
+                    self.records()
                 except ClusterctlError as err:
                     log.error("GPU %d: %s", gpu.index, err.one_line())
                 self._note_lowered(key, before=records.get(key))
@@ -236,7 +241,7 @@ class GpuMonitor:
             if not self.owns_power_records:
                 done = self._give_back_own()
             else:
-                if not self.records():
+                if not self.records():  # none, or unreadable (said once by records())
                     return []
                 snapshot = self.nvml.sample()
                 done = power.restore_all(self.nvml, self.state_dir,

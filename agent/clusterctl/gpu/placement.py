@@ -14,16 +14,17 @@ then the one with the most VRAM to give.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterctl import locks, system
-from clusterctl.errors import ClusterctlError, HostError, UsageError
+from clusterctl import locks
+from clusterctl.errors import ClusterctlError, UsageError
 from clusterctl.host.nvml import GpuSample, GpuSnapshot
+from clusterctl.system import statefile
 
 FILE_NAME = "gpu-allocations.json"
+SPEC = statefile.StateFile(FILE_NAME, "the GPU placement ledger", statefile.Policy.START_OVER)
 LOCK_NAME = "gpu.lock"
 
 
@@ -63,22 +64,22 @@ class NoFit(ClusterctlError):
 
 
 def load(state_dir: Path) -> list[Allocation]:
-    path = state_dir / FILE_NAME
-    try:
-        data = json.loads(path.read_text())
-        return [Allocation(**a) for a in data["allocations"]]
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HostError(f"cannot read the GPU placement ledger {path}: {err}",
-                        fix="fix or move it away (its allocations are then forgotten)") from err
+    """The allocations handed out; none when there are none. A damaged ledger is kept
+    aside and forgotten: what it reserved for models still loading is lost, the loaded
+    ones NVML counts as used VRAM."""
+    found = statefile.read(SPEC, state_dir, _parse)
+    return [] if found is None else found
+
+
+def _parse(data: dict[str, Any]) -> list[Allocation]:
+    allocations = data["allocations"]
+    if not isinstance(allocations, list):
+        raise TypeError("allocations is not a list")
+    return [Allocation(**a) for a in allocations]
 
 
 def save(state_dir: Path, allocations: list[Allocation]) -> None:
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    data = {"version": 1, "allocations": [asdict(a) for a in allocations]}
-    system.atomic_write_text(state_dir / FILE_NAME, json.dumps(data, indent=2) + "\n",
-                             mode=0o644)
+    statefile.write(SPEC, state_dir, {"allocations": [asdict(a) for a in allocations]})
 
 
 def room(gpu: GpuSample, allocations: list[Allocation], reserve_mib: int) -> Room | None:

@@ -1,60 +1,54 @@
 """The power limits clusterctl changed, kept so they can be given back (even after a crash).
 
-``<state_dir>/gpu-power.json``: per GPU (by UUID) the original limit, saved before
-the first change and never overwritten, and what clusterctl set last. A clean stop
-restores every original; a start that finds records (a crash) restores them first.
+The ``"gpu-power"`` section of ``<state_dir>/originals.json`` (the one record of saved
+originals, :mod:`clusterctl.system.originals`; ``gpu-power.json`` before, moved in on
+first load): per GPU (by UUID) the original limit, saved before the first change and
+never overwritten, and what clusterctl set last. A clean stop restores every original;
+a start that finds records (a crash) restores them first. The section is removed when
+the last limit is given back.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from clusterctl import system
-from clusterctl.errors import HostError
 from clusterctl.gpu.throttle import Decision, Throttled
+from clusterctl.system import originals
 from clusterctl.system.gpu import set_power_limit
 
 log = logging.getLogger("clusterctl.gpu")
-FILE_NAME = "gpu-power.json"
+LEGACY_NAME = "gpu-power.json"  # where the section was kept before originals.json
 
 
 def load(state_dir: Path) -> dict[str, Throttled]:
-    path = state_dir / FILE_NAME
-    try:
-        data = json.loads(path.read_text())
-        return {uuid: Throttled(**rec) for uuid, rec in data["gpus"].items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HostError(f"cannot read {path}: {err}",
-                        fix="it holds the original GPU power limits: check it by hand "
-                        "(nvidia-smi -q -d POWER shows the default limits)") from err
+    """The saved records; none when there are none. A damaged record is refused, never set
+    aside: it holds the only copy of the limits to give back."""
+    found = originals.load(SECTION, state_dir)
+    return {} if found is None else found
 
 
-def set_aside(state_dir: Path, *, now: float) -> Path | None:
-    """Move an unreadable record file out of the way, never deleting it: where it went,
-    or None when it could not be moved."""
-    path = state_dir / FILE_NAME
-    aside = path.with_name(f"{FILE_NAME}.corrupt-{int(now)}")
-    try:
-        path.rename(aside)
-    except OSError:
-        return None
-    return aside
+def _parse(data: dict[str, Any]) -> dict[str, Throttled]:
+    gpus = data["gpus"]
+    if not isinstance(gpus, dict):
+        raise TypeError("gpus is not an object")
+    return {uuid: Throttled(**rec) for uuid, rec in gpus.items()}
+
+
+SECTION = originals.Section(
+    "gpu-power", "the saved GPU power limits", LEGACY_NAME, _parse,
+    fix="it holds the original limits clusterctl gives back: restore it from a backup or "
+    "correct it by hand (nvidia-smi -q -d POWER shows each GPU's default limit), or take it "
+    "out and set the limits yourself (nvidia-smi -pl)")
 
 
 def save(state_dir: Path, records: dict[str, Throttled]) -> None:
-    path = state_dir / FILE_NAME
-    if not records:
-        path.unlink(missing_ok=True)
-        return
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    data = {"version": 1, "gpus": {u: asdict(r) for u, r in records.items()}}
-    system.atomic_write_text(path, json.dumps(data, indent=2) + "\n", mode=0o600)
+    """The records on disk; none left removes the section (and originals.json with the
+    last section)."""
+    originals.save(SECTION, state_dir,
+                   {"gpus": {u: asdict(r) for u, r in records.items()}} if records else None)
 
 
 def apply(decision: Decision, nvml: Any, state_dir: Path, records: dict[str, Throttled]

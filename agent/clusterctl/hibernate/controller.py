@@ -13,7 +13,6 @@ and the next idle period acts again. Never "hibernating" for good.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -23,14 +22,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from clusterctl import system
 from clusterctl.config import Config
 from clusterctl.errors import ClusterctlError, TemporaryError
 from clusterctl.hibernate import actions, schedule
 from clusterctl.hibernate.idle import IdleRules, IdleState, Observation, finished, step
 from clusterctl.host.procfs import cpu_usage_percent, read_cpu_times
 from clusterctl.host.sessions import running, ssh_sessions
-from clusterctl.system import sleep
+from clusterctl.system import sleep, statefile
 from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl.hibernate")
@@ -47,35 +45,58 @@ def rules_of(config: Config) -> IdleRules:
                      require_no_ssh=h.require_no_ssh)
 
 
+STATE_SPEC = statefile.StateFile(STATE_FILE, "the hibernation state",
+                                 statefile.Policy.START_OVER)
+INHIBIT_SPEC = statefile.StateFile(INHIBIT_FILE, "the hibernation inhibitor",
+                                   statefile.Policy.START_OVER)
+_STATUSES = ("running", "idle", "hibernating", "hibernated")
+
+
 def load_state(state_dir: Path) -> IdleState:
-    try:
-        data = json.loads((state_dir / STATE_FILE).read_text())
-        return IdleState(**{k: data.get(k) for k in IdleState.__dataclass_fields__
-                            if k in data})
-    except (FileNotFoundError, ValueError, TypeError):
-        return IdleState()
+    """The saved state; a fresh ``running`` when there is none or it was damaged (kept
+    aside, with an event): the idle clock starts again."""
+    found = statefile.read(STATE_SPEC, state_dir, _parse_state)
+    return IdleState() if found is None else found
+
+
+def _parse_state(data: dict[str, Any]) -> IdleState:
+    state = IdleState(**{k: data[k] for k in IdleState.__dataclass_fields__ if k in data})
+    if state.status not in _STATUSES:
+        raise ValueError(f"status {state.status!r} is not a hibernation status")
+    for name in ("idle_since", "last_activity", "last_utilization"):
+        value = getattr(state, name)
+        if value is not None and (isinstance(value, bool) or
+                                  not isinstance(value, (int, float))):
+            raise TypeError(f"{name} {value!r} is not a number")
+    return state
 
 
 def save_state(state_dir: Path, state: IdleState) -> None:
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    system.atomic_write_text(state_dir / STATE_FILE, json.dumps(asdict(state)) + "\n")
+    statefile.write(STATE_SPEC, state_dir, asdict(state))
 
 
 def inhibit(state_dir: Path, until: float, why: str, by: str) -> None:
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    system.atomic_write_text(state_dir / INHIBIT_FILE,
-                             json.dumps({"until": until, "why": why, "by": by}) + "\n")
+    statefile.write(INHIBIT_SPEC, state_dir, {"until": until, "why": why, "by": by})
+
+
+def _parse_inhibit(data: dict[str, Any]) -> tuple[float, str]:
+    until, why = data["until"], data.get("why", "")
+    if isinstance(until, bool) or not isinstance(until, (int, float)):
+        raise TypeError(f"until {until!r} is not a time")
+    return float(until), str(why)
 
 
 def inhibited_by(state_dir: Path, now: float, *, logind: bool = True) -> str | None:
-    """Why sleep is held off now, or None."""
+    """Why sleep is held off now, or None. A damaged inhibitor file holds nothing off (it
+    is kept aside, with an event); one that cannot be read at all is logged."""
     try:
-        data = json.loads((state_dir / INHIBIT_FILE).read_text())
-        if float(data["until"]) > now:
-            left = (float(data["until"]) - now) / 60
-            return f"clusterctl hibernate inhibit ({left:.0f} min left): {data.get('why', '')}"
-    except (OSError, ValueError, KeyError, TypeError, OverflowError):
-        pass  # no inhibit file, or one `hibernate inhibit` did not write: nothing inhibits
+        held = statefile.read(INHIBIT_SPEC, state_dir, _parse_inhibit, now=now)
+    except ClusterctlError as err:
+        log.warning("%s", err.one_line())
+        held = None
+    if held is not None and held[0] > now:
+        left = (held[0] - now) / 60
+        return f"clusterctl hibernate inhibit ({left:.0f} min left): {held[1]}"
     if logind:
         try:
             found = sleep.inhibitors()

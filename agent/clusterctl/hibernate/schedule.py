@@ -7,7 +7,7 @@ happens the first time.
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from clusterctl import system
-from clusterctl.errors import UsageError
+from clusterctl.errors import ClusterctlError, UsageError
+from clusterctl.system import statefile
 from clusterctl.units import iso_utc
 
 FILE_NAME = "hibernate-schedule.json"
+SPEC = statefile.StateFile(FILE_NAME, "the hibernation schedule", statefile.Policy.START_OVER)
+log = logging.getLogger("clusterctl.hibernate")
 _HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 
 
@@ -88,29 +90,31 @@ def next_times(state_dir: Path, now: float) -> dict[str, Any] | None:
 
 
 def load(state_dir: Path) -> Schedule | None:
-    """The saved schedule; None when there is none, or when the file cannot be read or
-    holds anything `hibernate schedule set` would not have written (a damaged file must
-    never stop idle detection or heartbeats; `schedule set` writes a good one again)."""
+    """The saved schedule; None when there is none. A file that holds anything `hibernate
+    schedule set` would not have written is kept aside (with an event) and reads as none;
+    one that cannot be read at all reads as none too: a damaged file must never stop idle
+    detection or heartbeats, and `schedule set` writes a good one again."""
     try:
-        data = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        return statefile.read(SPEC, state_dir, _parse)
+    except ClusterctlError as err:
+        log.warning("%s", err.one_line())
         return None
-    if not isinstance(data, dict):
-        return None
+
+
+def _parse(data: dict[str, Any]) -> Schedule:
     wake, sleep, tz = data.get("wake"), data.get("sleep"), data.get("tz")
     if not all(v is None or isinstance(v, str) for v in (wake, sleep)) or \
             not isinstance(tz, str):
-        return None
+        raise TypeError("wake, sleep and tz are not the strings `schedule set` writes")
     try:
         return validate(wake, sleep, tz)
-    except UsageError:
-        return None
+    except UsageError as err:
+        raise ValueError(err.message) from err
 
 
 def save(state_dir: Path, schedule: Schedule) -> None:
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    system.atomic_write_text(state_dir / FILE_NAME, json.dumps(asdict(schedule)) + "\n")
+    statefile.write(SPEC, state_dir, asdict(schedule))
 
 
 def clear(state_dir: Path) -> None:
-    (state_dir / FILE_NAME).unlink(missing_ok=True)
+    statefile.remove(SPEC, state_dir)

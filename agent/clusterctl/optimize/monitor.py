@@ -24,7 +24,6 @@ count in our env file) and the saved ``MonitorState`` go into the pure
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -46,10 +45,13 @@ from clusterctl.optimize.emergency import free_memory
 from clusterctl.optimize.executor import restart_units, rooted
 from clusterctl.optimize.plan import DASK_ENV_FILE, DASK_UNIT, parse_env
 from clusterctl.swap import executor as swap
+from clusterctl.system import statefile
 from clusterctl.units import format_size
 
 log = logging.getLogger("clusterctl.optimize")
 STATE_FILE = "monitor.json"
+STATE_SPEC = statefile.StateFile(STATE_FILE, "the optimize monitor's state",
+                                 statefile.Policy.START_OVER)
 CALM_MARGIN_PERCENT = 20
 MEMORY_COOLDOWN_S = 60
 DISK_COOLDOWN_S = 300
@@ -154,17 +156,23 @@ def read_sample(config: Config, *, root: Path = Path("/"), cpu_window_s: float =
 
 
 def load_state(state_dir: Path) -> MonitorState:
-    try:
-        data = json.loads((state_dir / STATE_FILE).read_text())
-        return MonitorState(**{k: data.get(k) for k in MonitorState.__dataclass_fields__})
-    except (FileNotFoundError, ValueError, TypeError):
-        return MonitorState()  # lost or damaged: start observing afresh
+    """What the monitor observed so far; lost or damaged (kept aside, with an event):
+    it starts observing afresh."""
+    found = statefile.read(STATE_SPEC, state_dir, _parse_state)
+    return MonitorState() if found is None else found
+
+
+def _parse_state(data: dict[str, Any]) -> MonitorState:
+    state = MonitorState(**{k: data.get(k) for k in MonitorState.__dataclass_fields__})
+    for name, value in asdict(state).items():
+        if value is not None and (isinstance(value, bool) or
+                                  not isinstance(value, (int, float))):
+            raise TypeError(f"{name} {value!r} is not a number")
+    return state
 
 
 def save_state(state_dir: Path, state: MonitorState) -> None:
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    system.atomic_write_text(state_dir / STATE_FILE, json.dumps(asdict(state)) + "\n",
-                             mode=0o600)
+    statefile.write(STATE_SPEC, state_dir, asdict(state))
 
 
 # -- acting --------------------------------------------------------------------------
@@ -236,7 +244,8 @@ def _clean_disk(action: MonitorAction, config: Config, root: Path, now: float) -
     state_dir = rooted(root, config.paths.state_dir)
     # list first, then ask: a file rotated in between is one the outbox already counts
     candidates = sorted(state_dir.glob(f"{EVENTS_FILE}.*"))
-    unsent = Outbox(state_dir).unsent_files() if config.heartbeat.control_url else set()
+    unsent = (Outbox(state_dir, instance_id=instance_id(config)).unsent_files()
+              if config.heartbeat.control_url else set())
     for path in candidates:
         try:
             st = path.lstat()

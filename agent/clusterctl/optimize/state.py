@@ -1,22 +1,22 @@
 """What `optimize apply` changed, and what was there before (like tuned's saved state).
 
-``<state_dir>/optimize.json`` (mode 0600). Originals are written, fsync'd, before
-the first change to anything and never overwritten by a later apply, so a crash
-at any point leaves them on record and `optimize revert` puts the machine back.
+The ``"optimize"`` section of ``<state_dir>/originals.json`` (the one record of saved
+originals, :mod:`clusterctl.system.originals`; ``optimize.json`` before, moved in on
+first load). Originals are written, fsync'd, before the first change to anything and
+never overwritten by a later apply, so a crash at any point leaves them on record and
+`optimize revert` puts the machine back; revert removes the section.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from clusterctl import system
-from clusterctl.errors import HostError
+from clusterctl.system import originals
 
-FILE_NAME = "optimize.json"
+LEGACY_NAME = "optimize.json"  # where the section was kept before originals.json
 VERSION = 1
 
 
@@ -48,19 +48,17 @@ class OptimizeState:
 
 
 def path_of(state_dir: Path) -> Path:
-    return state_dir / FILE_NAME
+    return originals.path_of(state_dir)
 
 
 def load(state_dir: Path) -> OptimizeState:
-    path = path_of(state_dir)
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        return OptimizeState()
-    except (OSError, ValueError) as err:
-        raise HostError(f"cannot read {path}: {err}",
-                        fix="it holds the values to revert to: restore it from a backup, or "
-                        "move it away to start afresh (revert is then impossible)") from err
+    """The saved originals; empty when there are none. A damaged record is refused, never
+    set aside: without it `optimize revert` could not put the machine back."""
+    found = originals.load(SECTION, state_dir)
+    return OptimizeState() if found is None else found
+
+
+def _parse(data: dict[str, Any]) -> OptimizeState:
     originals, applied = data.get("originals", {}), data.get("applied", {})
     return OptimizeState(
         original_sysctl=dict(originals.get("sysctl", {})),
@@ -71,16 +69,20 @@ def load(state_dir: Path) -> OptimizeState:
     )
 
 
+SECTION = originals.Section(
+    "optimize", "the saved originals of optimize", LEGACY_NAME, _parse, version=VERSION,
+    fix="it holds the values `optimize revert` puts back: restore it from a backup, or "
+    "take it out to start afresh (what it held can then not be reverted)")
+
+
 def save(state_dir: Path, state: OptimizeState) -> None:
-    data = {
-        "version": VERSION,
+    originals.save(SECTION, state_dir, {
         "originals": {"sysctl": state.original_sysctl, "files": state.original_files,
                       "dirs": list(state.created_dirs)},
         "applied": {"sysctl": state.applied_sysctl, "files": state.applied_files},
-    }
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    system.atomic_write_text(path_of(state_dir), json.dumps(data, indent=2) + "\n", mode=0o600)
+    })
 
 
 def forget(state_dir: Path) -> None:
-    path_of(state_dir).unlink(missing_ok=True)
+    """Nothing left to revert: the section gone (originals.json with the last section)."""
+    originals.save(SECTION, state_dir, None)

@@ -36,7 +36,7 @@ from clusterctl.swap.policy import (
     plan_expand,
     plan_shrink,
 )
-from clusterctl.system import swapfiles
+from clusterctl.system import statefile, swapfiles
 from clusterctl.units import format_size
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def read_facts(config: Config, *, root: Path = Path("/")) -> SwapFacts:
         listing=listing,
         fs=read_filesystem(root, str(swap_dir)),
         boot_id=read_boot_id(root),
-        ledger=ledgers.load(config.paths.state_dir),
+        ledger=ledgers.load(config.paths.state_dir, record=statefile.events_to(
+            config.paths.state_dir, instance_id(config))),
     )
 
 

@@ -7,21 +7,20 @@ a lost or stale ledger is rebuilt rather than trusted blindly.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clusterctl import system
-from clusterctl.errors import HostError
+from clusterctl.system import statefile
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "swap.json"
 VERSION = 1
+SPEC = statefile.StateFile(FILE_NAME, "the swap ledger", statefile.Policy.REDERIVE,
+                           version=VERSION)
 
 
 @dataclass(frozen=True)
@@ -63,34 +62,24 @@ def ledger_path(state_dir: Path) -> Path:
     return state_dir / FILE_NAME
 
 
-def load(state_dir: Path) -> Ledger:
-    """The ledger; empty when absent; a corrupt one is set aside (never deleted)."""
-    path = ledger_path(state_dir)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return Ledger()
-    except OSError as err:
-        raise HostError(f"cannot read the swap ledger {path}: {err.strerror}",
-                        fix="run as root") from err
-    try:
-        data = json.loads(text)
-        return Ledger(
-            files=tuple(LedgerFile(**entry) for entry in data.get("files", [])),
-            low_since=data.get("low_since"),
-            blocked=data.get("blocked"),
-        )
-    except (ValueError, TypeError) as err:
-        aside = path.with_name(f"{FILE_NAME}.corrupt-{int(time.time())}")
-        path.rename(aside)
-        log.warning("swap ledger %s was unreadable (%s); kept as %s and rebuilt from the "
-                    "swap dir", path, err, aside)
-        return Ledger()
+def load(state_dir: Path, *, record: statefile.Recorder | None = None) -> Ledger:
+    """The ledger; empty when absent. A damaged one is kept aside (never deleted), an
+    event recorded, and the ledger starts empty: every run reconciles it with the swap
+    dir and /proc/swaps, which adopts the files clusterctl made."""
+    found = statefile.read(SPEC, state_dir, _parse, record=record)
+    return Ledger() if found is None else found
+
+
+def _parse(data: dict[str, Any]) -> Ledger:
+    files = data.get("files", [])
+    if not isinstance(files, list):
+        raise TypeError("files is not a list")
+    return Ledger(
+        files=tuple(LedgerFile(**entry) for entry in files),
+        low_since=data.get("low_since"),
+        blocked=data.get("blocked"),
+    )
 
 
 def save(state_dir: Path, ledger: Ledger) -> None:
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    data: dict[str, Any] = {"version": VERSION, **asdict(ledger)}
-    system.atomic_write_text(ledger_path(state_dir), json.dumps(data, indent=2) + "\n",
-                             mode=0o600)
-
+    statefile.write(SPEC, state_dir, asdict(ledger))
