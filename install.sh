@@ -8,9 +8,10 @@
 #   --no-check                      skip the closing `clusterctl check quick`
 #
 # What it owns: /opt/clusterctl (the virtualenv), /usr/local/bin/clusterctl,
-# the clusterctl-* units in /etc/systemd/system, /etc/clusterctl and
-# /var/lib/clusterctl. An existing /etc/clusterctl/clusterctl.toml is never
-# overwritten: the new default goes beside it as clusterctl.toml.dist.
+# the clusterctl-* units in /etc/systemd/system (and the swap-dir.conf drop-ins
+# `clusterctl config dropins` writes for a swap dir outside /var/lib/clusterctl),
+# /etc/clusterctl and /var/lib/clusterctl. An existing /etc/clusterctl/clusterctl.toml
+# is never overwritten: the new default goes beside it as clusterctl.toml.dist.
 # Everything installed is listed in /var/lib/clusterctl/install.manifest.
 set -euo pipefail
 # whatever the caller's umask, nothing installed is writable by group or others
@@ -31,7 +32,7 @@ while (($#)); do
     --no-check) run_check=0 ;;
     --root) [ $# -ge 2 ] || die "--root needs a directory" 2; root=$2; shift ;;
     --root=*) root=${1#--root=} ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" 2 ;;
   esac
   shift
@@ -136,7 +137,16 @@ install_venv() {
   make_dir "$(dirname "$venv")" 0755
   [ -x "$R$venv/bin/python" ] || "$python" -m venv "$R$venv"
   say "installing clusterctl into $venv (pip)"
-  "$R$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$src"
+  # from a clean copy of the sources: setuptools reuses a build/ left in the source tree
+  # by an earlier build whenever its files look newer than the sources (a copy that kept
+  # older mtimes), and would install that older code
+  local build
+  build=$(mktemp -d)
+  (cd "$src" && tar -cf - --exclude=__pycache__ --exclude='*.egg-info' pyproject.toml \
+      README.md agent) | tar -C "$build" -xf -
+  "$R$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$build" \
+    || { rm -rf "$build"; die "pip could not install clusterctl (see above)" 1; }
+  rm -rf "$build"
   echo "$want" >"$stamp"
   say "installed $venv"
 }
@@ -185,6 +195,9 @@ install_units() {
     say "no units to install yet"
     return
   fi
+  # drop-ins the config needs (ReadWritePaths= for a swap dir outside /var/lib/clusterctl)
+  "$R$venv/bin/clusterctl" config dropins --config "$R$conf_dir/clusterctl.toml" \
+      --root "$root" | while IFS= read -r line; do say "$line"; done
   if ! systemd_running; then
     say "systemd is not running here ($([ $staging = 1 ] && echo "staging root $root" || echo "PID 1 is $(cat /proc/1/comm)")): units installed, not enabled"
     return
@@ -272,6 +285,12 @@ do_uninstall() {
       esac
     done <"$R$manifest"
   fi
+  local unit dropin
+  for unit in clusterctl-swap.service clusterctl-agent.service; do  # from `config dropins`
+    dropin=$unit_dir/$unit.d/swap-dir.conf
+    if [ -e "$R$dropin" ]; then rm -f "$R$dropin"; say "removed $dropin"; fi
+    rmdir "$R$unit_dir/$unit.d" 2>/dev/null || true
+  done
   if [ -e "$R/opt/clusterctl" ]; then rm -rf "$R/opt/clusterctl"; say "removed /opt/clusterctl"; fi
   systemd_running && systemctl daemon-reload
   if [ "$purge" = 1 ]; then

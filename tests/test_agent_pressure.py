@@ -1,5 +1,7 @@
-"""A real memory pressure trigger: a process thrashing in a small memory cgroup makes
-the kernel's PSI trigger fire, and the agent answers with a swap policy step."""
+"""The agent's swap policy: a real memory pressure trigger (a process thrashing in a small
+memory cgroup makes the kernel's PSI trigger fire, and the agent answers with a swap
+policy step), the steady step of the agent that owns the policy, and the trigger armed
+again at a reloaded threshold."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import pytest
 
 from clusterctl.agent.service import Agent
 from clusterctl.host.nvml import Nvml
+from clusterctl.system.systemd import AGENT_UNIT, own_unit
 from tests.cgroups import memory_cgroup, run_in
-from tests.conftest import load_fake_nvml
+from tests.conftest import load_fake_nvml, quiet_psi, wait_until
 from tests.fakes.control_plane import free_port
 from tests.loopfs import active_swaps_under, loop_mount
 
@@ -73,3 +76,84 @@ def test_memory_pressure_runs_a_swap_step_within_seconds(tmp_path: Path,
                 hog.wait()
             agent.stop()
             subprocess.run(["swapoff", str(hog_swap)], check=False)
+
+
+def _config(tmp_path: Path, swap: str) -> Path:
+    conf = tmp_path / "clusterctl.toml"
+    conf.write_text(f"[swap]\n{swap}[api]\nlisten = \"127.0.0.1:{free_port()}\"\n"
+                    f'[paths]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
+                    '[ollama]\nurl = "http://127.0.0.1:9"\n')
+    return conf
+
+
+def test_the_agent_that_owns_the_swap_policy_steps_every_check_interval_without_pressure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as its unit the agent is the only scheduler (the timer stands down): its own
+    steady step grows swap once memory use is over the threshold, with no PSI event
+    (a trigger that never fires) and on its clock's check_interval, not before."""
+    nv: ModuleType = load_fake_nvml(monkeypatch)
+    nv.configure({"gpus": []})
+    with loop_mount(tmp_path, "ext4", size_mib=1024) as mount:
+        swap_dir = mount / "swap"
+        conf = _config(tmp_path, f'dir = "{swap_dir}"\nmin_size = "64M"\nmax_size = "256M"\n'
+                       'increment = "64M"\nmemory_threshold = 1\ncheck_interval = 30\n')
+        now = [1000.0]
+        agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None,
+                      owns_swap_policy=True, monotonic=lambda: now[0])
+        agent.psi_root = quiet_psi(tmp_path)
+        try:
+            agent.start()
+            # the first step at once, as the timer's at boot: min_size
+            wait_until(lambda: agent.progress.swap_steps == 1)
+            assert active_swaps_under(swap_dir) == [f"{swap_dir}/swap-0001"]
+            at = agent.progress.pressure_at or 0.0
+            wait_until(lambda: (agent.progress.pressure_at or 0.0) > at + 2.5)  # 3 rounds
+            assert agent.progress.swap_steps == 1  # no step is due before check_interval
+            now[0] += 30
+            wait_until(lambda: agent.progress.swap_steps == 2)
+            assert active_swaps_under(swap_dir) == [f"{swap_dir}/swap-0001",
+                                                    f"{swap_dir}/swap-0002"]
+            assert agent.progress.last_swap is not None
+            assert "memory_threshold 1%" in agent.progress.last_swap
+        finally:
+            agent.stop()
+
+
+def test_a_reload_that_changes_the_pressure_threshold_arms_the_trigger_at_the_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kernel watches is the last trigger written to /proc/pressure/memory
+    ("some STALL_US WINDOW_US"): after `systemctl reload` (SIGHUP: Agent.reload) with
+    a new [swap] pressure_threshold, the agent writes one at the new threshold."""
+    nv: ModuleType = load_fake_nvml(monkeypatch)
+    nv.configure({"gpus": []})
+    conf = _config(tmp_path, f'dir = "{tmp_path / "swap"}"\npressure_threshold = 10.0\n')
+    agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None, owns_swap_policy=False)
+    agent.psi_root = quiet_psi(tmp_path)
+    trigger = agent.psi_root / "proc/pressure/memory"
+    try:
+        agent.start()
+        wait_until(lambda: trigger.read_text() == "some 100000 1000000\n")  # 10 % of 1 s
+        trigger.write_text("")
+        conf.write_text(conf.read_text().replace("pressure_threshold = 10.0",
+                                                 "pressure_threshold = 2.5"))
+        agent.reload()
+        wait_until(lambda: trigger.read_text() == "some 25000 1000000\n", timeout_s=5)
+        assert agent.loops["pressure"].is_alive() and agent.problems() == []
+    finally:
+        agent.stop()
+
+
+def test_only_an_agent_that_runs_as_its_unit_owns_the_swap_policy(tmp_path: Path) -> None:
+    """The timer stands down exactly while clusterctl-agent.service is active, so that
+    unit's agent, and no other (by hand, in a test), takes the steady steps."""
+    cases = {"0::/system.slice/clusterctl-agent.service\n": AGENT_UNIT,
+             "12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/"
+             "clusterctl-agent.service\n0::/\n": AGENT_UNIT,
+             "0::/user.slice/user-0.slice/session-3.scope\n": None,
+             "0::/system.slice/ssh.service\n": "ssh.service"}
+    for i, (text, unit) in enumerate(cases.items()):
+        root = tmp_path / str(i)
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/self/cgroup").write_text(text)
+        assert own_unit(root) == unit, text
+    assert own_unit(tmp_path / "nothing") is None

@@ -5,6 +5,7 @@ on, says why in one line, and gives the power limits back when it stops."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -274,34 +275,49 @@ def test_no_psi_turns_the_pressure_loop_off_and_that_is_healthy(
     agent.start()
     wait_until(lambda: not agent.loops["pressure"].is_alive())
     assert agent.progress.pressure_off == ("this kernel has no PSI (/proc/pressure/memory); "
-                                           "boot Linux 4.20+ with psi=1; swap is then adjusted "
-                                           "by clusterctl-swap.timer only")
+                                           "boot Linux 4.20+ with psi=1; until then swap steps "
+                                           "come every [swap] check_interval only")
     assert not agent.problems()
     n.stop()
 
 
-def test_the_pressure_loop_survives_a_trigger_that_cannot_be_armed(
+def test_the_pressure_loop_survives_a_trigger_that_cannot_be_armed_for_a_while(
         tmp_path: Path, nv: ModuleType, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pressure loop starts while the process is out of descriptors: arming fails
+    (EMFILE), is counted and said once, the loop lives on and is healthy, and once
+    descriptors are back the trigger is armed."""
     monkeypatch.setattr(service, "PRESSURE_RETRY_S", 0.1)
     caplog.set_level(logging.INFO, logger="clusterctl.agent")
     psi = tmp_path / "psi/proc/pressure/memory"
-    psi.mkdir(parents=True)  # opening it for writing fails: IsADirectoryError
+    psi.parent.mkdir(parents=True)
+    psi.write_text("")  # a file that takes a trigger and never fires
     n = Node(tmp_path, nv)
     agent = Agent(n.conf, nvml=Nvml(module=nv), notify=n.notes.append)
     agent.psi_root = tmp_path / "psi"
-    n.agent = agent
-    agent.start()
-    wait_until(lambda: loop_errors(n, "pressure") >= 5)
-    assert agent.loops["pressure"].is_alive() and not agent.problems()
+    loop = threading.Thread(target=agent._pressure_loop, name="pressure", daemon=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (sum(1 for _ in Path("/proc/self/fd").iterdir()) + 16, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        loop.start()
+        wait_until(lambda: agent.loop_errors.get("pressure", 0) >= 3)
+        alive = loop.is_alive()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert alive and agent.progress.pressure_off is None and psi.read_text() == ""
     assert len(errors_logged(caplog, "the memory pressure trigger failed")) == 1
-    psi.rmdir()
-    psi.write_text("")  # a file that takes a trigger and never fires
     wait_until(lambda: "the memory pressure trigger works again" in caplog.text)
-    at = agent.progress.pressure_at or 0.0
-    wait_until(lambda: (agent.progress.pressure_at or 0.0) > at + 0.9)  # it waits on it
-    assert psi.read_text().startswith("some ")
-    n.stop()
+    wait_until(lambda: psi.read_text().startswith("some 100000 1000000"))
+    assert loop.is_alive() and not agent.problems()
+    agent.stopping.set()
+    loop.join(5)
 
 
 # -- out of file descriptors ----------------------------------------------------------

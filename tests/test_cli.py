@@ -207,3 +207,31 @@ def test_config_set_and_dry_run(tmp_path: Path) -> None:
     code, _, err = invoke("config", "set", "swap.min_size", "9G", "--config", str(path))
     assert code == 2
     assert "min_size (9G) is larger than max_size (8G)" in err
+
+
+def test_check_says_when_the_installed_swap_units_cannot_write_the_swap_dir(
+        tmp_path: Path, fake_nvml: ModuleType) -> None:
+    """[swap] dir outside /var/lib/clusterctl with the units installed and no drop-in:
+    their steps would fail with a read-only filesystem; check names them and the fix,
+    and says nothing once the drop-ins are there."""
+    import shutil
+
+    from clusterctl.system.systemd import sync_swap_dir_dropins
+
+    root = (HostTree(tmp_path / "host").system().sample("laptop")
+            .mount("/", "ext4", "259:2", "/dev/nvme0n1p2")).root
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True)
+    for unit in ("clusterctl-swap.service", "clusterctl-agent.service"):
+        shutil.copy(REPO / "units" / unit, units / unit)
+    conf = tmp_path / "clusterctl.toml"
+    conf.write_text('[swap]\ndir = "/srv/swap"\n[ollama]\nurl = "http://127.0.0.1:9"\n')
+    _, out, _ = invoke("check", "--json", "--root", str(root), "--config", str(conf))
+    (blocked,) = [f for f in json.loads(out)["findings"] if f["code"] == "swap.units_blocked"]
+    assert blocked["severity"] == "warn"
+    assert blocked["message"].startswith("clusterctl-swap.service, clusterctl-agent.service "
+                                         "cannot write the swap dir /srv/swap")
+    assert blocked["fix"].startswith("clusterctl config dropins")
+    sync_swap_dir_dropins(Path("/srv/swap"), root=root)
+    _, out, _ = invoke("check", "--json", "--root", str(root), "--config", str(conf))
+    assert "swap.units_blocked" not in [f["code"] for f in json.loads(out)["findings"]]

@@ -79,9 +79,47 @@ def test_an_edited_config_is_kept_and_the_new_default_goes_beside_it(staged: Pat
     assert snapshot(staged) == before  # .dist is not rewritten either
 
 
+DROPINS = tuple(f"etc/systemd/system/{unit}.d/swap-dir.conf"
+                for unit in ("clusterctl-swap.service", "clusterctl-agent.service"))
+
+
+def test_an_existing_config_with_a_swap_dir_elsewhere_gets_the_units_dropins(
+        staged: Path) -> None:
+    """Under ProtectSystem=strict the swap units write only /var/lib/clusterctl: install.sh
+    on a config whose swap dir is elsewhere gives them ReadWritePaths= for it, and takes
+    that away once the dir is back; --uninstall removes them with the units."""
+    conf = staged / "etc/clusterctl/clusterctl.toml"
+    kept = conf.read_text()
+    conf.write_text(kept.replace('dir = "/var/lib/clusterctl/swap"', 'dir = "/srv/swap"'))
+    try:
+        result = install(staged, "--no-check")
+        for dropin in DROPINS:
+            assert f"install.sh: wrote /{dropin}" in result.stdout
+            text = (staged / dropin).read_text()
+            assert "ReadWritePaths=-/srv/swap\n" in text
+            assert "RequiresMountsFor=/srv/swap\n" in text
+        before = snapshot(staged)
+        install(staged, "--no-check")
+        assert snapshot(staged) == before  # idempotent
+    finally:
+        conf.write_text(kept)
+    result = install(staged, "--no-check")
+    for dropin in DROPINS:
+        assert f"install.sh: removed /{dropin}" in result.stdout
+        assert not (staged / dropin).parent.exists()
+
+
 def test_uninstall_keeps_config_and_state_then_purge_leaves_nothing(staged: Path) -> None:
+    conf = staged / "etc/clusterctl/clusterctl.toml"
+    conf.write_text(conf.read_text().replace('dir = "/var/lib/clusterctl/swap"',
+                                             'dir = "/srv/swap"'))
+    install(staged, "--no-check")
+    assert all((staged / dropin).exists() for dropin in DROPINS)
     result = install(staged, "--uninstall")
     assert "removed /opt/clusterctl" in result.stdout
+    for dropin in DROPINS:  # with the units they let write the swap dir
+        assert f"removed /{dropin}" in result.stdout
+        assert not (staged / dropin).parent.exists()
     assert not (staged / "opt/clusterctl").exists()
     assert not (staged / "usr/local/bin/clusterctl").is_symlink()
     assert (staged / "etc/clusterctl/clusterctl.toml").exists()
@@ -147,3 +185,26 @@ def _as_they_are(paths: tuple[str, ...]) -> dict[str, tuple[int, int] | None]:
         else:
             out[name] = (st.st_ino, st.st_ctime_ns)
     return out
+
+
+def test_a_stale_build_dir_in_the_sources_is_not_what_gets_installed(tmp_path: Path) -> None:
+    """A copy of the sources that kept older mtimes, beside a build/ from an earlier build:
+    the venv gets the sources, not the older build (setuptools goes by mtimes)."""
+    if os.geteuid() != 0:
+        pytest.skip("install.sh may install build packages with apt; run as root")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("install.sh", "pyproject.toml", "README.md", "agent", "etc", "units"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, src / name)  # copy2/copytree keep the mtimes
+    stale = src / "build/lib/clusterctl/__init__.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('__version__ = "0.0.0-stale"\n')  # newer than every source file
+    root = tmp_path / "root"
+    env = {k: v for k, v in os.environ.items() if k not in ("CLUSTERCTL_CONFIG", "VIRTUAL_ENV")}
+    result = subprocess.run([str(src / "install.sh"), "--root", str(root), "--no-check"],
+                            capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    installed = next(root.glob("opt/clusterctl/venv/lib/python3*/site-packages/clusterctl"))
+    assert (installed / "__init__.py").read_text() == (
+        REPO / "agent/clusterctl/__init__.py").read_text()

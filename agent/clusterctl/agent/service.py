@@ -3,8 +3,12 @@
 - GPU: a sample every ``[gpu] monitor_interval`` (states, history, throttle).
 - Delivery: a heartbeat every ``[heartbeat] interval``, then the outbox drained, with
   backoff when the control plane is down.
-- Pressure: a PSI trigger on /proc/pressure/memory; when it fires, one `swap auto`
-  step (same lock and code as the timer's), at most every few seconds.
+- Swap policy: run as clusterctl-agent.service, the agent owns it: a `swap auto` step
+  (same lock and code as the timer's) every ``[swap] check_interval``, and one as soon
+  as the PSI trigger on /proc/pressure/memory fires, at most every few seconds; the
+  swap timer's service stands down while the agent's unit is active. Run any other
+  way (by hand, in tests), the timer keeps the steady steps and the agent answers
+  the trigger only. A reload that changes ``[swap] pressure_threshold`` re-arms it.
 - API: the local HTTP API and /metrics.
 - Main: READY=1 after the first GPU cycle, STATUS lines, WATCHDOG=1 while the loops
   make progress; SIGTERM stops (power limits given back, outbox on disk), SIGHUP
@@ -49,6 +53,7 @@ from clusterctl.host.nvml import Nvml
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.swap import executor as swap
+from clusterctl.system.systemd import AGENT_UNIT, own_unit
 
 log = logging.getLogger("clusterctl.agent")
 SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this often
@@ -114,7 +119,9 @@ def stall_limits_s(config: cfg.Config) -> dict[str, float]:
 class Agent:
     def __init__(self, config_path: Path | None, *, nvml: Nvml | None = None,
                  notify: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 owns_swap_policy: bool | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.config_path = config_path
         loaded = cfg.load(config_path)
         self.config = loaded.config
@@ -136,7 +143,13 @@ class Agent:
         self.loop_errors: dict[str, int] = dict.fromkeys(LOOPS, 0)
         self._causes: dict[str, set[str]] = {}  # loop -> failures logged since it last worked
         self._errors_lock = threading.Lock()
-        self._swap_step_at = 0.0
+        # the steady swap step is the agent's when it runs as its unit (the timer's
+        # service stands down then); ``monotonic`` says when a step is due
+        self.owns_swap_policy = (own_unit() == AGENT_UNIT if owns_swap_policy is None
+                                 else owns_swap_policy)
+        self.monotonic = monotonic
+        self._swap_step_at: float | None = None  # self.monotonic() of the last step
+        self._arm_failed = False
         self._reload = threading.Event()
         self._naps = threading.Condition()
         self._generation = 0
@@ -296,62 +309,98 @@ class Agent:
                       flush=None if delivery is None else delivery.flush)
 
     def _pressure_loop(self) -> None:
-        """Arm the PSI trigger and answer it; armed again after any failure. Returns
-        only on stop, or when this node cannot have a trigger (then it is "off")."""
-        arm_failed = False
+        """The swap policy: the PSI trigger armed (again after any failure, and when its
+        threshold changes) and answered, and the steady step when the agent owns it.
+        Returns only on stop, or when there is nothing left to do: no trigger on this
+        node (then it is "off") and the steady steps are the timer's."""
         while not self.stopping.is_set():
             self.progress.pressure_at = time.monotonic()
-            trigger = PressureTrigger(self.config.swap.pressure_threshold_percent,
-                                      root=self.psi_root)
-            try:
-                window = trigger.arm()
-            except ClusterctlError as err:  # no PSI, not allowed: the timer's steps only
-                self.progress.pressure_off = err.one_line()
-                log.warning("memory pressure trigger off: %s", err.one_line())
+            trigger = self._arm()
+            if trigger is None and self.progress.pressure_off and not self.owns_swap_policy:
                 return
-            except Exception as err:  # out of file descriptors, say: try again
-                arm_failed = True
-                self.loop_failed("pressure", err)
-                self.stopping.wait(PRESSURE_RETRY_S)
-                continue
-            if arm_failed:
-                arm_failed = False
-                self.loop_ok("pressure")
-            log.info("memory pressure trigger armed (%g s window)", window)
             try:
                 self._watch_pressure(trigger)
             except Exception as err:  # a full disk under swap.run, a torn-down trigger
                 self.loop_failed("pressure", err)
                 self.stopping.wait(PRESSURE_RETRY_S)
             finally:
-                trigger.close()
+                if trigger is not None:
+                    trigger.close()
 
-    def _watch_pressure(self, trigger: PressureTrigger) -> None:
+    def _arm(self) -> PressureTrigger | None:
+        """The PSI trigger at ``[swap] pressure_threshold``, armed; None when this node
+        cannot have one (``pressure_off`` says why) or arming failed (tried again)."""
+        if self.progress.pressure_off:
+            return None
+        threshold = self.config.swap.pressure_threshold_percent
+        trigger = PressureTrigger(threshold, root=self.psi_root)
+        try:
+            window = trigger.arm()
+        except ClusterctlError as err:  # no PSI, not allowed: steady steps only
+            self.progress.pressure_off = err.one_line()
+            log.warning("memory pressure trigger off: %s", err.one_line())
+            return None
+        except Exception as err:  # out of file descriptors, say: try again
+            self._arm_failed = True
+            self.loop_failed("pressure", err)
+            return None
+        if self._arm_failed:
+            self._arm_failed = False
+            self.loop_ok("pressure")
+        log.info("memory pressure trigger armed (%g%% of a %g s window)", threshold, window)
+        return trigger
+
+    def _watch_pressure(self, trigger: PressureTrigger | None) -> None:
+        """Wake every second for a step that is due; returns on stop, when the trigger's
+        threshold changed (a reload), or, without a trigger that failed to arm, after
+        PRESSURE_RETRY_S to arm it again."""
+        retry_at = (time.monotonic() + PRESSURE_RETRY_S
+                    if trigger is None and not self.progress.pressure_off else None)
         while not self.stopping.is_set():
             self.progress.pressure_at = time.monotonic()
-            if not trigger.wait(1.0):
-                continue
-            if time.monotonic() - self._swap_step_at < SWAP_STEP_MIN_GAP_S:
-                continue
-            self._swap_step_at = time.monotonic()
-            self.progress.swap_step_since = self._swap_step_at
-            try:
-                self._swap_step()
-            finally:
-                self.progress.swap_step_since = None
+            if trigger is not None and (trigger.threshold_percent
+                                        != self.config.swap.pressure_threshold_percent):
+                return
+            if retry_at is not None and time.monotonic() >= retry_at:
+                return
+            if trigger is not None:
+                fired = trigger.wait(1.0)
+            else:
+                fired = False
+                self.stopping.wait(1.0)
+            self.swap_tick(self.monotonic(), pressure=fired)
 
-    def _swap_step(self) -> None:
+    def swap_tick(self, now: float, *, pressure: bool = False) -> bool:
+        """One policy step when one is due at ``now`` (``self.monotonic()``): on memory
+        pressure at most every SWAP_STEP_MIN_GAP_S, and, when the agent owns the policy,
+        every ``[swap] check_interval`` (the first at once). True if a step ran."""
+        last = self._swap_step_at
+        since = None if last is None else now - last
+        due = ((pressure and (since is None or since >= SWAP_STEP_MIN_GAP_S))
+               or (self.owns_swap_policy
+                   and (since is None or since >= self.config.swap.check_interval_s)))
+        if not due:
+            return False
+        self._swap_step_at = now
+        self.progress.swap_step_since = time.monotonic()
+        try:
+            self._swap_step("memory pressure" if pressure else "swap policy step")
+        finally:
+            self.progress.swap_step_since = None
+        return True
+
+    def _swap_step(self, why: str) -> None:
         try:
             result = swap.run(self.config, "auto", lock_wait_s=1.0)
         except ClusterctlError as err:
             self.progress.last_swap = f"failed: {err.message}"
-            log.warning("swap step on memory pressure: %s", err.one_line())
+            log.warning("swap step (%s): %s", why, err.one_line())
             return
         self.loop_ok("pressure")
         self.progress.swap_steps += 1
         self.progress.last_swap = result.plan.summary
         for action in result.applied:
-            log.warning("memory pressure: %s %s", action.kind, action.name)
+            log.warning("%s: %s %s", why, action.kind, action.name)
 
     def _record(self, kind: str, reason: str, details: dict[str, Any]) -> None:
         try:
@@ -395,7 +444,8 @@ class Agent:
         found = []
         for name, limit_s in limits.items():
             thread = self.loops.get(name)
-            if thread is None or (name == "pressure" and self.progress.pressure_off):
+            if thread is None or (name == "pressure" and self.progress.pressure_off
+                                  and not self.owns_swap_policy):
                 continue  # not started, or off on purpose
             if not thread.is_alive():
                 found.append(f"{name} loop died")
@@ -432,7 +482,9 @@ class Agent:
 
     def apply_config(self, new: cfg.Config) -> None:
         """Run on ``new`` from now on (a reload, the API): the monitor, hibernation and the
-        loops' intervals, which wake at once; delivery picks up [heartbeat] on its next pass."""
+        loops' intervals, which wake at once; delivery picks up [heartbeat] on its next pass;
+        the swap policy takes ``[swap]`` at its next step, and the pressure loop arms the PSI
+        trigger again within a second when ``[swap] pressure_threshold`` changed."""
         self.monitor.with_config(new)
         self.config = new
         self.hibernation.config = new

@@ -180,6 +180,13 @@ def _swap_dir_findings(facts: HostFacts, config: Config) -> list[Finding]:
                            "rotating disk); to have it known, keep what the swap dir is stored "
                            "on where clusterctl's units can read it (a loop image not under "
                            "/root, /home or /run/user, which ProtectHome= hides)"))
+    if facts.swap_units_blocked:
+        out.append(Finding("warn", "swap.units_blocked",
+                           f"{', '.join(facts.swap_units_blocked)} cannot write the swap dir "
+                           f"{config.swap.dir} (ProtectSystem=strict, no ReadWritePaths= for "
+                           "it): their swap steps fail with 'Read-only file system'",
+                           f"clusterctl config dropins (or clusterctl config set swap.dir "
+                           f"{config.swap.dir})"))
     if not facts.swaps:
         out.append(Finding("info", "swap.none",
                            "no swap is active",

@@ -6,7 +6,7 @@ import typer
 
 from clusterctl.cli.common import ConfigOpt, QuietOpt, VerboseOpt, cli_errors, start
 
-app = typer.Typer(help="The long-running service: GPU monitor, swap on memory pressure, "
+app = typer.Typer(help="The long-running service: GPU monitor, swap policy, "
                   "local API and metrics, heartbeats.", no_args_is_help=True)
 
 

@@ -1,8 +1,10 @@
-"""`clusterctl config show|validate|path|set`."""
+"""`clusterctl config show|validate|path|set|dropins`."""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +21,7 @@ from clusterctl.cli.common import (
     start,
 )
 from clusterctl.errors import EXIT_USAGE
+from clusterctl.system import systemd
 
 app = typer.Typer(help="The effective config and where it comes from.", no_args_is_help=True)
 
@@ -130,8 +133,65 @@ def set_cmd(
     new = cfg.set_values(path, {key: value}, dry_run=dry_run)
     section, _, name = key.partition(".")
     shown = cfg.as_toml_dict(new)[section][name]
+    # the file the units read: their drop-ins follow it ([swap] dir outside their sandbox)
+    synced = (_sync_units(new.swap.dir, Path("/"), dry_run)
+              if path == systemd.UNITS_CONFIG else systemd.DropinSync(()))
     if json_out:
-        emit_json({"path": str(path), "key": key, "value": shown, "dry_run": dry_run})
+        emit_json({"path": str(path), "key": key, "value": shown, "dry_run": dry_run,
+                   **_sync_json(synced)})
     else:
         verb = "would set" if dry_run else "set"
         print(f"{verb} {key} = {tomlkit.item(shown).as_string()} in {path}")
+        _print_sync(synced, dry_run)
+
+
+def _sync_units(swap_dir: Path, root: Path, dry_run: bool) -> systemd.DropinSync:
+    """The swap units' drop-ins for ``swap_dir``; on this machine, a missing swap dir
+    outside their sandbox is made too (0700, as `swap auto` makes it), since under
+    ProtectSystem=strict they cannot make it there themselves."""
+    synced = systemd.sync_swap_dir_dropins(swap_dir, root=root, dry_run=dry_run)
+    if (not dry_run and root == Path("/") and systemd.swap_dir_dropin(swap_dir) is not None
+            and (root / systemd.UNIT_DIR.lstrip("/")).is_dir() and not swap_dir.exists()):
+        from clusterctl.system import swapfiles
+
+        os.close(swapfiles.open_dir(swap_dir, create=True))
+        print(f"made {swap_dir}", file=sys.stderr)
+    return synced
+
+
+def _sync_json(synced: systemd.DropinSync) -> dict[str, object]:
+    return {"dropins": [{"action": c.action, "path": c.path} for c in synced.changes],
+            "restarted": list(synced.restarted)}
+
+
+def _print_sync(synced: systemd.DropinSync, dry_run: bool) -> None:
+    for change in synced.changes:
+        verb = {"write": "wrote", "remove": "removed"}[change.action]
+        print(f"{'would ' + change.action if dry_run else verb} {change.path}")
+    for unit in synced.restarted:
+        print(f"restarted {unit} (its sandbox takes the new swap dir at start)")
+
+
+@app.command("dropins")
+@cli_errors
+def dropins_cmd(
+    root: Annotated[
+        Path, typer.Option("--root", hidden=True, help="The units under this directory.")
+    ] = Path("/"),
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write or remove the drop-ins clusterctl's units need for this config (run by
+    install.sh and `config set`): ReadWritePaths= for a swap dir outside
+    /var/lib/clusterctl; systemd reloaded when one changed."""
+    start(verbose, quiet)
+    loaded = cfg.load(config)
+    synced = _sync_units(loaded.config.swap.dir, root, dry_run)
+    if json_out:
+        emit_json({"swap_dir": str(loaded.config.swap.dir), "dry_run": dry_run,
+                   **_sync_json(synced)})
+    else:
+        _print_sync(synced, dry_run)

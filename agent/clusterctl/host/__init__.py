@@ -40,6 +40,7 @@ from clusterctl.host.storage import (
     read_block_devices,
     read_filesystem,
 )
+from clusterctl.system.systemd import swap_dir_unreachable  # reads the unit files
 
 __all__ = [
     "BlockDevice",
@@ -71,6 +72,8 @@ class HostFacts:
     gpus: GpuInventory
     ollama: OllamaFacts
     dask: DaskFacts
+    # installed swap units whose sandbox cannot write the swap dir (no ReadWritePaths=)
+    swap_units_blocked: tuple[str, ...] = ()
 
 
 def read_host(
@@ -102,6 +105,7 @@ def read_host(
         gpus=nvml.inventory(),
         ollama=read_ollama(root, ollama_url),
         dask=read_dask(root),
+        swap_units_blocked=swap_dir_unreachable(swap_dir, root=root),
     )
     if first is None:
         return facts

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from clusterctl.errors import HostError
 
+TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
+
 
 class PressureTrigger:
     def __init__(self, threshold_percent: float, *, root: Path = Path("/")) -> None:
@@ -33,12 +35,15 @@ class PressureTrigger:
                 fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError as err:
                 raise HostError("this kernel has no PSI (/proc/pressure/memory)",
-                                fix="boot Linux 4.20+ with psi=1; swap is then adjusted by "
-                                "clusterctl-swap.timer only") from err
-            except OSError as err:  # EACCES, EOPNOTSUPP (psi=0), EIO
+                                fix="boot Linux 4.20+ with psi=1; until then swap steps come "
+                                "every [swap] check_interval only") from err
+            except OSError as err:
+                if err.errno in TRANSIENT:  # out of descriptors or memory: try again later
+                    raise
+                # EACCES, EOPNOTSUPP (psi=0), EIO, EISDIR: this node cannot have one
                 raise HostError(f"cannot open {self.path}: {err.strerror or err}",
-                                fix="run as root on a kernel with PSI enabled; swap is then "
-                                "adjusted by clusterctl-swap.timer only") from err
+                                fix="run as root on a kernel with PSI enabled; until then "
+                                "swap steps come every [swap] check_interval only") from err
             try:
                 os.write(fd, f"some {stall_us} {window_us}\n".encode())  # the newline matters
             except OSError as err:

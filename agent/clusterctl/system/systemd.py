@@ -1,12 +1,29 @@
-"""systemd over D-Bus (pystemd): reload unit files, restart a unit only if it runs."""
+"""systemd: unit files (drop-ins clusterctl writes for its own units) and the manager over
+D-Bus (pystemd): reload unit files, restart a unit only if it runs."""
 
 from __future__ import annotations
 
+import contextlib
+import posixpath
+import re
+import shlex
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from clusterctl.errors import HostError
+
+AGENT_UNIT = "clusterctl-agent.service"
+SWAP_UNIT = "clusterctl-swap.service"
+SWAP_DIR_UNITS = (SWAP_UNIT, AGENT_UNIT)  # the units that write swap files
+UNIT_DIR = "/etc/systemd/system"  # where install.sh puts them, and their drop-ins go
+DROPIN_DIRS = ("/usr/lib/systemd/system", "/lib/systemd/system", UNIT_DIR,
+               "/run/systemd/system")  # lowest priority first
+SWAP_DIR_DROPIN = "swap-dir.conf"
+UNITS_WRITE = "/var/lib/clusterctl"  # every swap unit's own ReadWritePaths=
+UNITS_CONFIG = Path("/etc/clusterctl/clusterctl.toml")  # the config the units read
 
 
 def systemd_running(root: Path = Path("/")) -> bool:
@@ -72,3 +89,194 @@ class Systemd:
             time.sleep(0.1)
         raise HostError(f"{unit} is still restarting after {wait_s:.0f} s",
                         fix=f"journalctl -u {unit}")
+
+
+# -- which unit this process runs in --------------------------------------------------
+
+
+def own_unit(root: Path = Path("/")) -> str | None:
+    """The systemd service this process runs in (from its cgroup), or None: run by
+    hand, in a test, or without systemd."""
+    try:
+        text = (root / "proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        _hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers not in ("", "name=systemd"):  # cgroup v2, or v1's systemd tree
+            continue
+        for part in reversed(path.split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
+
+
+# -- the swap dir in the units' sandbox ------------------------------------------------
+
+
+def _under(path: str, top: str) -> bool:
+    path, top = posixpath.normpath(path), posixpath.normpath(top)
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _unit_path(path: str, prefix: str = "") -> str:
+    """``prefix`` + ``path`` as a unit file list item: ``%`` doubled (specifiers), and in
+    double quotes, backslash-escaped, when it holds a blank, a quote or a backslash."""
+    text = (prefix + path).replace("%", "%%")
+    if re.search(r"[\s\"'\\]", text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def swap_dir_dropin(swap_dir: Path) -> str | None:
+    """What each swap unit needs so its sandbox (ProtectSystem=strict) can write
+    ``swap_dir``, or None when its own ReadWritePaths= covers it already. "-": a dir
+    that is missing at start does not keep the unit (the agent) from starting."""
+    directory = posixpath.normpath(str(swap_dir))
+    if _under(directory, UNITS_WRITE):
+        return None
+    return ("# Written by clusterctl (`clusterctl config set swap.dir`, install.sh): lets this\n"
+            "# unit write the swap dir under ProtectSystem=strict, and start after its mount.\n"
+            "# Removed when [swap] dir is back under /var/lib/clusterctl; do not edit.\n"
+            f"[Unit]\nRequiresMountsFor={_unit_path(directory)}\n\n"
+            f"[Service]\nReadWritePaths={_unit_path(directory, '-')}\n")
+
+
+@dataclass(frozen=True)
+class DropinChange:
+    action: Literal["write", "remove"]
+    path: str  # as on the host (not under a test's root)
+
+
+def swap_dir_changes(swap_dir: Path, *, root: Path = Path("/")) -> tuple[DropinChange, ...]:
+    """The drop-ins to write or remove so that the swap units can reach ``swap_dir``."""
+    text = swap_dir_dropin(swap_dir)
+    changes = []
+    for unit in SWAP_DIR_UNITS:
+        path = f"{UNIT_DIR}/{unit}.d/{SWAP_DIR_DROPIN}"
+        current = _read(root / path.lstrip("/"))
+        if text is not None and current != text:
+            changes.append(DropinChange("write", path))
+        elif text is None and current is not None:
+            changes.append(DropinChange("remove", path))
+    return tuple(changes)
+
+
+@dataclass(frozen=True)
+class DropinSync:
+    changes: tuple[DropinChange, ...]
+    restarted: tuple[str, ...] = ()  # running units restarted to take their new sandbox
+
+
+def sync_swap_dir_dropins(swap_dir: Path, *, root: Path = Path("/"), dry_run: bool = False,
+                          manager: Systemd | None = None) -> DropinSync:
+    """Write (or remove) the swap units' ``swap-dir.conf`` drop-ins for ``swap_dir``. When
+    one changed and systemd runs this root: a daemon-reload, and a running agent is
+    restarted (a sandbox is set up at start; until then it could not write the new
+    dir). Nothing is written where no unit directory exists (no units installed)."""
+    if not (root / UNIT_DIR.lstrip("/")).is_dir():
+        return DropinSync(())
+    changes = swap_dir_changes(swap_dir, root=root)
+    if dry_run or not changes:
+        return DropinSync(changes)
+    from clusterctl import system
+
+    text = swap_dir_dropin(swap_dir)
+    for change in changes:
+        target = root / change.path.lstrip("/")
+        if change.action == "write":
+            assert text is not None
+            with contextlib.suppress(FileExistsError):
+                target.parent.mkdir(mode=0o755)
+            system.atomic_write_text(target, text, mode=0o644, keep_owner=False)
+        else:
+            target.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: an operator's drop-in too
+                target.parent.rmdir()
+    if root != Path("/") or not systemd_running(root):
+        return DropinSync(changes)
+    manager = manager or Systemd()
+    manager.daemon_reload()
+    agent_changed = any(c.path.startswith(f"{UNIT_DIR}/{AGENT_UNIT}.d/") for c in changes)
+    restarted = (AGENT_UNIT,) if agent_changed and manager.restart_if_active(AGENT_UNIT) else ()
+    return DropinSync(changes, restarted)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError):
+        return ""  # unreadable: rewritten
+
+
+def _unit_files(unit: str, root: Path) -> Iterator[Path]:
+    """The unit file systemd loads, then its drop-ins in the order they apply."""
+    for directory in reversed(DROPIN_DIRS):  # the first found wins
+        path = root / directory.lstrip("/") / unit
+        if path.is_file():
+            yield path
+            break
+    else:
+        return
+    dropins: dict[str, Path] = {}
+    for directory in DROPIN_DIRS:  # a later directory's file of the same name wins
+        folder = root / directory.lstrip("/") / f"{unit}.d"
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                if entry.suffix == ".conf":
+                    dropins[entry.name] = entry
+    yield from (dropins[name] for name in sorted(dropins))
+
+
+def _service_settings(unit: str, root: Path) -> tuple[str, list[str]] | None:
+    """(ProtectSystem=, ReadWritePaths=) of an installed unit and its drop-ins, or None
+    when it is not installed."""
+    files = list(_unit_files(unit, root))
+    if not files:
+        return None
+    protect = "no"
+    writable: list[str] = []
+    for path in files:
+        section = ""
+        text = _read(path) or ""
+        for raw in text.splitlines():
+            line = raw.strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+                continue
+            key, sep, value = line.partition("=")
+            if section != "Service" or not sep:
+                continue
+            if key.strip() == "ProtectSystem":
+                protect = value.strip()
+            elif key.strip() == "ReadWritePaths":
+                items = _split_paths(value)
+                writable = [] if not items else writable + items
+    return protect, writable
+
+
+def _split_paths(value: str) -> list[str]:
+    try:
+        words = shlex.split(value.replace("%%", "%"))
+    except ValueError:
+        words = value.split()
+    return [w.lstrip("-+") for w in words]
+
+
+def swap_dir_unreachable(swap_dir: Path, *, root: Path = Path("/")) -> tuple[str, ...]:
+    """The installed swap units whose sandbox cannot write ``swap_dir``: ProtectSystem=
+    strict and no ReadWritePaths= (the unit's, a drop-in's) covering it. Read from the
+    unit files, as systemd loads them after a daemon-reload."""
+    directory = posixpath.normpath(str(swap_dir))
+    blocked = []
+    for unit in SWAP_DIR_UNITS:
+        settings = _service_settings(unit, root)
+        if settings is None:
+            continue
+        protect, writable = settings
+        if protect == "strict" and not any(_under(directory, w) for w in writable):
+            blocked.append(unit)
+    return tuple(blocked)
