@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from clusterctl.errors import ClusterctlError
 from clusterctl.gpu.throttle import Decision, Throttled
 from clusterctl.system import originals
 from clusterctl.system.gpu import set_power_limit
@@ -70,7 +71,8 @@ def apply(decision: Decision, nvml: Any, state_dir: Path, records: dict[str, Thr
 
 
 def restore_all(nvml: Any, state_dir: Path, uuids: dict[str, int]) -> list[str]:
-    """Every saved original back; ``uuids`` maps UUID -> index now. What was done."""
+    """Every saved original back; ``uuids`` maps UUID -> index now. What was done: a GPU
+    that refuses (or is gone) keeps its record, and the others are still given back."""
     records = load(state_dir)
     done = []
     for uuid, record in list(records.items()):
@@ -79,7 +81,12 @@ def restore_all(nvml: Any, state_dir: Path, uuids: dict[str, int]) -> list[str]:
             done.append(f"{uuid}: not present now; its original {record.original_limit_w:.0f} W "
                         "kept on record")
             continue
-        set_power_limit(nvml, index, record.original_limit_w)
+        try:
+            set_power_limit(nvml, index, record.original_limit_w)
+        except ClusterctlError as err:  # the other GPUs still get theirs back
+            done.append(f"GPU {index}: {err.one_line()}; its original "
+                        f"{record.original_limit_w:.0f} W kept on record")
+            continue
         del records[uuid]
         save(state_dir, records)
         done.append(f"GPU {index}: power limit back to {record.original_limit_w:.0f} W")
