@@ -11,7 +11,6 @@ logged once, not every retry.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -36,17 +35,6 @@ SEQUENCE_FILE = "heartbeat.json"
 SEQUENCE_SPEC = statefile.StateFile(SEQUENCE_FILE, "the heartbeat sequence file",
                                     statefile.Policy.START_OVER)
 MAX_SEQUENCE = 2**53  # exact in any JSON reader
-
-
-def parse_sequence(raw: bytes) -> int:
-    """The last sequence in ``heartbeat.json``, or ValueError saying what is wrong."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ValueError("not JSON") from err
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return _sequence_of(data)
 
 
 def _sequence_of(data: dict[str, Any]) -> int:

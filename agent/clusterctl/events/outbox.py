@@ -33,7 +33,6 @@ and sends again from the oldest event kept (duplicates only).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -54,7 +53,6 @@ CURSOR_SPEC = statefile.StateFile(CURSOR_FILE, "the outbox cursor", statefile.Po
                                   pretty=False)
 MAX_UNSENT_BYTES = 64 * 2**20
 MAX_LINE_BYTES = 2**20  # a longer line is not an event: skipped
-MAX_CURSOR_BYTES = 4096
 MAX_OFFSET = 2**62
 _MAX_TOLD = 4096  # distinct problems remembered for "log once"
 _MAX_LISTINGS = 3  # rotations met mid-read before pending()/bound() settle for less
@@ -342,20 +340,6 @@ def is_rotated_name(name: str) -> bool:
     stamp = name[len(EVENTS_FILE) + 1:]
     return name.startswith(f"{EVENTS_FILE}.") and stamp.endswith("Z") and "/" not in stamp \
         and "\0" not in stamp
-
-
-def parse_cursor(raw: bytes) -> Cursor:
-    """The cursor in ``outbox.json``, or ValueError saying what is wrong with it."""
-    if len(raw) > MAX_CURSOR_BYTES:
-        raise ValueError(f"over {MAX_CURSOR_BYTES} bytes")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ValueError("not JSON") from err
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    data.pop("version", None)
-    return cursor_of(data)
 
 
 def cursor_of(data: dict[str, Any]) -> Cursor:
