@@ -182,3 +182,26 @@ def test_watch_keeps_the_history_that_trend_reads(node: Path, tmp_path: Path) ->
     assert "2 samples" in fresh.stdout
     nothing = cli(node, gpus(tmp_path, CARD1), "trend", "--gpu", "0")
     assert "no samples of GPU 0" in nothing.stdout  # GPU-1 was never watched
+
+
+def test_throttle_reset_gives_back_what_it_can_and_fails_for_a_gpu_that_refuses(
+        node: Path, tmp_path: Path) -> None:
+    """Two GPUs lowered by clusterctl; GPU 0 refuses its limit now (no permission): GPU 1
+    still gets its original back, GPU 0 keeps its record, and the command says so and
+    exits 1 so that a script notices."""
+    from clusterctl.gpu import power
+    from clusterctl.gpu.throttle import Throttled
+
+    state = tmp_path / "state"
+    power.save(state, {"GPU-0": Throttled("GPU-0", 700.0, 630.0, 1.0),
+                       "GPU-1": Throttled("GPU-1", 400.0, 360.0, 1.0)})
+    calls = tmp_path / "calls.log"
+    env = gpus(tmp_path, {**CARD0, "errors": {"nvmlDeviceSetPowerManagementLimit": 4}}, CARD1)
+    done = cli(node, env | {"FAKE_NVML_CALLS_LOG": str(calls)}, "throttle", "reset")
+    assert done.returncode == 1, done.stderr
+    assert ("GPU 0: no permission to set its power limit; run as root; its original 700 W "
+            "kept on record") in done.stdout
+    assert "GPU 1: power limit back to 400 W" in done.stdout
+    assert calls.read_text() == "GPU-1 400000\n"
+    assert set(power.load(state)) == {"GPU-0"}
+    assert "1 GPU power limit(s) not given back" in done.stderr

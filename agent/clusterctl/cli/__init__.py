@@ -17,6 +17,7 @@ from clusterctl.cli import (
     optimize_cmd,
     swap_cmd,
 )
+from clusterctl.cli.common import command
 
 app = typer.Typer(
     name="clusterctl",
@@ -26,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-app.command("check")(check_cmd.check)
+command(app, "check", json=True)(check_cmd.check)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(swap_cmd.app, name="swap")
 app.add_typer(optimize_cmd.app, name="optimize")

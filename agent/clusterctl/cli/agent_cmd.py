@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from clusterctl.cli.common import ConfigOpt, QuietOpt, VerboseOpt, cli_errors, start
+from clusterctl.cli.common import Run, command
 
 app = typer.Typer(help="The long-running service: GPU monitor, swap policy, "
                   "local API and metrics, heartbeats.", no_args_is_help=True)
 
 
-@app.command("run")
-@cli_errors
-def run_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(app, "run")
+def run_cmd(run: Run) -> None:
     """Run in the foreground until SIGTERM (what clusterctl-agent.service starts).
 
     Tells systemd READY=1 after the first GPU sample, keeps STATUS= current, pings the
@@ -20,5 +19,4 @@ def run_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt =
     """
     from clusterctl.agent.service import Agent
 
-    start(verbose, quiet)
-    raise typer.Exit(Agent(config).run())
+    raise typer.Exit(Agent(run.config_path).run())

@@ -11,16 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clusterctl import config as cfg
-from clusterctl.cli.common import (
-    ConfigOpt,
-    JsonOpt,
-    QuietOpt,
-    VerboseOpt,
-    cli_errors,
-    emit_json,
-    start,
-)
+from clusterctl.cli.common import Run, emit_json
 from clusterctl.errors import EXIT_FAILED
 from clusterctl.units import format_size
 
@@ -41,15 +32,11 @@ class CheckMode(str, enum.Enum):
     full = "full"
 
 
-@cli_errors
 def check(
+    run: Run,
     mode: Annotated[
         CheckMode, typer.Argument(help="quick: facts and judgement; full: adds a write test.")
     ] = CheckMode.quick,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
     root: Annotated[
         Path, typer.Option("--root", hidden=True, help="Read the host under this directory.")
     ] = Path("/"),
@@ -65,13 +52,12 @@ def check(
     from clusterctl.check.run import report_dict, run_check
     from clusterctl.host import Nvml
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
+    config = run.config
     with Nvml() as nvml, _progress(enabled=mode == CheckMode.full) as progress:
         facts, report = run_check(
-            loaded.config, root=root, mode=mode.value, nvml=nvml, progress=progress
+            config, root=root, mode=mode.value, nvml=nvml, progress=progress
         )
-    if json_out:
+    if run.json:
         emit_json(report_dict(facts, report))
     else:
         render(facts, report, Console(highlight=False))

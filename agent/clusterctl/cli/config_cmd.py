@@ -10,16 +10,7 @@ from typing import Annotated
 import typer
 
 from clusterctl import config as cfg
-from clusterctl.cli.common import (
-    ConfigOpt,
-    DryRunOpt,
-    JsonOpt,
-    QuietOpt,
-    VerboseOpt,
-    cli_errors,
-    emit_json,
-    start,
-)
+from clusterctl.cli.common import DryRunOpt, Run, command, emit_json
 from clusterctl.errors import EXIT_USAGE
 from clusterctl.system import systemd
 
@@ -36,37 +27,23 @@ def _source_line(path: str, source: str, exists: bool) -> str:
     return f"{path} ({origin}{state})"
 
 
-@app.command("path")
-@cli_errors
-def path_cmd(
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "path", json=True)
+def path_cmd(run: Run) -> None:
     """Which config file is in effect, and why."""
-    start(verbose, quiet)
-    path, source = cfg.resolve_path(config)
+    path, source = cfg.resolve_path(run.config_path)
     exists = path.exists()
-    if json_out:
+    if run.json:
         emit_json({"path": str(path), "source": source, "exists": exists})
     else:
         print(_source_line(str(path), source, exists))
 
 
-@app.command("show")
-@cli_errors
-def show_cmd(
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "show", json=True)
+def show_cmd(run: Run) -> None:
     """The effective config: built-in defaults overlaid with the file."""
-    start(verbose, quiet)
-    loaded = cfg.load(config)
+    loaded = run.loaded
     values = cfg.as_toml_dict(loaded.config)
-    if json_out:
+    if run.json:
         emit_json(
             {
                 "path": str(loaded.path),
@@ -83,18 +60,11 @@ def show_cmd(
     print(tomlkit.dumps(values), end="")
 
 
-@app.command("validate")
-@cli_errors
-def validate_cmd(
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "validate", json=True)
+def validate_cmd(run: Run) -> None:
     """Check the config file; every problem on its own line, exit 2 if any."""
-    start(verbose, quiet)
-    path, source, exists, errors = cfg.validate_file(config)
-    if json_out:
+    path, source, exists, errors = cfg.validate_file(run.config_path)
+    if run.json:
         emit_json(
             {
                 "path": str(path),
@@ -114,29 +84,24 @@ def validate_cmd(
         raise typer.Exit(EXIT_USAGE)
 
 
-@app.command("set")
-@cli_errors
+@command(app, "set", json=True)
 def set_cmd(
+    run: Run,
     key: Annotated[str, typer.Argument(help="section.key, for example swap.max_size")],
     value: Annotated[str, typer.Argument(help='the new value, for example 32G')],
     dry_run: DryRunOpt = False,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """Change one key in the config file, keeping its comments."""
     import tomlkit
 
-    start(verbose, quiet)
-    path, _source = cfg.resolve_path(config)
+    path, _source = cfg.resolve_path(run.config_path)
     new = cfg.set_values(path, {key: value}, dry_run=dry_run)
     section, _, name = key.partition(".")
     shown = cfg.as_toml_dict(new)[section][name]
     # the file the units read: their drop-ins follow it ([swap] dir outside their sandbox)
     synced = (_sync_units(new.swap.dir, Path("/"), dry_run)
               if path == systemd.UNITS_CONFIG else systemd.DropinSync(()))
-    if json_out:
+    if run.json:
         emit_json({"path": str(path), "key": key, "value": shown, "dry_run": dry_run,
                    **_sync_json(synced)})
     else:
@@ -172,26 +137,21 @@ def _print_sync(synced: systemd.DropinSync, dry_run: bool) -> None:
         print(f"restarted {unit} (its sandbox takes the new swap dir at start)")
 
 
-@app.command("dropins")
-@cli_errors
+@command(app, "dropins", json=True)
 def dropins_cmd(
+    run: Run,
     root: Annotated[
         Path, typer.Option("--root", hidden=True, help="The units under this directory.")
     ] = Path("/"),
     dry_run: DryRunOpt = False,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """Write or remove the drop-ins clusterctl's units need for this config (run by
     install.sh and `config set`): ReadWritePaths= for a swap dir outside
     /var/lib/clusterctl; systemd reloaded when one changed."""
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    synced = _sync_units(loaded.config.swap.dir, root, dry_run)
-    if json_out:
-        emit_json({"swap_dir": str(loaded.config.swap.dir), "dry_run": dry_run,
+    swap_dir = run.config.swap.dir
+    synced = _sync_units(swap_dir, root, dry_run)
+    if run.json:
+        emit_json({"swap_dir": str(swap_dir), "dry_run": dry_run,
                    **_sync_json(synced)})
     else:
         _print_sync(synced, dry_run)

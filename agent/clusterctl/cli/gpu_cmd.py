@@ -8,16 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from clusterctl import config as cfg
-from clusterctl.cli.common import (
-    ConfigOpt,
-    JsonOpt,
-    QuietOpt,
-    VerboseOpt,
-    cli_errors,
-    emit_json,
-    start,
-)
-from clusterctl.errors import EXIT_FAILED
+from clusterctl.cli.common import Run, command, emit_json
+from clusterctl.errors import EXIT_FAILED, HostError
 
 if TYPE_CHECKING:
     from clusterctl.gpu.monitor import GpuView
@@ -83,10 +75,8 @@ def _print_table(views: tuple[GpuView, ...]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-@app.command("status")
-@cli_errors
-def status_cmd(gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt = None,
-               verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(app, "status", json=True)
+def status_cmd(run: Run, gpu: GpuOpt = None) -> None:
     """Every GPU now: utilization, memory, temperature, power, clocks, state, processes.
 
     --json gives the agent's /api/v1/monitoring/gpu-metrics shape with
@@ -94,11 +84,9 @@ def status_cmd(gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt 
     """
     from clusterctl.gpu.shapes import fleet_metrics
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    snapshot, views = _views(loaded.config)
+    snapshot, views = _views(run.config)
     views = tuple(v for v in views if gpu is None or v.sample.index == gpu)
-    if json_out:
+    if run.json:
         emit_json(fleet_metrics(snapshot, views))
         return
     if not snapshot.gpus:
@@ -112,24 +100,23 @@ def status_cmd(gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt 
                   f"{_fmt(p.used_mib, ' MiB')}")
 
 
-@app.command("watch")
-@cli_errors
-def watch_cmd(interval: Annotated[float | None, typer.Option(
-                  "--interval", metavar="SECONDS", min=0.1,
-                  help="Seconds between samples (default [gpu] monitor_interval).")] = None,
-              count: Annotated[int | None, typer.Option(
-                  "--count", metavar="N", min=1, help="Stop after N samples.")] = None,
-              config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
-              ) -> None:
+@command(app, "watch")
+def watch_cmd(
+    run: Run,
+    interval: Annotated[float | None, typer.Option(
+        "--interval", metavar="SECONDS", min=0.1,
+        help="Seconds between samples (default [gpu] monitor_interval).")] = None,
+    count: Annotated[int | None, typer.Option(
+        "--count", metavar="N", min=1, help="Stop after N samples.")] = None,
+) -> None:
     """A live table refreshed in place (Ctrl-C to stop); keeps the history `trend` reads."""
     from clusterctl.gpu.monitor import GpuMonitor
     from clusterctl.host.nvml import Nvml
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    every = interval if interval is not None else loaded.config.gpu.monitor_interval_s
+    c = run.config
+    every = interval if interval is not None else c.gpu.monitor_interval_s
     with Nvml() as nvml:
-        monitor = GpuMonitor(loaded.config, nvml, plan_only=True, write_history=True,
+        monitor = GpuMonitor(c, nvml, plan_only=True, write_history=True,
                              record_events=False)
         _live(monitor, every, count)
 
@@ -160,13 +147,14 @@ def _live(monitor: Any, every: float, count: int | None) -> None:
         print(file=sys.stderr)
 
 
-@app.command("place")
-@cli_errors
-def place_cmd(name: Annotated[str, typer.Argument(help="What the VRAM is for.")],
-              vram: Annotated[int, typer.Option("--vram", metavar="MiB",
-                                                help="VRAM to hand out, in MiB.")],
-              gpu: GpuOpt = None, json_out: JsonOpt = False, config: ConfigOpt = None,
-              verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(app, "place", json=True)
+def place_cmd(
+    run: Run,
+    name: Annotated[str, typer.Argument(help="What the VRAM is for.")],
+    vram: Annotated[int, typer.Option("--vram", metavar="MiB",
+                                      help="VRAM to hand out, in MiB.")],
+    gpu: GpuOpt = None,
+) -> None:
     """Hand NAME the VRAM on the least busy GPU that can give it (exit 1 if none can).
 
     Placing a name again returns its GPU. Concurrent calls never oversubscribe a GPU.
@@ -174,13 +162,12 @@ def place_cmd(name: Annotated[str, typer.Argument(help="What the VRAM is for.")]
     from clusterctl.gpu import placement
     from clusterctl.host.nvml import Nvml
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     with Nvml() as nvml:
         placed = placement.place(c.paths.state_dir, c.paths.run_dir, nvml.sample, name, vram,
                                  c.gpu.memory_reserve_mb, gpu_index=gpu, now=time.time())
     a, r = placed.allocation, placed.room
-    if json_out:
+    if run.json:
         emit_json({"name": a.name, "gpu": r.index, "uuid": a.gpu_uuid, "vram_mib": a.vram_mib,
                    "already_placed": placed.existing, "available_mib": r.available_mib})
         return
@@ -189,16 +176,12 @@ def place_cmd(name: Annotated[str, typer.Argument(help="What the VRAM is for.")]
           f"{r.explain()}")
 
 
-@app.command("release")
-@cli_errors
-def release_cmd(name: Annotated[str, typer.Argument(help="A placed name.")],
-                config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
-                ) -> None:
+@command(app, "release")
+def release_cmd(run: Run, name: Annotated[str, typer.Argument(help="A placed name.")]) -> None:
     """Give NAME's VRAM back to the ledger."""
     from clusterctl.gpu import placement
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     released = placement.release(c.paths.state_dir, c.paths.run_dir, name)
     if released is None:
         print(f"{name} was not placed")
@@ -206,19 +189,16 @@ def release_cmd(name: Annotated[str, typer.Argument(help="A placed name.")],
         print(f"released {name}: {released.vram_mib} MiB on GPU {released.gpu_index}")
 
 
-@app.command("allocations")
-@cli_errors
-def allocations_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
-                    verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(app, "allocations", json=True)
+def allocations_cmd(run: Run) -> None:
     """The placement ledger, and what each GPU can still give."""
     from clusterctl.gpu import placement
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     allocations = placement.load(c.paths.state_dir)
     snapshot, _ = _views(c, processes=False)
     rooms = [placement.room(g, allocations, c.gpu.memory_reserve_mb) for g in snapshot.gpus]
-    if json_out:
+    if run.json:
         emit_json({"allocations": [{"name": a.name, "gpu": a.gpu_index, "uuid": a.gpu_uuid,
                                     "vram_mib": a.vram_mib, "placed_at": a.placed_at}
                                    for a in allocations],
@@ -235,16 +215,16 @@ def allocations_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
             print(r.explain())
 
 
-@app.command("trend")
-@cli_errors
-def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
-              minutes: Annotated[float, typer.Option("--minutes", min=0.05)] = 5.0,
-              sample: Annotated[float | None, typer.Option(
-                  "--sample", metavar="SECONDS", min=1,
-                  help="Sample now for this long instead of reading the running monitor's "
-                  "history.")] = None,
-              json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-              quiet: QuietOpt = False) -> None:
+@command(app, "trend", json=True)
+def trend_cmd(
+    run: Run,
+    gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
+    minutes: Annotated[float, typer.Option("--minutes", min=0.05)] = 5.0,
+    sample: Annotated[float | None, typer.Option(
+        "--sample", metavar="SECONDS", min=1,
+        help="Sample now for this long instead of reading the running monitor's "
+        "history.")] = None,
+) -> None:
     """Temperature over the last minutes: current, average, min, max, rising/falling/stable."""
     from clusterctl.gpu.history import History
     from clusterctl.gpu.monitor import GpuMonitor, load_history
@@ -252,8 +232,7 @@ def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
     from clusterctl.host.nvml import Nvml
     from clusterctl.system import statefile
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     with Nvml() as nvml:
         if sample:
             monitor = GpuMonitor(c, nvml, plan_only=True, record_events=False)
@@ -271,7 +250,7 @@ def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
         uuid = next((g.uuid for g in nvml.sample().gpus if g.index == gpu), None)
     history = histories.get(uuid or f"index-{gpu}") or History(1)
     data = trend_dict(history.trend(minutes, time.time()), gpu)
-    if json_out:
+    if run.json:
         emit_json(data)
     elif data["samples"] == 0:
         print(f"no samples of GPU {gpu} in the last {minutes:g} min: run the agent or "
@@ -282,18 +261,15 @@ def trend_cmd(gpu: Annotated[int, typer.Option("--gpu", metavar="N")] = 0,
               f"({data['slope_c_per_min']:+} C/min, {data['samples']} samples)")
 
 
-@app.command("health")
-@cli_errors
-def health_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-               quiet: QuietOpt = False) -> None:
+@command(app, "health", json=True)
+def health_cmd(run: Run) -> None:
     """Healthy when every GPU answers and is below [gpu] temp_critical; exit 1 if not."""
     from clusterctl.gpu.shapes import health
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     snapshot, views = _views(c, processes=False)
     result = health(views, c.gpu.temp_critical_c, snapshot.reason)
-    if json_out:
+    if run.json:
         emit_json(result)
     else:
         print(f"gpu_status: {result['status']}")
@@ -303,17 +279,14 @@ def health_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Ver
         raise typer.Exit(EXIT_FAILED)
 
 
-@throttle_app.command("status")
-@cli_errors
-def throttle_status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
-                        verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(throttle_app, "status", json=True)
+def throttle_status_cmd(run: Run) -> None:
     """Whether throttling is on, and every GPU whose limit clusterctl holds lowered."""
     from clusterctl.gpu import power
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     records = power.load(c.paths.state_dir)
-    if json_out:
+    if run.json:
         emit_json({"enabled": c.gpu.throttle_enabled,
                    "lowered": [{"uuid": r.uuid, "original_limit_w": r.original_limit_w,
                                 "limit_w": r.limit_w, "changed_at": r.changed_at}
@@ -326,20 +299,17 @@ def throttle_status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
         print("  no power limit lowered by clusterctl")
 
 
-@throttle_app.command("plan")
-@cli_errors
-def throttle_plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
-                      verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(throttle_app, "plan", json=True)
+def throttle_plan_cmd(run: Run) -> None:
     """What the controller would do with each GPU now; changes nothing on any GPU."""
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     _, views = _views(c, processes=False)
     plans = [{"gpu": v.sample.index, "uuid": v.sample.uuid, "state": v.state.value,
               "temperature_c": v.sample.temperature_c, "power_limit_w": v.sample.power_limit_w,
               "move": v.decision.move if v.decision else "hold",
               "limit_w": v.decision.limit_w if v.decision else None,
               "reason": v.decision.reason if v.decision else "lost"} for v in views]
-    if json_out:
+    if run.json:
         emit_json({"enabled": c.gpu.throttle_enabled, "plan": plans})
         return
     for p in plans:
@@ -350,16 +320,13 @@ def throttle_plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
         print("throttling is off: nothing would be applied ([gpu] throttle_enabled = false)")
 
 
-@throttle_app.command("reset")
-@cli_errors
-def throttle_reset_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0,
-                       quiet: QuietOpt = False) -> None:
+@command(throttle_app, "reset")
+def throttle_reset_cmd(run: Run) -> None:
     """Give every GPU whose limit clusterctl lowered its original limit back now."""
     from clusterctl.gpu import power
     from clusterctl.host.nvml import Nvml
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     if not power.load(c.paths.state_dir):
         print("no power limit lowered by clusterctl: nothing to reset")
         return
@@ -368,3 +335,8 @@ def throttle_reset_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0,
         for line in power.restore_all(nvml, c.paths.state_dir,
                                       {g.uuid: g.index for g in snapshot.gpus if g.uuid}):
             print(line)
+    left = power.load(c.paths.state_dir)
+    if left:
+        raise HostError(f"{len(left)} GPU power limit(s) not given back; their originals stay "
+                        "on record", fix="see the lines above (run as root?), then `clusterctl "
+                        "gpu throttle reset` again")

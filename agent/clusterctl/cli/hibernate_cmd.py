@@ -10,16 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from clusterctl import config as cfg
-from clusterctl.cli.common import (
-    ConfigOpt,
-    DryRunOpt,
-    JsonOpt,
-    QuietOpt,
-    VerboseOpt,
-    cli_errors,
-    emit_json,
-    start,
-)
+from clusterctl.cli.common import DryRunOpt, Run, command, emit_json
 from clusterctl.errors import EXIT_FAILED, TemporaryError, UsageError
 from clusterctl.units import iso_utc
 
@@ -70,14 +61,11 @@ def _schedule_dict(sched: Any) -> dict[str, Any]:
                                                                            sched.tz, now))}
 
 
-@app.command("status")
-@cli_errors
-def status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-               quiet: QuietOpt = False) -> None:
+@command(app, "status", json=True)
+def status_cmd(run: Run) -> None:
     """The node's hibernation status as the agent keeps it, as the control plane shows it."""
-    start(verbose, quiet)
-    data = status_dict(cfg.load(config).config)
-    if json_out:
+    data = status_dict(run.config)
+    if run.json:
         emit_json(data)
         return
     auto = data["auto_hibernation"]
@@ -97,19 +85,15 @@ def status_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Ver
               f"{sched['next_sleep'] or '-'})")
 
 
-@app.command("events")
-@cli_errors
-def events_cmd(limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
-               json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-               quiet: QuietOpt = False) -> None:
+@command(app, "events", json=True)
+def events_cmd(run: Run, limit: Annotated[int, typer.Option("--limit", min=1)] = 20) -> None:
     """Hibernation events, newest first ({"events": [...]})."""
     from clusterctl.events.log import EventLog
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     events = [e for e in EventLog(c.paths.state_dir, "").read()
               if e.get("event_type") in HIBERNATION_EVENTS][::-1][:limit]
-    if json_out:
+    if run.json:
         emit_json({"events": events})
         return
     for e in events:
@@ -120,17 +104,16 @@ def events_cmd(limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
         print("no hibernation events yet")
 
 
-@app.command("config")
-@cli_errors
-def config_cmd(set_: Annotated[list[str] | None, typer.Option(
-                   "--set", metavar="KEY=VALUE", help="Change a [hibernate] key (repeatable); "
-                   "validated, written keeping comments.")] = None,
-               dry_run: DryRunOpt = False, json_out: JsonOpt = False,
-               config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
-               ) -> None:
+@command(app, "config", json=True)
+def config_cmd(
+    run: Run,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Change a [hibernate] key (repeatable); "
+        "validated, written keeping comments.")] = None,
+    dry_run: DryRunOpt = False,
+) -> None:
     """Show [hibernate], or change keys in the config file."""
-    start(verbose, quiet)
-    loaded = cfg.load(config)
+    loaded = run.loaded
     current = loaded.config
     if set_:
         changes = {}
@@ -144,17 +127,15 @@ def config_cmd(set_: Annotated[list[str] | None, typer.Option(
             print(f"wrote {loaded.path}; the agent takes it on `systemctl reload "
                   "clusterctl-agent`")
     section = cfg.as_toml_dict(current)["hibernate"]
-    if json_out:
+    if run.json:
         emit_json(section)
     else:
         for name, shown in section.items():
             print(f"{name} = {shown!r}")
 
 
-@app.command("now")
-@cli_errors
-def now_cmd(dry_run: DryRunOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-            quiet: QuietOpt = False) -> None:
+@command(app, "now")
+def now_cmd(run: Run, dry_run: DryRunOpt = False) -> None:
     """Run [hibernate] action now, whatever the GPUs are doing (--dry-run: say what).
 
     The running agent does it (through its local API), or, when no agent runs, this
@@ -164,8 +145,7 @@ def now_cmd(dry_run: DryRunOpt = False, config: ConfigOpt = None, verbose: Verbo
     from clusterctl.hibernate import actions
     from clusterctl.system import sleep
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     if dry_run:
         for action in c.hibernate.action:
             if action == "command":
@@ -257,20 +237,19 @@ def _here(c: cfg.Config) -> Any:
     return hibernation
 
 
-@app.command("heartbeat")
-@cli_errors
-def heartbeat_cmd(once: Annotated[bool, typer.Option("--once", help="Send one and exit.")]
-                  = False, json_out: JsonOpt = False, config: ConfigOpt = None,
-                  verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(app, "heartbeat", json=True)
+def heartbeat_cmd(
+    run: Run,
+    once: Annotated[bool, typer.Option("--once", help="Send one and exit.")] = False,
+) -> None:
     """Send one heartbeat to [heartbeat] control_url now (the agent sends them normally):
     the payload the agent sends, built by the same code."""
     from clusterctl.agent.heartbeat import node_payload
     from clusterctl.hibernate.controller import load_state
 
-    start(verbose, quiet)
     if not once:
         raise UsageError("only --once is supported here; the agent sends heartbeats")
-    c = cfg.load(config).config
+    c = run.config
     delivery = _delivery(c)
     if delivery is None:
         raise UsageError("no [heartbeat] control_url to send to",
@@ -279,7 +258,7 @@ def heartbeat_cmd(once: Annotated[bool, typer.Option("--once", help="Send one an
     payload = node_payload(c, sequence=delivery.next_sequence(), now=time.time(),
                            status=state.status, idle_since=state.idle_since, gpus=_gpus(c))
     ok = delivery.heartbeat(payload)
-    if json_out:
+    if run.json:
         emit_json({"sent": ok, "error": delivery.state.last_error, "payload": payload})
     else:
         print(f"heartbeat {'accepted' if ok else 'failed: ' + str(delivery.state.last_error)}"
@@ -304,19 +283,18 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-@app.command("inhibit")
-@cli_errors
-def inhibit_cmd(for_: Annotated[str | None, typer.Option(
-                    "--for", metavar="DURATION", help='How long, e.g. "2h".')] = None,
-                why: Annotated[str, typer.Option("--why", help="Shown in status.")] = "",
-                clear: Annotated[bool, typer.Option("--clear", help="End it now.")] = False,
-                config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
-                ) -> None:
+@command(app, "inhibit")
+def inhibit_cmd(
+    run: Run,
+    for_: Annotated[str | None, typer.Option(
+        "--for", metavar="DURATION", help='How long, e.g. "2h".')] = None,
+    why: Annotated[str, typer.Option("--why", help="Shown in status.")] = "",
+    clear: Annotated[bool, typer.Option("--clear", help="End it now.")] = False,
+) -> None:
     """Keep the node awake for a while (a long job), whatever the GPUs do."""
     from clusterctl.hibernate.controller import INHIBIT_FILE, inhibit
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     if clear:
         (c.paths.state_dir / INHIBIT_FILE).unlink(missing_ok=True)
         print("inhibit cleared")
@@ -328,21 +306,19 @@ def inhibit_cmd(for_: Annotated[str | None, typer.Option(
     print(f"hibernation held off until {iso_utc(until)}" + (f": {why}" if why else ""))
 
 
-@schedule_app.command("set")
-@cli_errors
-def schedule_set_cmd(wake: Annotated[str | None, typer.Option("--wake", metavar="HH:MM")] = None,
-                     sleep_at: Annotated[str | None, typer.Option("--sleep", metavar="HH:MM")]
-                     = None,
-                     tz: Annotated[str, typer.Option("--tz", help="An IANA time zone.")] = "UTC",
-                     config: ConfigOpt = None, verbose: VerboseOpt = 0, quiet: QuietOpt = False
-                     ) -> None:
+@command(schedule_app, "set")
+def schedule_set_cmd(
+    run: Run,
+    wake: Annotated[str | None, typer.Option("--wake", metavar="HH:MM")] = None,
+    sleep_at: Annotated[str | None, typer.Option("--sleep", metavar="HH:MM")] = None,
+    tz: Annotated[str, typer.Option("--tz", help="An IANA time zone.")] = "UTC",
+) -> None:
     """At --sleep the action runs even if busy (after a warning and [hibernate]
     schedule_grace); --wake goes to the control plane in heartbeats, and to a systemd
     wake timer (WakeSystem=yes) before a systemd sleep on bare metal."""
     from clusterctl.hibernate import schedule
 
-    start(verbose, quiet)
-    c = cfg.load(config).config
+    c = run.config
     sched = schedule.validate(wake, sleep_at, tz)
     schedule.save(c.paths.state_dir, sched)
     info = _schedule_dict(sched)
@@ -350,17 +326,14 @@ def schedule_set_cmd(wake: Annotated[str | None, typer.Option("--wake", metavar=
           f"sleep {sleep_at or '-'} (next {info['next_sleep'] or '-'})")
 
 
-@schedule_app.command("show")
-@cli_errors
-def schedule_show_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
-                      verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(schedule_app, "show", json=True)
+def schedule_show_cmd(run: Run) -> None:
     """The schedule and its next times (UTC)."""
     from clusterctl.hibernate import schedule
 
-    start(verbose, quiet)
-    sched = schedule.load(cfg.load(config).config.paths.state_dir)
+    sched = schedule.load(run.config.paths.state_dir)
     data = None if sched is None else _schedule_dict(sched)
-    if json_out:
+    if run.json:
         emit_json(data)
     elif data is None:
         print("no schedule")
@@ -369,13 +342,10 @@ def schedule_show_cmd(json_out: JsonOpt = False, config: ConfigOpt = None,
             print(f"{key}: {value}")
 
 
-@schedule_app.command("clear")
-@cli_errors
-def schedule_clear_cmd(config: ConfigOpt = None, verbose: VerboseOpt = 0,
-                       quiet: QuietOpt = False) -> None:
+@command(schedule_app, "clear")
+def schedule_clear_cmd(run: Run) -> None:
     """Remove the schedule."""
     from clusterctl.hibernate import schedule
 
-    start(verbose, quiet)
-    schedule.clear(cfg.load(config).config.paths.state_dir)
+    schedule.clear(run.config.paths.state_dir)
     print("schedule cleared")

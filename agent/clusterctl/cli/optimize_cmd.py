@@ -7,17 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from clusterctl import config as cfg
-from clusterctl.cli.common import (
-    ConfigOpt,
-    DryRunOpt,
-    JsonOpt,
-    QuietOpt,
-    VerboseOpt,
-    cli_errors,
-    emit_json,
-    start,
-)
+from clusterctl.cli.common import DryRunOpt, Run, command, emit_json
 from clusterctl.errors import EXIT_FAILED
 
 if TYPE_CHECKING:
@@ -69,10 +59,8 @@ def _print_plan(facts: OptimizeFacts, plan: OptimizePlan) -> None:
         print("nothing to change")
 
 
-@app.command("plan")
-@cli_errors
-def plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-             quiet: QuietOpt = False) -> None:
+@command(app, "plan", json=True)
+def plan_cmd(run: Run) -> None:
     """The settings for this hardware, the value of each now, and why (changes nothing).
 
     Lines marked * would change. A sysctl set by a later file in /etc/sysctl.d
@@ -81,20 +69,17 @@ def plan_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Verbo
     from clusterctl.host import Nvml
     from clusterctl.optimize import executor as optimize
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
+    config = run.config
     with Nvml() as nvml:
-        facts, plan = optimize.plan_now(loaded.config, nvml=nvml)
-    if json_out:
+        facts, plan = optimize.plan_now(config, nvml=nvml)
+    if run.json:
         emit_json(plan_dict(facts, plan))
     else:
         _print_plan(facts, plan)
 
 
-@app.command("apply")
-@cli_errors
-def apply_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False, config: ConfigOpt = None,
-              verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+@command(app, "apply", json=True)
+def apply_cmd(run: Run, dry_run: DryRunOpt = False) -> None:
     """Write the files, set the sysctls live, restart Ollama/Dask only if they run and changed.
 
     The first change saves every original value under the state dir;
@@ -103,11 +88,10 @@ def apply_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False, config: Con
     from clusterctl.host import Nvml
     from clusterctl.optimize import executor as optimize
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
+    config = run.config
     with Nvml() as nvml:
-        result = optimize.apply(loaded.config, nvml=nvml, dry_run=dry_run)
-    if json_out:
+        result = optimize.apply(config, nvml=nvml, dry_run=dry_run)
+    if run.json:
         emit_json({"dry_run": dry_run, "written": list(result.written),
                    "sysctl": result.set_live, "restarted": list(result.restarted),
                    "notes": list(result.notes), "skipped": list(result.plan.skipped)})
@@ -125,17 +109,13 @@ def apply_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False, config: Con
         print("nothing to change")
 
 
-@app.command("verify")
-@cli_errors
-def verify_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = 0,
-               quiet: QuietOpt = False) -> None:
+@command(app, "verify", json=True)
+def verify_cmd(run: Run) -> None:
     """Drift between what apply set and what is live now; exit 1 if any."""
     from clusterctl.optimize import executor as optimize
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    drift = optimize.verify(loaded.config)
-    if json_out:
+    drift = optimize.verify(run.config)
+    if run.json:
         emit_json({"drift": [{"what": d.what, "applied": d.applied, "now": d.now}
                              for d in drift]})
     else:
@@ -147,18 +127,13 @@ def verify_cmd(json_out: JsonOpt = False, config: ConfigOpt = None, verbose: Ver
         raise typer.Exit(EXIT_FAILED)
 
 
-@app.command("revert")
-@cli_errors
-def revert_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
-               config: ConfigOpt = None, verbose: VerboseOpt = 0,
-               quiet: QuietOpt = False) -> None:
+@command(app, "revert", json=True)
+def revert_cmd(run: Run, dry_run: DryRunOpt = False) -> None:
     """Put back every original value, remove the files apply created, restart what it touched."""
     from clusterctl.optimize import executor as optimize
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    result = optimize.revert(loaded.config, dry_run=dry_run)
-    if json_out:
+    result = optimize.revert(run.config, dry_run=dry_run)
+    if run.json:
         emit_json({"dry_run": dry_run, "sysctl": result.restored_sysctl,
                    "restored": list(result.restored_files),
                    "removed": list(result.removed_files),
@@ -180,23 +155,18 @@ def revert_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
         print(note)
 
 
-@app.command("free-memory")
-@cli_errors
-def free_memory_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
-                    config: ConfigOpt = None, verbose: VerboseOpt = 0,
-                    quiet: QuietOpt = False) -> None:
+@command(app, "free-memory", json=True)
+def free_memory_cmd(run: Run, dry_run: DryRunOpt = False) -> None:
     """Drop the page cache, compact memory, unload Ollama's models; report MiB freed.
 
     Models are unloaded from memory (keep_alive 0), never deleted from disk.
     """
     from clusterctl.optimize.emergency import free_memory
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    result = free_memory(loaded.config, dry_run=dry_run)
+    result = free_memory(run.config, dry_run=dry_run)
     mib = 2**20
     before, after = result.available_before_bytes // mib, result.available_after_bytes // mib
-    if json_out:
+    if run.json:
         emit_json({"dry_run": dry_run, "freed_mib": after - before,
                    "available_before_mib": before, "available_after_mib": after,
                    "steps": list(result.steps),
@@ -214,18 +184,14 @@ def free_memory_cmd(dry_run: DryRunOpt = False, json_out: JsonOpt = False,
               + (f" and {vram} MiB of VRAM" if vram else ""))
 
 
-@app.command("monitor")
-@cli_errors
+@command(app, "monitor", json=True)
 def monitor_cmd(
+    run: Run,
     once: Annotated[bool, typer.Option("--once", help="One sample and its actions, then exit."
                                        )] = False,
     interval: Annotated[float, typer.Option("--interval", metavar="SECONDS", min=1,
                                             help="Seconds between samples.")] = 10.0,
     dry_run: DryRunOpt = False,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """The emergency measures: fewer Dask workers under sustained CPU load, more swap and
     freed memory over memory_threshold, clusterctl's old files (and the caches you listed)
@@ -235,11 +201,9 @@ def monitor_cmd(
 
     from clusterctl.optimize.monitor import run_once, sample_dict
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
     while True:
-        sample, actions, done = run_once(loaded.config, dry_run=dry_run)
-        if json_out:
+        sample, actions, done = run_once(run.config, dry_run=dry_run)
+        if run.json:
             emit_json({"sample": sample_dict(sample),
                        "actions": [{"action": a.kind, "reason": a.reason} for a in actions],
                        "done": [{"action": d.action.kind, "did": list(d.did),

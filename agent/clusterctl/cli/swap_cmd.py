@@ -10,23 +10,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from clusterctl import config as cfg
-from clusterctl.cli.common import (
-    ConfigOpt,
-    DryRunOpt,
-    JsonOpt,
-    QuietOpt,
-    VerboseOpt,
-    cli_errors,
-    emit_json,
-    start,
-)
+from clusterctl.cli.common import DryRunOpt, Run, command, emit_json
 from clusterctl.errors import UsageError
 from clusterctl.log import stderr_is_journal
 from clusterctl.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from clusterctl.config import Config
     from clusterctl.swap.executor import Operation, RunResult
@@ -48,109 +37,66 @@ _VERBS = {"create": "created", "activate": "activated", "remove": "removed",
           "discard": "removed", "adopt": "adopted"}
 
 
-@app.command("status")
-@cli_errors
-def status_cmd(
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "status", json=True)
+def status_cmd(run: Run) -> None:
     """Managed swap files, memory use, and what the next `swap auto` would do and why."""
     from clusterctl.swap import executor as swap
 
-    start(verbose, quiet)
-    loaded = cfg.load(config)
-    facts, plan = swap.status(loaded.config)
-    if json_out:
-        emit_json(status_dict(facts, plan, loaded.config))
+    config = run.config
+    facts, plan = swap.status(config)
+    if run.json:
+        emit_json(status_dict(facts, plan, config))
     else:
-        _print_status(facts, plan, loaded.config)
+        _print_status(facts, plan, config)
 
 
-def _changing(operation: Operation, size: str | None, dry_run: bool, json_out: bool,
-              config: Path | None, wait: float) -> None:
+def _changing(run: Run, operation: Operation, size: str | None, dry_run: bool, wait: float
+              ) -> None:
     from clusterctl.swap import executor as swap
 
-    loaded = cfg.load(config)
+    config = run.config
     size_bytes = None
     if size is not None:
         try:
             size_bytes = parse_size(size)
         except ValueError as err:
             raise UsageError(f"--size: {err}") from err
-    result = swap.run(loaded.config, operation, size_bytes=size_bytes, dry_run=dry_run,
+    result = swap.run(config, operation, size_bytes=size_bytes, dry_run=dry_run,
                       lock_wait_s=wait, progress=_progress_factory())
-    if json_out:
+    if run.json:
         emit_json(_result_dict(operation, dry_run, result))
     else:
         _print_result(dry_run, result)
 
 
-@app.command("auto")
-@cli_errors
-def auto_cmd(
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = 10.0,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "auto", json=True)
+def auto_cmd(run: Run, dry_run: DryRunOpt = False, wait: WaitOpt = 10.0) -> None:
     """One policy step: keep min_size, grow under memory pressure, shrink when calm."""
-    start(verbose, quiet)
-    _changing("auto", None, dry_run, json_out, config, wait)
+    _changing(run, "auto", None, dry_run, wait)
 
 
-@app.command("expand")
-@cli_errors
-def expand_cmd(
-    size: SizeOpt = None,
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = 10.0,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "expand", json=True)
+def expand_cmd(run: Run, size: SizeOpt = None, dry_run: DryRunOpt = False,
+               wait: WaitOpt = 10.0) -> None:
     """Add a swap file now (default: one increment), within max_size."""
-    start(verbose, quiet)
-    _changing("expand", size, dry_run, json_out, config, wait)
+    _changing(run, "expand", size, dry_run, wait)
 
 
-@app.command("shrink")
-@cli_errors
-def shrink_cmd(
-    size: SizeOpt = None,
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = 10.0,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "shrink", json=True)
+def shrink_cmd(run: Run, size: SizeOpt = None, dry_run: DryRunOpt = False,
+               wait: WaitOpt = 10.0) -> None:
     """Remove the newest swap file(s), never below min_size, only if their pages fit in RAM."""
-    start(verbose, quiet)
-    _changing("shrink", size, dry_run, json_out, config, wait)
+    _changing(run, "shrink", size, dry_run, wait)
 
 
-@app.command("clean")
-@cli_errors
-def clean_cmd(
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = 10.0,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    verbose: VerboseOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
+@command(app, "clean", json=True)
+def clean_cmd(run: Run, dry_run: DryRunOpt = False, wait: WaitOpt = 10.0) -> None:
     """Swap off and remove every managed file (refusing any whose pages do not fit in RAM).
 
     The timer recreates min_size at its next run: stop it first
     (systemctl stop clusterctl-swap.timer) to keep the node without managed swap.
     """
-    start(verbose, quiet)
-    _changing("clean", None, dry_run, json_out, config, wait)
+    _changing(run, "clean", None, dry_run, wait)
 
 
 # ---------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def restore_all(nvml: Any, state_dir: Path, uuids: dict[str, int]) -> list[str]:
         try:
             set_power_limit(nvml, index, record.original_limit_w)
         except ClusterctlError as err:  # the other GPUs still get theirs back
-            done.append(f"GPU {index}: {err.one_line()}; its original "
+            done.append(f"{err.one_line()}; its original "  # the message names the GPU
                         f"{record.original_limit_w:.0f} W kept on record")
             continue
         del records[uuid]
