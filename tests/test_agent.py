@@ -33,6 +33,34 @@ def nv(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return fake
 
 
+class Ticker:
+    """A clock of the test's own that drives an agent's loops through ``Agent.tick``, on
+    the test's thread: no loop thread, no sleep. ``now`` is the agent's monotonic time and
+    ``wall`` (give it as the agent's ``clock``) moves with it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.started = time.time()
+
+    def wall(self) -> float:
+        return self.started + self.now - 1000.0
+
+    def until(self, agent: Agent, condition: Callable[[], object], *, within_s: float
+              ) -> None:
+        """Tick (jumping to each next due time) until ``condition``; AssertionError when
+        the agent's clock passes ``within_s`` first."""
+        deadline = self.now + within_s
+        while not condition():
+            if self.now > deadline:
+                raise AssertionError(f"not within {within_s:g} s of the agent's clock")
+            self.now = max(agent.tick(self.now), self.now + 0.001)
+
+    def run_for(self, agent: Agent, seconds: float) -> None:
+        """Every iteration due in the next ``seconds``."""
+        end = self.now + seconds
+        self.until(agent, lambda: self.now >= end, within_s=seconds + 1)
+
+
 class Node:
     def __init__(self, tmp_path: Path, nv: ModuleType, control_url: str = "",
                  **extra: str) -> None:
@@ -57,9 +85,16 @@ class Node:
         self.notes: list[str] = []
         self.agent: Agent | None = None
 
-    def start(self) -> Agent:
-        self.agent = Agent(self.conf, nvml=Nvml(module=self.nv), notify=self.notes.append)
+    def make(self, clock: Callable[[], float] = time.time) -> Agent:
+        """The agent, its loops not started (``Agent.tick`` drives them)."""
+        self.agent = Agent(self.conf, nvml=Nvml(module=self.nv), notify=self.notes.append,
+                           clock=clock, owns_swap_policy=False)
         self.agent.psi_root = quiet_psi(self.tmp)
+        return self.agent
+
+    def start(self) -> Agent:
+        self.make()
+        assert self.agent is not None
         self.agent.start()
         assert self.agent.first_cycle.wait(10)
         return self.agent
@@ -130,17 +165,20 @@ def test_an_hour_long_outage_then_every_event_once_in_order_across_a_restart(
         node: Callable[..., Node]) -> None:
     port = free_port()
     n = node(f"http://127.0.0.1:{port}")
-    n.start()  # the control plane is down
+    n.conf.write_text(n.conf.read_text().replace("interval = 1\n", "interval = 60\n")
+                      .replace("monitor_interval = 0.1", "monitor_interval = 60"))
+    clock = Ticker()
     n.record(1, 2, 3)
-    time.sleep(1.5)
+    clock.run_for(n.make(), 3600)  # the control plane is down for an hour
     n.stop()  # the agent restarts while it is still down
     n.record(4, 5)
-    n.start()
+    agent = n.make()
+    clock.run_for(agent, 120)
     n.record(6)
     with running(port) as plane:
-        wait_until(lambda: len(plane.events) >= 6)
+        clock.until(agent, lambda: len(plane.events) >= 6, within_s=120)
         n.record(7)
-        wait_until(lambda: len(plane.events) >= 7)
+        clock.until(agent, lambda: len(plane.events) >= 7, within_s=120)
     numbers = [e["n"] for e in plane.events]
     assert numbers == [1, 2, 3, 4, 5, 6, 7]
     assert len({e["id"] for e in plane.events}) == 7
@@ -148,18 +186,19 @@ def test_an_hour_long_outage_then_every_event_once_in_order_across_a_restart(
 
 
 def test_errors_and_garbage_are_retried_and_nothing_is_lost(node: Callable[..., Node]) -> None:
+    clock = Ticker()
     with running() as plane:
         plane.mode = "error"
         n = node(plane.url)
         n.record(1)
-        n.start()
-        time.sleep(1.2)
+        agent = n.make()
+        clock.run_for(agent, 3)  # three delivery passes, heartbeats every 1 s
         plane.mode = "garbage"
         n.record(2)
-        time.sleep(1.2)
-        assert plane.events == []
+        clock.run_for(agent, 3)
+        assert plane.events == [] and len(plane.heartbeats) == 0
         plane.mode = "ok"
-        wait_until(lambda: len(plane.events) >= 2)
+        clock.until(agent, lambda: len(plane.events) >= 2, within_s=60)
     assert [e["n"] for e in plane.events] == [1, 2]
 
 
@@ -169,11 +208,10 @@ def test_a_slow_control_plane_never_slows_gpu_sampling(node: Callable[..., Node]
         n = node(plane.url)
         agent = n.start()
         before = len(agent.monitor.histories["GPU-0"])
-        time.sleep(2.0)
-        after = len(agent.monitor.histories["GPU-0"])
+        # 0.1 s apart, while the heartbeat hangs for 8 s
+        wait_until(lambda: len(agent.monitor.histories["GPU-0"]) >= before + 10, 5)
         plane.delay_s = 0.0
         n.stop()
-    assert after - before >= 10  # 0.1 s interval: about 20 samples while delivery hung
 
 
 # -- the local API -------------------------------------------------------------------

@@ -97,20 +97,18 @@ def test_the_agent_that_owns_the_swap_policy_steps_every_check_interval_without_
         swap_dir = mount / "swap"
         conf = _config(tmp_path, f'dir = "{swap_dir}"\nmin_size = "64M"\nmax_size = "256M"\n'
                        'increment = "64M"\nmemory_threshold = 1\ncheck_interval = 30\n')
-        now = [1000.0]
         agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None,
-                      owns_swap_policy=True, monotonic=lambda: now[0])
+                      owns_swap_policy=True)
         agent.psi_root = quiet_psi(tmp_path)
-        try:
-            agent.start()
-            # the first step at once, as the timer's at boot: min_size
-            wait_until(lambda: agent.progress.swap_steps == 1)
+        try:  # its loops driven by Agent.tick on the test's clock
+            agent.tick(1000.0)  # the first step at once, as the timer's at boot: min_size
+            assert agent.progress.swap_steps == 1
             assert active_swaps_under(swap_dir) == [f"{swap_dir}/swap-0001"]
-            at = agent.progress.pressure_at or 0.0
-            wait_until(lambda: (agent.progress.pressure_at or 0.0) > at + 2.5)  # 3 rounds
+            for now in (1001.0, 1010.0, 1029.0):
+                agent.tick(now)
             assert agent.progress.swap_steps == 1  # no step is due before check_interval
-            now[0] += 30
-            wait_until(lambda: agent.progress.swap_steps == 2)
+            agent.tick(1030.0)
+            assert agent.progress.swap_steps == 2
             assert active_swaps_under(swap_dir) == [f"{swap_dir}/swap-0001",
                                                     f"{swap_dir}/swap-0002"]
             assert agent.progress.last_swap is not None

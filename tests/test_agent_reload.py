@@ -1,22 +1,58 @@
 """`systemctl reload` (SIGHUP -> Agent.reload) as the node shows it: a config that fails
 validation is refused and the node goes on doing what the running config says; a
 `[hibernate]` change that loads changes when the node goes to sleep. One idle fake GPU,
-an in-process agent, a command action that appends to a file."""
+an in-process agent whose loops a clock of the test's own drives (``Agent.tick``), a
+command action that appends to a file."""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from clusterctl.agent.service import Agent
-from tests.conftest import agent_config, wait_until
+from clusterctl.host.nvml import Nvml
+from tests.conftest import agent_config, quiet_psi, wait_until
 from tests.fakes.control_plane import free_port
+from tests.test_agent import Ticker
 
-Start = Callable[..., tuple[Agent, list[str]]]
+Start = Callable[[Path], tuple[Agent, list[str]]]
+
+
+@pytest.fixture
+def clock() -> Ticker:
+    return Ticker()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, idle_gpu: ModuleType, clock: Ticker) -> Iterator[Start]:
+    """An agent on a config file, its notifications as systemd would get them, its loops
+    not started (``clock`` drives them); this machine's logind is not asked."""
+    made: list[Agent] = []
+
+    def start(path: Path) -> tuple[Agent, list[str]]:
+        notes: list[str] = []
+        agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=notes.append,
+                      clock=clock.wall, owns_swap_policy=False)
+        agent.hibernation.logind = False
+        agent.psi_root = quiet_psi(tmp_path)
+        made.append(agent)
+        return agent, notes
+
+    yield start
+    for agent in made:
+        agent.stop()
+
+
+def hibernated(agent: Agent, clock: Ticker, ran: Path) -> None:
+    """Idle past the pause on the agent's clock: the action starts, and ends."""
+    clock.until(agent, lambda: agent.hibernation.state.status not in ("running", "idle"),
+                within_s=10)  # 6 s idle
+    wait_until(ran.exists, 10)  # the action runs on a thread of its own
+    wait_until(lambda: agent.hibernation.state.status == "hibernated", 10)
 
 
 def hibernate(ran: Path, *, enabled: bool) -> str:
@@ -41,7 +77,7 @@ BAD_VALUES = {  # each fails validation, not TOML syntax
 
 @pytest.mark.parametrize("bad", BAD_VALUES)
 def test_a_reload_with_a_value_that_fails_validation_keeps_the_node_on_the_old_config(
-        start_agent: Start, tmp_path: Path, bad: str) -> None:
+        start_agent: Start, clock: Ticker, tmp_path: Path, bad: str) -> None:
     """The operator turns hibernation off and gets one value wrong: refused, said in
     STATUS, and the node still goes to sleep when idle, as the running config says."""
     ran, port = tmp_path / "action-ran", free_port()
@@ -53,45 +89,41 @@ def test_a_reload_with_a_value_that_fails_validation_keeps_the_node_on_the_old_c
     assert old in edited
     path.write_text(edited.replace(old, new, 1))
     agent.reload()
-    wait_until(ran.exists, 15)  # idle for 6 s: the running config's action
-    wait_until(lambda: agent.hibernation.state.status == "hibernated", 10)
+    hibernated(agent, clock, ran)  # idle for 6 s: the running config's action
     assert ran.read_text() == "ran\n"
     assert "hibernate_started" in events_of(tmp_path)
     assert any(n.startswith("STATUS=reload refused: ") for n in notes), notes
 
 
 def test_a_reload_that_enables_hibernation_puts_an_idle_node_to_sleep(
-        start_agent: Start, tmp_path: Path) -> None:
+        start_agent: Start, clock: Ticker, tmp_path: Path) -> None:
     ran, port = tmp_path / "action-ran", free_port()
     path = tmp_path / "clusterctl.toml"
     path.write_text(agent_config(tmp_path, hibernate(ran, enabled=False), port=port))
     agent, notes = start_agent(path)
-    assert agent.first_cycle.wait(10)
+    clock.run_for(agent, 30)  # idle, and hibernation off: nothing happens
+    assert agent.hibernation.state.status == "idle" and not ran.exists()
     path.write_text(agent_config(tmp_path, hibernate(ran, enabled=True), port=port))
     agent.reload()
     assert not [n for n in notes if "reload refused" in n]
-    wait_until(ran.exists, 15)  # 6 s idle, then the action
-    wait_until(lambda: agent.hibernation.state.status == "hibernated", 10)
+    hibernated(agent, clock, ran)  # 6 s idle, then the action
     assert ran.read_text() == "ran\n"
     assert events_of(tmp_path)[-2:] == ["hibernate_started", "hibernated"]
 
 
 def test_a_reload_that_disables_hibernation_keeps_an_idle_node_awake(
-        start_agent: Start, tmp_path: Path) -> None:
+        start_agent: Start, clock: Ticker, tmp_path: Path) -> None:
     ran, port = tmp_path / "action-ran", free_port()
     path = tmp_path / "clusterctl.toml"
     path.write_text(agent_config(tmp_path, hibernate(ran, enabled=True), port=port))
     agent, notes = start_agent(path)
-    wait_until(lambda: agent.hibernation.state.status == "idle", 10)  # its 6 s run
-    idle_since = agent.hibernation.state.idle_since
-    assert idle_since is not None
+    clock.until(agent, lambda: agent.hibernation.state.status == "idle", within_s=1)
+    assert agent.hibernation.state.idle_since is not None
     path.write_text(agent_config(tmp_path, hibernate(ran, enabled=False), port=port))
     agent.reload()
     assert not [n for n in notes if "reload refused" in n]
-    # samples well past the 6 s the old config would have waited (sampled every 0.2 s)
-    wait_until(lambda: time.time() > idle_since + 8, 15)
-    past = len(agent.monitor.histories["GPU-0"])
-    wait_until(lambda: len(agent.monitor.histories["GPU-0"]) >= past + 3, 10)
+    # samples (every 0.2 s) well past the 6 s the old config would have waited
+    clock.run_for(agent, 30)
     assert not ran.exists()
     assert agent.hibernation.state.status == "idle"
     assert "hibernate_started" not in events_of(tmp_path)

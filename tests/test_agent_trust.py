@@ -21,13 +21,13 @@ from types import ModuleType
 import pytest
 
 from clusterctl.agent import service
-from clusterctl.agent.metrics import write_textfile
+from clusterctl.agent.metrics import Metrics, write_textfile
 from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.host.nvml import Nvml
 from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
 from tests.fakes.control_plane import running
-from tests.test_agent import Node
+from tests.test_agent import Node, Ticker
 
 GIB = 2**30
 
@@ -41,7 +41,11 @@ def nv(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def loop_errors(n: Node, loop: str) -> float:
-    _, text = n.get("/metrics")
+    """The count /metrics shows: over the API when the agent runs, else rendered here."""
+    if n.agent is not None and n.agent.api_server is None:
+        text = Metrics(n.agent.snapshot).text().decode()
+    else:
+        _, text = n.get("/metrics")
     line = next(x for x in text.splitlines()
                 if x.startswith(f'clusterctl_loop_errors_total{{loop="{loop}"}}'))
     return float(line.split()[-1])
@@ -63,18 +67,16 @@ def test_the_textfile_write_never_follows_a_planted_link(node: Callable[..., Nod
     textfiles = tmp_path / "textfiles"
     textfiles.mkdir(mode=0o755)
     n = node(api=f'textfile_dir = "{textfiles}"\n')
-    agent = n.start()
-    # the names prometheus_client's writer would use, for the agent's thread and ours,
-    # and the file itself: each a link to a root-only file
-    gpu_thread = next(t for t in threading.enumerate() if t.name == "gpu")
-    for thread in (gpu_thread, threading.current_thread()):
-        (textfiles / f"clusterctl.prom.{os.getpid()}.{thread.ident}").symlink_to(secret)
+    agent = n.make()  # its GPU steps run on this thread (Agent.tick)
+    # the names prometheus_client's writer would use for this thread, and the file
+    # itself: each a link to a root-only file
+    (textfiles / f"clusterctl.prom.{os.getpid()}.{threading.get_ident()}").symlink_to(secret)
     for name in ("clusterctl.prom.tmp", ".clusterctl.prom.tmp"):
         (textfiles / name).symlink_to(secret)
-    (textfiles / "clusterctl.prom").unlink(missing_ok=True)
     (textfiles / "clusterctl.prom").symlink_to(secret)
-    write_textfile(agent, textfiles)
-    time.sleep(0.5)  # the agent's own writes, every 0.1 s
+    write_textfile(agent.metrics, textfiles)
+    Ticker().run_for(agent, 0.5)  # the agent's own writes, every 0.1 s
+    assert loop_errors(n, "textfile") == 0
     assert secret.read_text() == "root:$6$secret\n"
     assert (secret.stat().st_mode & 0o777) == 0o600
     prom = textfiles / "clusterctl.prom"
@@ -109,15 +111,15 @@ def test_a_textfile_dir_others_control_is_refused_once_with_the_fix(
         textfiles.symlink_to(real)
         words, fix = "is a symbolic link", "set [api] textfile_dir to the real directory"
     n = node(api=f'textfile_dir = "{textfiles}"\n')
-    n.start()
-    wait_until(lambda: loop_errors(n, "textfile") >= 5)  # 0.1 s apart: refused each time
+    Ticker().run_for(n.make(), 0.5)  # 0.1 s apart: refused each time
+    assert loop_errors(n, "textfile") >= 5
     assert list(real.iterdir()) == []  # nothing written
     logged = errors_logged(caplog, "textfile_dir")  # once, however many cycles
     assert len(logged) == 1, logged
     assert logged[0].startswith(f"the metrics textfile: textfile_dir {textfiles} {words}")
     assert logged[0].endswith(f"; {fix}")
     with pytest.raises(HostError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        write_textfile(n.agent, textfiles)  # type: ignore[arg-type]
+        write_textfile(Metrics(n.agent.snapshot), textfiles)  # type: ignore[union-attr]
 
 
 # -- reload ---------------------------------------------------------------------------

@@ -18,6 +18,10 @@ It cannot be starved: a request has 10 s to arrive whole (head and body), at mos
 connections are served at once, and when all are taken a new one pushes out the oldest
 that has not yet sent its request head, or is answered 503 at once. So a flood of
 half-sent or idle connections holds neither threads nor file descriptors.
+
+Every answer is made from one ``snapshot()`` of the agent per request (the GPU views, the
+config, ...), never from the agent's insides; a change goes through the agent's own
+methods (``apply_config``, ``place``, ``hibernate_now``).
 """
 
 from __future__ import annotations
@@ -33,17 +37,19 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from clusterctl import config as cfg
 from clusterctl.agent.control import DeadlineReader, read_token
-from clusterctl.agent.metrics import render
+from clusterctl.agent.metrics import Metrics
 from clusterctl.errors import ClusterctlError, ConfigError, TemporaryError
 from clusterctl.gpu import placement, shapes
+from clusterctl.gpu.history import History, Point, Trend
 
 if TYPE_CHECKING:
-    from clusterctl.agent.service import Agent
+    from clusterctl.agent.service import AgentSnapshot
+    from clusterctl.gpu.monitor import GpuView
 
 log = logging.getLogger("clusterctl.agent")
 MAX_BODY_BYTES = 64 * 1024
@@ -53,6 +59,20 @@ _BUSY_BODY = json.dumps({"success": False, "error": f"over {MAX_CONNECTIONS} con
                          "once; retry in a moment"}).encode()
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class Served(Protocol):
+    """What the API needs of the agent: a snapshot to read, and the changes it may ask."""
+
+    def snapshot(self, *, histories: bool = False) -> AgentSnapshot: ...
+
+    def apply_config(self, new: cfg.Config) -> None: ...
+
+    def place(self, name: str, vram_mib: int, gpu_index: int | None) -> placement.Placed: ...
+
+    def hibernate_now(self, reason: str) -> None: ...
+
+    def loop_failed(self, loop: str, err: BaseException) -> None: ...
 
 
 class ApiError(Exception):
@@ -65,7 +85,8 @@ class ApiError(Exception):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # listen backlog: a burst is accepted (and sorted) at once
-    agent: Agent
+    agent: Served
+    metrics: Metrics
 
     def __init__(self, address: tuple[str, int], handler: type[Handler]) -> None:
         super().__init__(address, handler)
@@ -123,15 +144,17 @@ class Server(ThreadingHTTPServer):
         log.debug("api: a connection from %s ended badly", client_address, exc_info=True)
 
 
-def serve(agent: Agent) -> Server:
-    host, _, port = agent.config.api.listen.rpartition(":")
+def serve(agent: Served) -> Server:
+    listen = agent.snapshot().config.api.listen
+    host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if ":" in host:
         Server.address_family = __import__("socket").AF_INET6
     server = Server((host, int(port)), Handler)
     server.agent = agent
+    server.metrics = Metrics(agent.snapshot)
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
-    log.info("API on %s", agent.config.api.listen)
+    log.info("API on %s", listen)
     return server
 
 
@@ -152,6 +175,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        self._snapshot: AgentSnapshot | None = None
+        self._with_histories = False
         super().handle_one_request()
         self.close_connection = True
 
@@ -198,6 +223,13 @@ class Handler(BaseHTTPRequestHandler):
             self.server.agent.loop_failed("api", err)  # logged once per cause, counted
             self._json(500, {"success": False, "error": "internal error (see the journal)"})
 
+    def snapshot(self, *, histories: bool = False) -> AgentSnapshot:
+        """The agent as this request sees it: taken once (again only to add histories)."""
+        if self._snapshot is None or (histories and not self._with_histories):
+            self._snapshot = self.server.agent.snapshot(histories=histories)
+            self._with_histories = histories
+        return self._snapshot
+
     def split(self) -> SplitResult:
         try:
             return urlsplit(self.path)
@@ -226,14 +258,14 @@ class Handler(BaseHTTPRequestHandler):
         return float(values[0])
 
     def authorised(self) -> None:
-        agent = self.server.agent
+        token_file = self.snapshot().config.api.token_file
         try:
-            token = read_token(agent.config.api.token_file)
+            token = read_token(token_file)
         except ClusterctlError as err:
             raise ApiError(403, f"changes are disabled: {err.one_line()}") from err
         if token is None:
             raise ApiError(403, f"changes are disabled: no token file "
-                           f"{agent.config.api.token_file} (create it, mode 0600)")
+                           f"{token_file} (create it, mode 0600)")
         given = self.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise ApiError(401, "missing or wrong bearer token")
@@ -261,14 +293,14 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the body must be a JSON object")
         return data
 
-    def view(self) -> Any:
+    def view(self, *, histories: bool = False) -> GpuView:
         gpu_id = self.query("gpu_id", 0)
         if not gpu_id.is_integer():
             raise ApiError(400, f"gpu_id must be a GPU index, got {gpu_id:g}")
-        for view in self.server.agent.monitor.views:
-            if view.sample.index == gpu_id:
-                return view
-        raise ApiError(404, f"no GPU {int(gpu_id)}")
+        view = self.snapshot(histories=histories).gpu_view(int(gpu_id))
+        if view is None:
+            raise ApiError(404, f"no GPU {int(gpu_id)}")
+        return view
 
 
 def _no_constant(name: str) -> Any:
@@ -279,7 +311,7 @@ def _no_constant(name: str) -> Any:
 
 
 def gpu_metrics(h: Handler) -> None:
-    h._json(200, h.server.agent.gpu_metrics())
+    h._json(200, dict(h.snapshot().gpu_metrics))
 
 
 def gpu_status(h: Handler) -> None:
@@ -287,13 +319,21 @@ def gpu_status(h: Handler) -> None:
 
 
 def gpu_trend(h: Handler) -> None:
-    view = h.view()
+    view = h.view(histories=True)
     minutes = h.query("duration", 5)
     if not 0 < minutes <= 24 * 60:
         raise ApiError(400, "duration must be 0-1440 minutes")
-    history = h.server.agent.monitor.histories.get(view.sample.uuid or f"index-{view.gpu_id}")
-    trend = history.trend(minutes, time.time()) if history else None
+    points = h.snapshot(histories=True).histories.get(
+        view.sample.uuid or f"index-{view.gpu_id}")
+    trend = _trend(points, minutes, time.time()) if points else None
     h._json(200, {"success": True, "data": shapes.trend_dict(trend, view.gpu_id)})
+
+
+def _trend(points: tuple[Point, ...], minutes: float, now: float) -> Trend | None:
+    history = History(len(points))
+    for point in points:
+        history.add(point)
+    return history.trend(minutes, now)
 
 
 def allocate(h: Handler) -> None:
@@ -306,11 +346,8 @@ def allocate(h: Handler) -> None:
         raise ApiError(400, "required_mb must be a positive whole number of MiB")
     if gpu is not None and (isinstance(gpu, bool) or not isinstance(gpu, int)):
         raise ApiError(400, "gpu_id must be a GPU index")
-    agent = h.server.agent
     try:
-        placed = placement.place(agent.config.paths.state_dir, agent.config.paths.run_dir,
-                                 agent.nvml.sample, name, mb, agent.config.gpu.memory_reserve_mb,
-                                 gpu_index=gpu, now=time.time(), wait_s=2.0)
+        placed = h.server.agent.place(name, mb, gpu)
     except placement.NoFit as err:
         raise ApiError(409, err.one_line()) from err
     except ClusterctlError as err:
@@ -323,12 +360,12 @@ def allocate(h: Handler) -> None:
 def put_config(h: Handler) -> None:
     h.authorised()
     changes = h.body()
-    agent = h.server.agent
     try:
-        new = cfg.with_changes(agent.config, "gpu", changes, source="PUT /api/gpu/config")
+        new = cfg.with_changes(h.snapshot().config, "gpu", changes,
+                               source="PUT /api/gpu/config")
     except ConfigError as err:
         raise ApiError(400, err.one_line()) from err
-    agent.apply_config(new)  # a shorter monitor_interval takes effect now
+    h.server.agent.apply_config(new)  # a shorter monitor_interval takes effect now
     log.warning("GPU settings changed through the API (until the next reload): %s",
                 ", ".join(f"{k}={v}" for k, v in changes.items()))
     h._json(200, {"success": True, "data": cfg.as_toml_dict(new)["gpu"]})
@@ -337,24 +374,22 @@ def put_config(h: Handler) -> None:
 def hibernate_now(h: Handler) -> None:
     """`clusterctl hibernate now` through the running agent: its one action sequence."""
     h.authorised()
-    agent = h.server.agent
     try:
-        agent.hibernation.start_now("clusterctl hibernate now")
+        h.server.agent.hibernate_now("clusterctl hibernate now")
     except TemporaryError as err:
         raise ApiError(409, err.one_line()) from err
     h._json(202, {"success": True, "data": {"status": "hibernating"}})
 
 
 def metrics(h: Handler) -> None:
-    body, content_type = render(h.server.agent)
+    body, content_type = h.server.metrics.render()
     h._send(200, body, content_type)
 
 
 def healthz(h: Handler) -> None:
-    agent = h.server.agent
-    snapshot = agent.monitor.snapshot
-    result = shapes.health(agent.monitor.views, agent.config.gpu.temp_critical_c,
-                           snapshot.reason if snapshot else "no sample yet")
+    snap = h.snapshot()
+    result = shapes.health(snap.views, snap.config.gpu.temp_critical_c,
+                           snap.gpu.reason if snap.gpu else "no sample yet")
     h._json(503 if result["status"] == "unhealthy" else 200, result)
 
 

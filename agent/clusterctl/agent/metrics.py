@@ -1,5 +1,6 @@
 """Prometheus metrics: dcgm-exporter's names and labels for the GPUs, clusterctl_* for
-the rest. Built on each scrape from the agent's latest sample (prometheus_client).
+the rest. Built on each scrape from one snapshot of the agent (prometheus_client): a
+``Metrics`` is a registry with one collector over a snapshot function.
 
 The textfile for node_exporter is written only into a directory that root alone can
 write (not a link, not group- or other-writable), through a fresh temporary name and a
@@ -11,8 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from clusterctl.errors import HostError
 from clusterctl.host.trust import untrusted_ancestor
 
 if TYPE_CHECKING:
-    from clusterctl.agent.service import Agent
+    from clusterctl.agent.service import AgentSnapshot
 
 TEXTFILE = "clusterctl.prom"
 GPU_LABELS = ["gpu", "UUID", "modelName", "pci_bus_id", "Hostname"]
@@ -48,14 +48,18 @@ DCGM = (
 )
 
 
-class AgentCollector:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+class SnapshotCollector:
+    """Every metric, from one ``snapshot()`` per collection."""
+
+    def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self.snapshot = snapshot
         self.hostname = socket.gethostname()
 
     def collect(self) -> Iterator[Any]:
-        agent = self.agent
-        views = agent.monitor.views
+        snap = self.snapshot()
+        if snap.memory is None or snap.swap is None or snap.outbox_unsent_bytes is None:
+            raise HostError(f"metrics unavailable: {snap.unreadable}")  # a 500, counted
+        views = snap.views
         families = {name: GaugeMetricFamily(name, doc, labels=GPU_LABELS)
                     for name, doc, _, _ in DCGM}
         state = GaugeMetricFamily("clusterctl_gpu_state", "1 for the GPU's current state.",
@@ -83,7 +87,7 @@ class AgentCollector:
             lost.add_metric(labels, 1.0 if g.lost else 0.0)
         yield from families.values()
         yield from (state, speed, limited, lost)
-        memory, swap = agent.summaries()
+        memory, swap = snap.memory, snap.swap
         yield _gauge("clusterctl_memory_used_percent", "RAM in use (total - available).",
                      memory["used_percent"])
         yield _gauge("clusterctl_swap_total_bytes", "Swap configured on the node.",
@@ -92,32 +96,32 @@ class AgentCollector:
                      swap["used_bytes"])
         steps = CounterMetricFamily("clusterctl_swap_pressure_steps",
                                     "Swap policy steps run on a memory pressure trigger.")
-        steps.add_metric([], agent.progress.swap_steps)
+        steps.add_metric([], snap.progress.swap_steps)
         yield steps
-        delivery = agent.delivery
-        ok = None if delivery is None else delivery.state.last_heartbeat_ok
+        delivery = snap.delivery
+        ok = None if delivery is None else delivery.last_heartbeat_ok
         yield _gauge("clusterctl_heartbeat_ok", "1 if the last heartbeat was acknowledged.",
                      None if ok is None else float(ok))
-        at = None if delivery is None else delivery.state.last_heartbeat_at
+        at = None if delivery is None else delivery.last_heartbeat_at
         yield _gauge("clusterctl_heartbeat_last_success_timestamp_seconds",
                      "When the control plane last acknowledged a heartbeat.", at)
         sent = CounterMetricFamily("clusterctl_events_sent", "Events the control plane took.")
-        sent.add_metric([], 0 if delivery is None else delivery.state.events_sent)
+        sent.add_metric([], 0 if delivery is None else delivery.events_sent)
         yield sent
         yield _gauge("clusterctl_outbox_unsent_bytes", "Event log bytes not yet acknowledged.",
-                     agent.outbox.unsent_bytes() if agent.config.heartbeat.control_url else 0)
+                     snap.outbox_unsent_bytes)
         skipped = CounterMetricFamily("clusterctl_outbox_skipped_lines",
                                       "Lines in the event log that are not events, passed over.")
-        skipped.add_metric([], agent.outbox.skipped_lines)
+        skipped.add_metric([], snap.outbox_skipped_lines)
         yield skipped
         errors = CounterMetricFamily("clusterctl_loop_errors",
                                      "Unexpected failures in the agent's loops (each retried).",
                                      labels=["loop"])
-        for loop, count in sorted(agent.loop_errors.items()):
+        for loop, count in sorted(snap.loop_errors.items()):
             errors.add_metric([loop], count)
         yield errors
         yield _gauge("clusterctl_agent_start_time_seconds", "When the agent started.",
-                     time.time() - (time.monotonic() - agent.started_monotonic))
+                     snap.started_at)
 
 
 def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
@@ -127,17 +131,19 @@ def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
     return family
 
 
-def registry_for(agent: Agent) -> CollectorRegistry:
-    cached = getattr(agent, "_registry", None)
-    if cached is None:
-        cached = CollectorRegistry(auto_describe=False)
-        cached.register(AgentCollector(agent))
-        agent._registry = cached  # type: ignore[attr-defined]
-    return cached
+class Metrics:
+    """The agent's metrics: a registry of its own with one collector over ``snapshot``."""
 
+    def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(snapshot))
 
-def render(agent: Agent) -> tuple[bytes, str]:
-    return generate_latest(registry_for(agent)), CONTENT_TYPE_LATEST
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        """The body and Content-Type of a scrape."""
+        return self.text(), CONTENT_TYPE_LATEST
 
 
 def check_textfile_dir(directory: Path) -> None:
@@ -170,10 +176,10 @@ def check_textfile_dir(directory: Path) -> None:
                         f"{above}", fix="use a directory whose parents are all root's")
 
 
-def write_textfile(agent: Agent, directory: Path) -> None:
+def write_textfile(metrics: Metrics, directory: Path) -> None:
     """For node_exporter's textfile collector (it reads *.prom): atomically, 0644, and only
     into a directory that passes ``check_textfile_dir``; HostError otherwise."""
     check_textfile_dir(directory)
-    text = generate_latest(registry_for(agent)).decode()
+    text = metrics.text().decode()
     system.atomic_write_text(directory / TEXTFILE, text, mode=0o644, keep_owner=False,
                              durable=False)  # each GPU sample: no fsync on the hot path

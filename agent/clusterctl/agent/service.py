@@ -9,10 +9,16 @@
   swap timer's service stands down while the agent's unit is active. Run any other
   way (by hand, in tests), the timer keeps the steady steps and the agent answers
   the trigger only. A reload that changes ``[swap] pressure_threshold`` re-arms it.
-- API: the local HTTP API and /metrics.
+- API: the local HTTP API and /metrics, which read only ``Agent.snapshot()``: one
+  immutable view of the agent, never its insides.
 - Main: READY=1 after the first GPU cycle, STATUS lines, WATCHDOG=1 while the loops
   make progress; SIGTERM stops (power limits given back, outbox on disk), SIGHUP
   reloads a validated config.
+
+Each loop's iteration is a step function given ``now`` (time.monotonic()) that says
+when it is due again: ``gpu_step``, ``delivery_step``, ``swap_tick``. The threads call
+them; ``Agent.tick(now)`` runs every due one once, on the caller's thread, with no
+thread started (tests drive it with a clock of their own).
 
 Nothing a loop meets ends it: any exception is counted in /metrics
 (``clusterctl_loop_errors_total{loop=...}``), logged once per distinct cause (again
@@ -30,9 +36,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import sdnotify
@@ -40,16 +47,19 @@ import sdnotify
 from clusterctl import config as cfg
 from clusterctl.agent.api import serve
 from clusterctl.agent.control import TOTAL_TIMEOUT_S, ControlClient
-from clusterctl.agent.heartbeat import Delivery, memory_summaries, node_payload
-from clusterctl.agent.metrics import write_textfile
+from clusterctl.agent.heartbeat import Delivery, DeliveryState, memory_summaries, node_payload
+from clusterctl.agent.metrics import Metrics, write_textfile
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.log import EventLog
 from clusterctl.events.outbox import Outbox
-from clusterctl.gpu.monitor import GpuMonitor
+from clusterctl.gpu import placement
+from clusterctl.gpu.history import Point
+from clusterctl.gpu.monitor import GpuMonitor, GpuView
 from clusterctl.gpu.shapes import fleet_metrics
 from clusterctl.hibernate import actions
 from clusterctl.hibernate.controller import Hibernation
-from clusterctl.host.nvml import Nvml
+from clusterctl.hibernate.idle import IdleState
+from clusterctl.host.nvml import GpuSnapshot, Nvml
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.swap import executor as swap
@@ -98,6 +108,45 @@ class Progress:
     last_swap: str | None = None
 
 
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU cycle as it ended: the sample and the views made from it, together."""
+
+    snapshot: GpuSnapshot | None = None
+    views: tuple[GpuView, ...] = ()
+
+
+NO_READING = GpuReading()
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """The agent at one moment, for the API, /metrics and the textfile: what they read,
+    copied, so that a reader never meets a loop's half-made change."""
+
+    config: cfg.Config
+    gpu: GpuSnapshot | None  # the last GPU sample (None before the first)
+    views: tuple[GpuView, ...]  # made from that sample
+    histories: Mapping[str, tuple[Point, ...]]  # per GPU key; empty unless asked for
+    memory: Mapping[str, Any] | None  # as heartbeats carry them; None: see unreadable
+    swap: Mapping[str, Any] | None
+    delivery: DeliveryState | None  # None while heartbeats are off
+    progress: Progress
+    loop_errors: Mapping[str, int]
+    problems: tuple[str, ...]  # loops that died or are stuck (the watchdog's view)
+    hibernation: IdleState
+    originals_problem: str | None  # why the saved GPU power limits cannot be read
+    outbox_unsent_bytes: int | None  # 0 without a control plane; None: see unreadable
+    outbox_skipped_lines: int
+    started_at: float  # time.time() when the agent started
+    taken_at: float  # time.time() of this snapshot
+    gpu_metrics: Mapping[str, Any] = field(default_factory=dict)  # GET gpu-metrics' body
+    unreadable: str | None = None  # why /proc/meminfo or the outbox could not be read
+
+    def gpu_view(self, index: int) -> GpuView | None:
+        return next((v for v in self.views if v.sample.index == index), None)
+
+
 def restart_only_changes(old: cfg.Config, new: cfg.Config) -> list[str]:
     """Settings a running agent cannot take: where its files are (the outbox, the power
     records and the ledgers would split between two dirs) and where its API listens."""
@@ -132,6 +181,9 @@ class Agent:
         self.outbox = Outbox(self.config.paths.state_dir,
                              instance_id=cfg.instance_id(self.config))
         self.progress = Progress()
+        self._reading = NO_READING  # replaced whole, after each GPU cycle
+        self._gpu_started = False  # the crashed run's limits given back
+        self._due: dict[str, float] = {}  # tick(): loop -> when it is due again
         self.stopping = threading.Event()
         self.first_cycle = threading.Event()
         self.started_monotonic = time.monotonic()
@@ -153,6 +205,7 @@ class Agent:
         self._reload = threading.Event()
         self._naps = threading.Condition()
         self._generation = 0
+        self.metrics = Metrics(self.snapshot)  # the textfile's; the API has its own
         self.hibernation = Hibernation(self.config, instance_id=cfg.instance_id(self.config),
                                        record=self._record, drain=self._drain,
                                        control=self._control_client, clock=clock,
@@ -194,13 +247,65 @@ class Agent:
         else:
             self.loop_ok(loop)
 
-    # -- helpers shared with the API -------------------------------------------------
+    # -- what the API and metrics read -----------------------------------------------
+
+    def snapshot(self, *, histories: bool = False) -> AgentSnapshot:
+        """The agent now, copied: the last GPU cycle's sample and views (published whole
+        by the GPU step), one read of /proc/meminfo, the delivery state, progress and
+        error counts (under their lock), the hibernation state. ``histories``: the GPU
+        histories too (a copy of every point kept, so only when a reader needs them)."""
+        reading = self._reading
+        config = self.config
+        memory: Mapping[str, Any] | None = None
+        swap: Mapping[str, Any] | None = None
+        unsent = unreadable = None
+        try:  # host reads, for metrics only: the GPU answers never depend on them
+            memory, swap = map(MappingProxyType, self.summaries())
+            unsent = self.outbox.unsent_bytes() if config.heartbeat.control_url else 0
+        except ClusterctlError as err:
+            unreadable = err.one_line()
+        except OSError as err:  # no descriptor left, say
+            unreadable = f"{type(err).__name__}: {err}"
+        with self._errors_lock:
+            errors = dict(self.loop_errors)
+        delivery = self.delivery
+        kept = {}
+        if histories:
+            kept = {key: history.points() for key, history in dict(self.monitor.histories).items()}
+        now = time.time()
+        return AgentSnapshot(
+            config=config, gpu=reading.snapshot, views=reading.views,
+            histories=MappingProxyType(kept), memory=memory, swap=swap,
+            delivery=None if delivery is None else replace(delivery.state),
+            progress=replace(self.progress), loop_errors=MappingProxyType(errors),
+            problems=tuple(self.problems()), hibernation=self.hibernation.state,
+            originals_problem=self.monitor.originals_problem,
+            outbox_unsent_bytes=unsent,
+            outbox_skipped_lines=self.outbox.skipped_lines,
+            started_at=now - (time.monotonic() - self.started_monotonic), taken_at=now,
+            gpu_metrics=MappingProxyType(self._gpu_metrics(reading)), unreadable=unreadable)
+
+    @staticmethod
+    def _gpu_metrics(reading: GpuReading) -> dict[str, Any]:
+        if reading.snapshot is None:
+            return {"timestamp": None, "gpus": [], "reason": "no sample yet"}
+        return fleet_metrics(reading.snapshot, reading.views)
 
     def gpu_metrics(self) -> dict[str, Any]:
-        snapshot = self.monitor.snapshot
-        if snapshot is None:
-            return {"timestamp": None, "gpus": [], "reason": "no sample yet"}
-        return fleet_metrics(snapshot, self.monitor.views)
+        return self._gpu_metrics(self._reading)
+
+    # -- what the API may ask --------------------------------------------------------
+
+    def place(self, name: str, vram_mib: int, gpu_index: int | None) -> placement.Placed:
+        """Hand ``vram_mib`` on one GPU (the least busy, or ``gpu_index``) to ``name``."""
+        config = self.config
+        return placement.place(config.paths.state_dir, config.paths.run_dir, self.nvml.sample,
+                               name, vram_mib, config.gpu.memory_reserve_mb,
+                               gpu_index=gpu_index, now=time.time(), wait_s=2.0)
+
+    def hibernate_now(self, reason: str) -> None:
+        """The hibernation action now, in the background; TemporaryError if one runs."""
+        self.hibernation.start_now(reason)
 
     def summaries(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(memory, swap) for heartbeats and metrics, from one read of /proc/meminfo."""
@@ -209,35 +314,62 @@ class Agent:
 
     # -- the loops -------------------------------------------------------------------
 
+    def tick(self, now: float) -> float:
+        """One iteration of every loop that is due at ``now`` (as time.monotonic()), here,
+        on the caller's thread: the GPU cycle, the delivery pass, the swap policy's steady
+        step. No thread is started; what a loop's thread would do between iterations
+        (wait, or return early on a reload) is the caller's. When the next is due."""
+        for name, step in (("gpu", self.gpu_step), ("delivery", self.delivery_step)):
+            if now >= self._due.get(name, now):
+                self._due[name] = now + step(now)
+        self.swap_tick(now)
+        return min(self._due.values())
+
+    def gpu_step(self, now: float) -> float:
+        """One GPU cycle at ``now`` (time.monotonic()): a sample (the first gives back the
+        limits a crashed run left lowered), published whole for readers, idle detection,
+        the textfile. Seconds until the next."""
+        if not self._gpu_started:
+            self._gpu_started = True
+            self._guarded("gpu", self.monitor.restore)
+        self._guarded("gpu", self._sample)  # a bad sample must not end monitoring
+        self.progress.gpu_at = now
+        self.first_cycle.set()
+        self._guarded("hibernate", self._observe)
+        if self.config.api.textfile_dir:
+            self._guarded("textfile", lambda: write_textfile(
+                self.metrics, Path(self.config.api.textfile_dir)))
+        return self.monitor.config.gpu.monitor_interval_s
+
+    def _sample(self) -> None:
+        views = self.monitor.step()
+        self._reading = GpuReading(self.monitor.snapshot, views)
+
     def _gpu_loop(self) -> None:
-        # limits a crashed run left lowered go back first
-        self._guarded("gpu", self.monitor.restore)
         while not self.stopping.is_set():
-            self._guarded("gpu", self.monitor.step)  # a bad sample must not end monitoring
-            self.progress.gpu_at = time.monotonic()
-            self.first_cycle.set()
-            self._guarded("hibernate", self._observe)
-            if self.config.api.textfile_dir:
-                self._guarded("textfile", lambda: write_textfile(
-                    self, Path(self.config.api.textfile_dir)))
-            self._nap(self.monitor.config.gpu.monitor_interval_s)
+            self._nap(self.gpu_step(time.monotonic()))
 
     def _observe(self) -> None:
         self.hibernation.observe(tuple(
             None if v.sample.lost else v.sample.utilization_gpu_percent
-            for v in self.monitor.views))
+            for v in self._reading.views))
+
+    def delivery_step(self, now: float) -> float:
+        """One delivery pass at ``now`` (time.monotonic()): a heartbeat and the outbox
+        drained. Seconds until the next (sooner while a backlog drains, later on failures)."""
+        wait = float(self.config.heartbeat.interval_s)
+        try:
+            wait = self._deliver_once()
+        except Exception as err:  # e.g. a full disk for the sequence file: retry
+            self.loop_failed("delivery", err)
+        else:
+            self.loop_ok("delivery")
+        self.progress.delivery_at = now
+        return wait
 
     def _delivery_loop(self) -> None:
         while not self.stopping.is_set():
-            wait = float(self.config.heartbeat.interval_s)
-            try:
-                wait = self._deliver_once()
-            except Exception as err:  # e.g. a full disk for the sequence file: retry
-                self.loop_failed("delivery", err)
-            else:
-                self.loop_ok("delivery")
-            self.progress.delivery_at = time.monotonic()
-            self._nap(wait)
+            self._nap(self.delivery_step(time.monotonic()))
 
     def _nap(self, seconds: float) -> None:
         """Wait ``seconds``, or less: a stop or a change of config (new intervals, and the
@@ -414,9 +546,10 @@ class Agent:
     # -- life ------------------------------------------------------------------------
 
     def status_line(self) -> str:
-        views = self.monitor.views
+        reading = self._reading
+        views = reading.views
         if not views:
-            reason = self.monitor.snapshot.reason if self.monitor.snapshot else "starting"
+            reason = reading.snapshot.reason if reading.snapshot else "starting"
             gpus = f"no GPU ({reason})"
         else:
             states = ", ".join(f"{v.sample.index}:{v.state.value}" for v in views)
