@@ -105,7 +105,9 @@ def test_the_swap_timer_makes_min_size_in_the_swap_filesystem(node: Node,
     # the agent runs the policy (the timer's service stands down while it is active; a
     # timer run before the agent was up may have made them): either way, min_size
     sandbox.wait_for(f"test -e {SWAP_DIR}/swap-0002", timeout_s=60)
-    assert node.run("systemctl show -P LastTriggerUSecMonotonic clusterctl-swap.timer") != "0\n"
+    # the timer fires all the same (10 s after start), and its service stands down
+    sandbox.wait_for("[ \"$(systemctl show -P LastTriggerUSecMonotonic clusterctl-swap.timer)\""
+                     " != 0 ]", timeout_s=30)
     assert node.swap_files() == ["swap-0001", "swap-0002"]  # 2 x 1G increments
     assert sum((node.swap_fs / f).stat().st_size for f in node.swap_files()) == 2 * GIB
     # the kernel names them by the unit's own mounts, gone once it exited ("/swap-0001");
@@ -119,7 +121,8 @@ def test_the_swap_timer_makes_min_size_in_the_swap_filesystem(node: Node,
     assert status["swap_dir"]["fstype"] == "ext4"
     events = [json.loads(line) for line in
               node.run("cat /var/lib/clusterctl/events.jsonl").splitlines()]
-    assert [e["event_type"] for e in events] == ["swap_expanded", "swap_expanded"]
+    swap_events = [e["event_type"] for e in events if e["event_type"].startswith("swap_")]
+    assert swap_events == ["swap_expanded", "swap_expanded"], events
 
 
 def test_its_logs_reach_the_journal_with_priorities(node: Node, sandbox: Sandbox) -> None:
