@@ -235,3 +235,32 @@ def wait_until(condition: Callable[[], object], timeout_s: float = 15.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s")
         time.sleep(0.05)
+
+
+def run_as_systemd_would(agent: Any, operator: Callable[[Callable[[int], None]], None]
+                         ) -> None:
+    """``agent.run()`` on this (the main) thread, as under systemd, while ``operator(send)``
+    acts from another thread: ``send`` signals the agent only while run() holds its handlers
+    (never pytest itself); the handlers are put back and the agent stopped whatever happens."""
+    import os
+    import signal
+    import threading
+
+    in_run = threading.Event()
+
+    def send(sig: int) -> None:
+        if in_run.is_set():
+            os.kill(os.getpid(), sig)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    helper = threading.Thread(target=operator, args=(send,), daemon=True)
+    helper.start()
+    in_run.set()
+    try:
+        assert agent.run() == 0
+    finally:
+        in_run.clear()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        agent.stop()
+    helper.join(5)

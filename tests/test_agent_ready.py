@@ -4,9 +4,7 @@ while it starts, not when it stops."""
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +16,7 @@ from clusterctl import config as cfg
 from clusterctl.agent.service import Agent
 from clusterctl.gpu.monitor import GpuMonitor
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_psi, run_as_systemd_would, wait_until
 from tests.test_agent import Node
 
 SLOW_S = 2.0  # the first temperature read of a slow driver
@@ -47,26 +45,13 @@ def test_ready_is_sent_only_once_the_first_gpu_sample_is_in(node: Callable[..., 
 
     agent = Agent(n.conf, nvml=Nvml(module=n.nv), notify=notify)
     agent.psi_root = quiet_psi(n.tmp)
-    in_run = threading.Event()
 
-    def operator() -> None:
+    def operator(send: Callable[[int], None]) -> None:
         wait_until(lambda: bool(at_ready), 20)
-        if in_run.is_set():  # never to pytest itself, once the agent's handlers are gone
-            os.kill(os.getpid(), signal.SIGTERM)
+        send(signal.SIGTERM)
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    helper = threading.Thread(target=operator, daemon=True)
-    helper.start()
-    in_run.set()
-    started = time.monotonic()
-    try:
-        assert agent.run() == 0
-    finally:
-        in_run.clear()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        agent.stop()
-    helper.join(5)
+    started = time.monotonic()  # notify measures from run()
+    run_as_systemd_would(agent, operator)
     assert notes[0].startswith("READY=1\nSTATUS=GPUs 0:optimal, hottest 52 C;"), notes[0]
     after_s, metrics = at_ready[0]
     assert after_s >= SLOW_S  # not before the slow read returned

@@ -25,7 +25,7 @@ from clusterctl.agent.metrics import Metrics, write_textfile
 from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_psi, run_as_systemd_would, wait_until
 from tests.fakes.control_plane import running
 from tests.test_agent import Node, Ticker
 
@@ -205,13 +205,7 @@ def test_the_main_loop_survives_its_failures_and_always_gives_back_power_limits(
 
     agent = Agent(n.conf, nvml=Nvml(module=n.nv), notify=notify)
     agent.psi_root = quiet_psi(n.tmp)
-    in_run = threading.Event()
-
-    def send(sig: signal.Signals) -> None:
-        if in_run.is_set():  # never to pytest itself, once the agent's handlers are gone
-            os.kill(os.getpid(), sig)
-
-    def operator() -> None:
+    def operator(send: Callable[[int], None]) -> None:
         wait_until(lambda: n.nv.machine.gpus[0].power_limit_mw < 700_000)
         wait_until(lambda: bool(broke), 10)
         break_config(n.conf, "a size that overflows")
@@ -221,18 +215,7 @@ def test_the_main_loop_survives_its_failures_and_always_gives_back_power_limits(
         wait_until(lambda: sum(x.startswith("WATCHDOG=1") for x in notes) > pings, 10)
         send(signal.SIGTERM)
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    helper = threading.Thread(target=operator, daemon=True)
-    helper.start()
-    in_run.set()
-    try:
-        assert agent.run() == 0
-    finally:
-        in_run.clear()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        agent.stop()
-    helper.join(5)
+    run_as_systemd_would(agent, operator)
     assert n.nv.machine.gpus[0].power_limit_mw == 700_000  # given back
     assert notes[0].startswith("READY=1") and notes[-1].startswith("STOPPING=1")
     assert sum(x.startswith("WATCHDOG=1") for x in notes) >= 2  # after the failed one too
