@@ -337,3 +337,19 @@ def test_set_into_a_missing_directory_names_it(tmp_path: Path) -> None:
     with pytest.raises(HostError, match=r"directory .*absent does not exist") as info:
         cfg.set_values(tmp_path / "absent" / "c.toml", {"swap.max_size": "8G"})
     assert info.value.fix is not None and "create" in info.value.fix
+
+
+@pytest.mark.parametrize("value", ['["../../etc"]', '["system.slice/./x"]', '[""]', '["/"]',
+                                   '["a\\nb"]', '"system.slice"', "[1]"])
+def test_watch_cgroups_takes_only_paths_under_the_cgroup_root(tmp_path: Path, value: str
+                                                              ) -> None:
+    err = first_error(tmp_path, f"[swap]\nwatch_cgroups = {value}\n")
+    assert "watch_cgroups" in str(err) and "cgroup path" in str(err)
+
+
+def test_watch_cgroups_are_kept_without_their_slashes(tmp_path: Path) -> None:
+    path = write(tmp_path,
+                 '[swap]\nwatch_cgroups = ["/machine.slice/", "system.slice/db.service"]\n')
+    assert cfg.load(path).config.swap.watch_cgroups == ("machine.slice", "system.slice/db.service")
+    cfg.set_values(path, {"swap.watch_cgroups": "user.slice, kubepods.slice"})
+    assert cfg.load(path).config.swap.watch_cgroups == ("user.slice", "kubepods.slice")

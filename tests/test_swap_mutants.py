@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from clusterctl.config import SwapConfig
 from clusterctl.host import SwapArea
 from clusterctl.host.swapdir import SwapDirEntry
 from clusterctl.swap import ledger as ledgers
@@ -31,6 +32,7 @@ from clusterctl.swap.policy import (
     Notice,
     PolicyError,
     SwapFacts,
+    SwapTrend,
     plan_auto,
     plan_clean,
     plan_expand,
@@ -39,7 +41,17 @@ from clusterctl.swap.policy import (
 )
 from clusterctl.system import swapfiles
 from clusterctl.units import GIB, MIB
-from tests.test_swap_policy import AT_MIN, BOOT, CONFIG, DIR, NOW, THREE, F, snapshot
+from tests.test_swap_policy import (
+    AT_MIN,
+    BOOT,
+    CONFIG,
+    DIR,
+    NOW,
+    SWAP_NEARLY_FULL,
+    THREE,
+    F,
+    snapshot,
+)
 
 LEFTOVER = ".swap-0003.tmp"
 
@@ -362,8 +374,51 @@ def test_clean_summary_counts_every_file_it_removes() -> None:
 
 
 def test_pressure_exactly_at_the_threshold_grows() -> None:
-    plan = plan_auto(snapshot(used_percent=40, psi_avg60=10.0, files=AT_MIN), CONFIG, NOW)
+    plan = plan_auto(snapshot(used_percent=40, psi_avg60=10.0, files=SWAP_NEARLY_FULL),
+                     CONFIG, NOW)
     assert [(a.kind, a.name) for a in plan.actions] == [("create", "swap-0003")]
+
+
+def test_pressure_grows_while_less_than_exactly_one_increment_is_free() -> None:
+    def with_free(free_bytes: int) -> list[str]:
+        files = [F("swap-0001", created=1, used_gib=1),
+                 F("swap-0002", created=2, used_bytes=GIB - free_bytes)]
+        plan = plan_auto(snapshot(used_percent=40, psi_avg60=10.0, files=files), CONFIG, NOW)
+        return [a.name for a in plan.actions]
+
+    assert with_free(CONFIG.increment_bytes - 4096) == ["swap-0003"]
+    assert with_free(CONFIG.increment_bytes) == []
+
+
+def test_free_threshold_exactly() -> None:
+    """15 % free is enough; a page less is not."""
+    def with_free(free_bytes: int) -> list[str]:
+        files = [F("swap-0001", created=1, used_gib=1),
+                 F("swap-0002", created=2, used_bytes=GIB - free_bytes)]
+        return [a.name for a in plan_auto(snapshot(files=files), CONFIG, NOW).actions]
+
+    at = -(-15 * 2 * GIB // 100)  # 15 % of 2G, rounded up to a whole byte
+    assert with_free(at) == []
+    assert with_free(at - 4096) == ["swap-0003"]
+
+
+def test_predicted_exhaustion_exactly_at_the_horizon() -> None:
+    """Free swap that lasts exactly the horizon is enough; the rate's horizon is
+    2 x online_s + 1 s, and the count covers what the rate needs beyond what is free."""
+    trend = SwapTrend(100 * MIB, online_s=0.5)  # horizon 2 s: 200M
+    assert trend.horizon_s == 2.0
+
+    def grow(free_mib: int, config: SwapConfig = CONFIG) -> int:
+        files = [F("swap-0001", created=1, used_gib=1),
+                 F("swap-0002", created=2, used_bytes=GIB - free_mib * MIB)]
+        facts = replace(snapshot(files=files), trend=trend)
+        return len(plan_auto(facts, replace(config, free_threshold_percent=0), NOW).actions)
+
+    assert grow(200) == 0 and grow(199) == 1
+    small = replace(CONFIG, increment_bytes=64 * MIB)
+    assert grow(199, small) == 1  # 1M short: one file
+    assert grow(72, small) == 2  # 128M short: two
+    assert grow(71, small) == 3
 
 
 @pytest.mark.parametrize(("used", "psi", "low"), [(59.0, 4.9, True), (60.0, 0.0, False),

@@ -15,12 +15,15 @@ from clusterctl.swap.policy import (
     KERNEL_AREA_LIMIT,
     SHRINK_COOLDOWN_S,
     PolicyError,
+    Signal,
     SwapFacts,
+    SwapTrend,
     plan_auto,
     plan_clean,
     plan_expand,
     plan_shrink,
     reconcile,
+    swap_rate,
 )
 from clusterctl.units import GIB, MIB
 
@@ -112,7 +115,8 @@ def test_a_fresh_node_gets_min_size() -> None:
 def test_calm_node_at_min_does_nothing() -> None:
     plan = plan_auto(snapshot(files=AT_MIN), CONFIG, NOW)
     assert plan.actions == ()
-    assert plan.summary == "nothing to do: memory 30% in use (grow at 80%), managed swap 2G of 16G"
+    assert plan.summary == ("nothing to do: memory 30% in use (grow at 80%), swap 100% free "
+                            "(grow under 15%), managed swap 2G of 16G")
 
 
 def test_growth_at_the_threshold() -> None:
@@ -127,10 +131,23 @@ def test_emergency_grows_twice_as_fast() -> None:
     assert "emergency" in plan.actions[0].reason
 
 
-def test_sustained_memory_pressure_grows_below_the_threshold() -> None:
-    plan = plan_auto(snapshot(used_percent=60, psi_avg60=14.0, files=AT_MIN), CONFIG, NOW)
+SWAP_NEARLY_FULL = [F("swap-0001", created=1, used_gib=0.8),
+                    F("swap-0002", created=2, used_gib=0.4)]  # 0.8G free: under one increment
+
+
+def test_sustained_memory_pressure_grows_below_the_threshold_while_swap_is_short() -> None:
+    plan = plan_auto(snapshot(used_percent=60, psi_avg60=14.0, files=SWAP_NEARLY_FULL),
+                     CONFIG, NOW)
     assert kinds(plan) == [("create", "swap-0003", GIB)]
     assert "PSI some avg60 14.0% >= 10%" in plan.actions[0].reason
+    assert "with 819.2M of swap free" in plan.actions[0].reason
+
+
+def test_memory_pressure_with_swap_to_spare_does_not_grow_and_says_why() -> None:
+    plan = plan_auto(snapshot(used_percent=60, psi_avg60=14.0, files=AT_MIN), CONFIG, NOW)
+    assert plan.actions == ()
+    assert plan.summary == ("memory pressure in the node, but 2G of swap is free: more would "
+                            "not relieve it")
 
 
 def test_no_psi_is_not_pressure() -> None:
@@ -145,7 +162,8 @@ def test_growth_stops_at_max_size() -> None:
     full = plan_auto(snapshot(used_percent=95, files=[*files, F("swap-0016", created=16)]),
                      CONFIG, NOW)
     assert full.actions == ()
-    assert full.summary == "memory 95% in use, but managed swap is at max_size 16G"
+    assert full.summary == ("growth needed (memory 95% in use, above 85%: emergency, growing "
+                            "twice) but managed swap is at max_size 16G")
     assert full.failed is None  # the operator's cap is not a failure
 
 
@@ -387,3 +405,145 @@ def test_proc_swaps_lines_named_through_a_dead_mount_are_matched_to_their_files(
                                      "/swap/swap-0001"]
     wrong_size = SwapArea("/swap-0003", "file", GIB - 4096, 0, -2)
     assert attribute_areas((wrong_size,), listing, lambda _: True) == (wrong_size,)
+
+
+# -- swap running out: the free share, the rate, and what fired ---------------------
+
+SMALL = replace(CONFIG, min_size_bytes=256 * MIB, increment_bytes=256 * MIB,
+                max_size_bytes=4 * GIB)
+
+
+def quarter(name: str, used_mib: int, created: float) -> F:
+    return F(name, size_gib=0.25, used_bytes=used_mib * MIB, created=created)
+
+
+def test_less_free_swap_than_free_threshold_grows_one_increment_and_says_so() -> None:
+    files = [quarter("swap-0001", 256, 1), quarter("swap-0002", 200, 2)]  # 56M of 512M free
+    plan = plan_auto(snapshot(files=files), SMALL, NOW)
+    assert kinds(plan) == [("create", "swap-0003", 256 * MIB)]
+    assert plan.actions[0].reason == ("only 11% of swap is free (56M of 512M), below "
+                                      "free_threshold 15%")
+    calm = plan_auto(snapshot(files=[quarter("swap-0001", 256, 1), quarter("swap-0002", 170, 2)]),
+                     SMALL, NOW)  # 86M free: 17 %
+    assert calm.actions == ()
+
+
+def test_free_threshold_counts_every_swap_area_of_the_node() -> None:
+    """Swap that is not clusterctl's fills too: the kernel spreads pages over all areas."""
+    facts = snapshot(files=[quarter("swap-0001", 0, 1)], other_areas=1)  # a 1G partition
+    full = replace(facts, areas=tuple(replace(a, used_bytes=a.size_bytes)
+                                      for a in facts.areas))
+    assert "free_threshold" in plan_auto(full, SMALL, NOW).actions[0].reason
+
+
+# A recording of swap use (seconds, MiB) while a process in a 256 MiB memory cgroup grew by
+# 200 MiB/s: 5 Hz samples, from the first page swapped out to 600 MiB in swap.
+RAMP = [(0.0, 0), (0.2, 31), (0.4, 72), (0.6, 113), (0.8, 152), (1.0, 193), (1.2, 231),
+        (1.4, 272), (1.6, 310), (1.8, 352), (2.0, 391), (2.2, 430), (2.4, 471), (2.6, 509),
+        (2.8, 550), (3.0, 590)]
+
+
+def series(points: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    return [(t, mib * MIB) for t, mib in points]
+
+
+def test_the_rate_is_read_from_the_recorded_ramp() -> None:
+    rate = swap_rate(series(RAMP))
+    assert rate is not None and 195 * MIB < rate < 205 * MIB
+    sparse = swap_rate(series(RAMP[::10]))  # 2 s apart: the 5 s window
+    assert sparse is not None and 195 * MIB < sparse < 205 * MIB
+    assert swap_rate(series(RAMP[:1])) is None  # one sample says nothing
+    assert swap_rate(series([(0.0, 100), (0.2, 100)])) is None  # too short a span
+
+
+def test_a_ramp_that_just_began_counts_at_its_recent_rate() -> None:
+    flat_then_steep = [(t / 5, 0) for t in range(20)] + [(4.0, 0), (4.5, 50), (5.0, 100)]
+    rate = swap_rate(series(flat_then_steep))
+    assert rate is not None and rate == pytest.approx(100 * MIB)
+
+
+def test_growth_that_stopped_no_longer_counts() -> None:
+    stopped = [*RAMP, (3.5, 595), (4.0, 595)]
+    rate = swap_rate(series(stopped))
+    assert rate is not None and rate <= 10 * MIB
+
+
+def test_predicted_exhaustion_grows_as_many_increments_as_the_rate_needs() -> None:
+    """At 200 MiB/s with files online in 0.5 s, swap must last 2 s: 400 MiB. With 120 MiB
+    free (23 %: above free_threshold) that is two files more."""
+    rate = swap_rate(series(RAMP))
+    assert rate is not None
+    files = [quarter("swap-0001", 256, 1), quarter("swap-0002", 136, 2)]  # 120M free
+    facts = replace(snapshot(files=files), trend=SwapTrend(rate, online_s=0.5))
+    plan = plan_auto(facts, SMALL, NOW)
+    assert kinds(plan) == [("create", "swap-0003", 256 * MIB), ("create", "swap-0004", 256 * MIB)]
+    reason = plan.actions[0].reason
+    assert reason.startswith("swap use grows 199M/s: the 120M free")
+    assert "runs out in 0.6 s" in reason and "about 0.5 s to come online" in reason
+    # the same swap at a slow, steady rate: plenty of time, nothing to do
+    slow = replace(facts, trend=SwapTrend(10 * MIB, online_s=0.5))
+    assert plan_auto(slow, SMALL, NOW).actions == ()
+    # and without the agent's measure (a one-off `swap auto`): the free share only
+    assert plan_auto(replace(facts, trend=None), SMALL, NOW).actions == ()
+
+
+def test_prediction_never_grows_past_max_size() -> None:
+    files = [quarter(f"swap-{i:04d}", 256, i) for i in range(1, 16)] + [
+        quarter("swap-0016", 100, 16)]  # 4G, the max
+    facts = replace(snapshot(files=files), trend=SwapTrend(500 * MIB, online_s=1.0))
+    plan = plan_auto(facts, SMALL, NOW)
+    assert plan.actions == ()
+    assert plan.summary.endswith("but managed swap is at max_size 4G")
+    assert plan.failed is None  # at the max by the operator's choice, not a failure
+
+
+def test_a_cgroup_signal_grows_only_while_swap_is_short() -> None:
+    sig = Signal("pressure", "system.slice/db.service", "db.service",
+                 "memory stalled >= 10% of a 1 s window")
+    short = replace(snapshot(files=[quarter("swap-0001", 100, 1)]), signals=(sig,))
+    plan = plan_auto(short, SMALL, NOW)  # 156M free, under one increment
+    assert kinds(plan) == [("create", "swap-0002", 256 * MIB)]
+    assert plan.actions[0].reason == (
+        "db.service (cgroup system.slice/db.service) under memory pressure (memory stalled "
+        ">= 10% of a 1 s window), with 156M of swap free")
+    roomy = replace(snapshot(files=[quarter("swap-0001", 0, 1), quarter("swap-0002", 0, 2)]),
+                    signals=(sig,))
+    plan = plan_auto(roomy, SMALL, NOW)
+    assert plan.actions == ()
+    assert "db.service (cgroup system.slice/db.service)" in plan.summary
+    assert "more would not relieve it" in plan.summary
+
+
+def test_a_cgroup_that_swap_cannot_help_is_named_and_grows_nothing() -> None:
+    sig = Signal("oom_kill", "system.slice/db.service", "db.service", count=2,
+                 cannot_help="memory.swap.max is 0",
+                 fix="systemctl set-property db.service MemorySwapMax=infinity")
+    facts = replace(snapshot(files=[quarter("swap-0001", 250, 1)]), signals=(sig,))
+    plan = plan_auto(facts, replace(SMALL, free_threshold_percent=0), NOW)
+    assert plan.actions == ()
+    [notice] = plan.notices
+    assert notice.event_type == "swap_cannot_help"
+    assert notice.reason.startswith("db.service (cgroup system.slice/db.service) is losing "
+                                    "processes to the OOM killer, and swap cannot help it: "
+                                    "memory.swap.max is 0")
+    assert notice.details["fix"] == "systemctl set-property db.service MemorySwapMax=infinity"
+    assert notice.details["unit"] == "db.service"
+
+
+def test_an_oom_kill_with_swap_free_is_recorded_with_what_was_free() -> None:
+    sig = Signal("oom_kill", "user.slice", count=1)
+    facts = replace(snapshot(files=[quarter("swap-0001", 0, 1)]), signals=(sig,))
+    plan = plan_auto(facts, SMALL, NOW)
+    assert plan.actions == ()
+    [notice] = plan.notices
+    assert (notice.event_type, notice.reason) == (
+        "memory_oom_kill", "the kernel OOM-killed 1 process(es) in cgroup user.slice, with 256M "
+        "of swap free")
+
+
+def test_no_shrink_while_swap_use_is_rising() -> None:
+    files = [F("swap-0001", created=1), F("swap-0002", created=2), F("swap-0003", created=3)]
+    facts = replace(snapshot(used_percent=10, files=files, low_since=NOW - SHRINK_COOLDOWN_S),
+                    trend=SwapTrend(MIB))
+    plan = plan_auto(facts, CONFIG, NOW)
+    assert plan.actions == () and plan.ledger.low_since is None

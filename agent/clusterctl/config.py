@@ -52,7 +52,7 @@ DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
 
 Kind = Literal["int", "float", "bool", "str", "strs", "size", "path", "optpath", "paths",
-               "actions", "listen", "url", "unit", "choice"]
+               "actions", "listen", "url", "unit", "choice", "cgroups"]
 ACTIONS = ("none", "command", "control", "systemd")
 ALLOCATIONS = ("auto", "fallocate", "zeros")
 
@@ -96,7 +96,18 @@ class SwapConfig:
     )
     pressure_threshold_percent: float = setting(
         10.0, "pressure_threshold", "float",
-        "PSI memory 'some' avg60 (%) that also triggers growth", minimum=0, maximum=100,
+        "memory stall (%, PSI 'some': avg60, or within a 1 s window for the agent's triggers) "
+        "that also triggers growth while less than one increment of swap is free",
+        minimum=0, maximum=100,
+    )
+    free_threshold_percent: int = setting(
+        15, "free_threshold", "int", "grow when less than this % of the node's swap is free",
+        minimum=0, maximum=90,
+    )
+    watch_cgroups: tuple[str, ...] = setting(
+        ("system.slice", "user.slice", "machine.slice"), "watch_cgroups", "cgroups",
+        "cgroups (paths under the cgroup root) whose memory pressure, limit and OOM events "
+        "the agent watches; those that do not exist are skipped",
     )
     allocation: str = setting(
         "auto", "allocation", "choice", "auto | fallocate | zeros: how file blocks are reserved"
@@ -378,7 +389,7 @@ def to_toml_value(fld: dataclasses.Field[Any], value: object) -> object:
         return str(value)
     if kind == "paths":
         return [str(p) for p in cast(tuple[Path, ...], value)]
-    if kind == "strs":
+    if kind in ("strs", "cgroups"):
         return list(cast(tuple[str, ...], value))
     if kind == "actions":
         actions = cast(tuple[str, ...], value)
@@ -609,6 +620,8 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
                                                 for x in raw):
             raise ValueError(f'expected a list of strings like ["a", "b"], got {_shown(raw)}')
         return tuple(raw)
+    elif kind == "cgroups":
+        return _coerce_cgroups(raw)
     elif kind == "actions":
         return _coerce_actions(raw)
     elif kind == "listen":
@@ -634,6 +647,23 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
 
 
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(target|service)$")
+
+
+def _coerce_cgroups(raw: object) -> tuple[str, ...]:
+    """Cgroup paths under the hierarchy's root ("system.slice", "/machine.slice/x.scope"):
+    no "." or ".." part, no control character; kept without the leading "/"."""
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ValueError(f'expected a list of cgroup paths like ["system.slice"], '
+                         f"got {_shown(raw)}")
+    paths: list[str] = []
+    for item in cast(list[str], raw):
+        parts = item.strip("/").split("/")
+        if (_CONTROL.search(item) or "\0" in item or not item.strip("/")
+                or any(p in ("", ".", "..") for p in parts)):
+            raise ValueError(f'a cgroup path is parts under the cgroup root like '
+                             f'"system.slice/db.service", with no "..", got {quoted(item)}')
+        paths.append("/".join(parts))
+    return tuple(paths)
 
 
 def _coerce_path(kind: Kind, raw: object) -> object:
@@ -1094,7 +1124,7 @@ def parse_cli_value(fld: dataclasses.Field[Any], text: str) -> object:
     if kind == "actions":
         items = [part.strip() for part in text.split(",") if part.strip()]
         return items[0] if len(items) == 1 else items
-    if kind in ("paths", "strs"):
+    if kind in ("paths", "strs", "cgroups"):
         return [part.strip() for part in text.split(",") if part.strip()]
     return text
 

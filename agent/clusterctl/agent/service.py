@@ -3,12 +3,14 @@
 - GPU: a sample every ``[gpu] monitor_interval`` (states, history, throttle).
 - Delivery: a heartbeat every ``[heartbeat] interval``, then the outbox drained, with
   backoff when the control plane is down.
-- Swap policy: run as clusterctl-agent.service, the agent owns it: a `swap auto` step
-  (same lock and code as the timer's) every ``[swap] check_interval``, and one as soon
-  as the PSI trigger on /proc/pressure/memory fires, at most every few seconds; the
-  swap timer's service stands down while the agent's unit is active. Run any other
-  way (by hand, in tests), the timer keeps the steady steps and the agent answers
-  the trigger only. A reload that changes ``[swap] pressure_threshold`` re-arms it.
+- Swap policy: swap use sampled twice a second (how fast it grows); a `swap auto`
+  step (same lock and code as the timer's) as soon as swap is running out (under
+  ``[swap] free_threshold``, or gone before a new file could be online at the rate it
+  grows), as soon as the PSI trigger on /proc/pressure/memory fires (at most every few
+  seconds, acting on what fired), and, run as clusterctl-agent.service, every
+  ``[swap] check_interval``: the agent owns the policy then, and the swap timer's
+  service stands down. Run any other way (by hand, in tests), the timer keeps the
+  steady steps. A reload that changes ``[swap] pressure_threshold`` re-arms the trigger.
 - API: the local HTTP API and /metrics, which read only ``Agent.snapshot()``: one
   immutable view of the agent, never its insides.
 - Main: READY=1 after the first GPU cycle, STATUS lines, WATCHDOG=1 while the loops
@@ -33,9 +35,11 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,10 +67,21 @@ from clusterctl.host.nvml import GpuSnapshot, Nvml
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.swap import executor as swap
+from clusterctl.swap.policy import (
+    ONLINE_S_UNMEASURED,
+    RATE_WINDOW_S,
+    Signal,
+    SwapTrend,
+    swap_rate,
+    swap_shortage,
+)
 from clusterctl.system.systemd import AGENT_UNIT, own_unit
 
 log = logging.getLogger("clusterctl.agent")
 SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this often
+SWAP_SAMPLE_S = 0.5  # swap use is sampled this often, for its rate and shortage
+SWAP_SHORT_GAP_S = 1.0  # swap running out: a step at most this often (5 s once blocked)
+CANNOT_HELP_AGAIN_S = 600.0  # a cgroup swap cannot help is said again after this
 MAIN_PERIOD_S = 2.0  # STATUS and WATCHDOG=1 this often
 PRESSURE_RETRY_S = 5.0  # after an unexpected failure, the PSI trigger is armed again
 # a loop whose last iteration is older than this stops the watchdog pings
@@ -74,7 +89,7 @@ GPU_STALL_MIN_S = 30.0  # or 10 sampling intervals, whichever is longer
 DELIVERY_STALL_MARGIN_S = 60.0  # beyond the interval and two requests' timeouts
 BACKLOG_PASS_S = 1.0  # between delivery passes while a backlog drains
 MAX_CAUSES_SAID = 8  # distinct failures of one loop logged until it works again
-PRESSURE_STALL_S = 10.0  # it wakes every second
+PRESSURE_STALL_S = 10.0  # it wakes every SWAP_SAMPLE_S
 SWAP_STEP_STALL_S = 900.0  # a swap step may write a swap file of many GiB
 LOOPS = {"gpu": "GPU sampling", "hibernate": "idle detection",
          "textfile": "the metrics textfile", "delivery": "heartbeat/event delivery",
@@ -190,7 +205,7 @@ class Agent:
         self.delivery: Delivery | None = None
         self._delivery_config: cfg.HeartbeatConfig | None = None  # what delivery was built for
         self.api_server: Any = None
-        self.psi_root = Path("/")  # where /proc/pressure/memory is read
+        self.psi_root = Path("/")  # where /proc/pressure/memory and /proc/meminfo are read
         self.loops: dict[str, threading.Thread] = {}
         self.loop_errors: dict[str, int] = dict.fromkeys(LOOPS, 0)
         self._causes: dict[str, set[str]] = {}  # loop -> failures logged since it last worked
@@ -201,6 +216,12 @@ class Agent:
                                  else owns_swap_policy)
         self.monotonic = monotonic
         self._swap_step_at: float | None = None  # self.monotonic() of the last step
+        self._swap_samples: deque[tuple[float, int]] = deque()  # (monotonic, used bytes)
+        self._swap_now = (0, 0)  # (total, free) bytes at the last sample
+        self._online_s: float | None = None  # how long a new swap file took, measured
+        self._last_step_helped = True  # False: swap ran short and the step could not grow
+        self._signals: list[Signal] = []  # signals waiting for the next step
+        self._cannot_help_said: dict[str, float] = {}
         self._arm_failed = False
         self._reload = threading.Event()
         self._naps = threading.Condition()
@@ -441,15 +462,13 @@ class Agent:
                       flush=None if delivery is None else delivery.flush)
 
     def _pressure_loop(self) -> None:
-        """The swap policy: the PSI trigger armed (again after any failure, and when its
-        threshold changes) and answered, and the steady step when the agent owns it.
-        Returns only on stop, or when there is nothing left to do: no trigger on this
-        node (then it is "off") and the steady steps are the timer's."""
+        """The swap policy: swap use sampled every SWAP_SAMPLE_S, the PSI trigger armed
+        (again after any failure, and when its threshold changes) and answered, and the
+        steady step when the agent owns it. Returns only on stop: on a node without PSI
+        (the trigger "off") the samples still see swap running out."""
         while not self.stopping.is_set():
             self.progress.pressure_at = time.monotonic()
             trigger = self._arm()
-            if trigger is None and self.progress.pressure_off and not self.owns_swap_policy:
-                return
             try:
                 self._watch_pressure(trigger)
             except Exception as err:  # a full disk under swap.run, a torn-down trigger
@@ -468,7 +487,7 @@ class Agent:
         trigger = PressureTrigger(threshold, root=self.psi_root)
         try:
             window = trigger.arm()
-        except ClusterctlError as err:  # no PSI, not allowed: steady steps only
+        except ClusterctlError as err:  # no PSI, not allowed: samples and steady steps only
             self.progress.pressure_off = err.one_line()
             log.warning("memory pressure trigger off: %s", err.one_line())
             return None
@@ -483,11 +502,14 @@ class Agent:
         return trigger
 
     def _watch_pressure(self, trigger: PressureTrigger | None) -> None:
-        """Wake every second for a step that is due; returns on stop, when the trigger's
-        threshold changed (a reload), or, without a trigger that failed to arm, after
-        PRESSURE_RETRY_S to arm it again."""
+        """Wake every SWAP_SAMPLE_S (at once when the trigger fires) for a step that is
+        due; returns on stop, when the trigger's threshold changed (a reload), or, without
+        a trigger that failed to arm, after PRESSURE_RETRY_S to arm it again."""
         retry_at = (time.monotonic() + PRESSURE_RETRY_S
                     if trigger is None and not self.progress.pressure_off else None)
+        poll = select.poll()
+        if trigger is not None:
+            poll.register(trigger.fileno(), select.POLLPRI)
         while not self.stopping.is_set():
             self.progress.pressure_at = time.monotonic()
             if trigger is not None and (trigger.threshold_percent
@@ -495,44 +517,101 @@ class Agent:
                 return
             if retry_at is not None and time.monotonic() >= retry_at:
                 return
+            signals: list[Signal] = []
             if trigger is not None:
-                fired = trigger.wait(1.0)
+                for _fd, mask in poll.poll(int(SWAP_SAMPLE_S * 1000)):
+                    if trigger.fired(mask):
+                        signals.append(Signal(
+                            "pressure", "system",
+                            detail=f"memory stalled >= {trigger.threshold_percent:g}% of a "
+                            f"{trigger.window_s:g} s window"))
             else:
-                fired = False
-                self.stopping.wait(1.0)
-            self.swap_tick(self.monotonic(), pressure=fired)
+                self.stopping.wait(SWAP_SAMPLE_S)
+            self.swap_tick(self.monotonic(), signals=tuple(signals))
 
-    def swap_tick(self, now: float, *, pressure: bool = False) -> bool:
-        """One policy step when one is due at ``now`` (``self.monotonic()``): on memory
-        pressure at most every SWAP_STEP_MIN_GAP_S, and, when the agent owns the policy,
-        every ``[swap] check_interval`` (the first at once). True if a step ran."""
+    def sample_swap(self, now: float) -> SwapTrend | None:
+        """Swap in use now, kept with the last seconds' samples; how fast it grows. None
+        (and no sample) where meminfo cannot be read: the step itself says why."""
+        try:
+            memory = read_memory(self.psi_root)
+        except ClusterctlError:
+            self._swap_now = (0, 0)
+            return None
+        samples = self._swap_samples
+        if samples and now < samples[-1][0]:
+            samples.clear()  # a clock that went back: start over
+        samples.append((now, memory.swap_used_bytes))
+        while samples and now - samples[0][0] > RATE_WINDOW_S:
+            samples.popleft()
+        self._swap_now = (memory.swap_total_bytes, memory.swap_free_bytes)
+        rate = swap_rate(list(samples))
+        if rate is None:
+            return None
+        return SwapTrend(rate, online_s=self._online_s or ONLINE_S_UNMEASURED)
+
+    def swap_tick(self, now: float, *, signals: tuple[Signal, ...] = ()) -> bool:
+        """Sample swap use at ``now`` (``self.monotonic()``) and run one policy step when
+        one is due: at once (at most every SWAP_SHORT_GAP_S) when swap is running out, on
+        a signal (a PSI trigger, a cgroup event) at most every SWAP_STEP_MIN_GAP_S, and,
+        when the agent owns the policy, every ``[swap] check_interval`` (the first at
+        once). Signals that find no step due wait for the next. True if a step ran."""
+        trend = self.sample_swap(now)
+        self._signals += [s for s in signals if self._news(s, now)]
+        total, free = self._swap_now
+        short = swap_shortage(total, free, trend, self.config.swap)
         last = self._swap_step_at
         since = None if last is None else now - last
-        due = ((pressure and (since is None or since >= SWAP_STEP_MIN_GAP_S))
+        short_gap = SWAP_SHORT_GAP_S if self._last_step_helped else SWAP_STEP_MIN_GAP_S
+        due = ((short is not None and (since is None or since >= short_gap))
+               or (bool(self._signals) and (since is None or since >= SWAP_STEP_MIN_GAP_S))
                or (self.owns_swap_policy
                    and (since is None or since >= self.config.swap.check_interval_s)))
         if not due:
             return False
+        fired, self._signals = tuple(self._signals), []
+        why = (short.reason if short is not None else
+               f"{fired[0].who}: {fired[0].kind}" if fired else "swap policy step")
         self._swap_step_at = now
         self.progress.swap_step_since = time.monotonic()
         try:
-            self._swap_step("memory pressure" if pressure else "swap policy step")
+            self._last_step_helped = self._swap_step(why, trend, fired) or short is None
         finally:
             self.progress.swap_step_since = None
         return True
 
-    def _swap_step(self, why: str) -> None:
+    def _news(self, signal: Signal, now: float) -> bool:
+        """A signal about a cgroup that swap cannot help is said once per
+        CANNOT_HELP_AGAIN_S; every other signal is news."""
+        if signal.cannot_help is None:
+            return True
+        key = f"{signal.source}:{signal.cannot_help}"
+        said = self._cannot_help_said.get(key)
+        if said is not None and now - said < CANNOT_HELP_AGAIN_S:
+            return False
+        self._cannot_help_said[key] = now
+        return True
+
+    def _swap_step(self, why: str, trend: SwapTrend | None = None,
+                   signals: tuple[Signal, ...] = ()) -> bool:
+        """One `swap auto` step under the swap lock; True if it made swap grow."""
+        started = time.monotonic()
         try:
-            result = swap.run(self.config, "auto", lock_wait_s=1.0)
+            result = swap.run(self.config, "auto", lock_wait_s=1.0, trend=trend,
+                              signals=signals)
         except ClusterctlError as err:
             self.progress.last_swap = f"failed: {err.message}"
             log.warning("swap step (%s): %s", why, err.one_line())
-            return
+            return False
         self.loop_ok("pressure")
         self.progress.swap_steps += 1
         self.progress.last_swap = result.plan.summary
+        created = sum(1 for a in result.applied if a.kind == "create")
+        if created:  # how long a file takes to come online here, for the next prediction
+            took = (time.monotonic() - started) / created
+            self._online_s = took if self._online_s is None else (self._online_s + took) / 2
         for action in result.applied:
-            log.warning("%s: %s %s", why, action.kind, action.name)
+            log.warning("%s: %s %s (%s)", why, action.kind, action.name, action.reason)
+        return created > 0
 
     def _record(self, kind: str, reason: str, details: dict[str, Any]) -> None:
         try:
@@ -577,9 +656,8 @@ class Agent:
         found = []
         for name, limit_s in limits.items():
             thread = self.loops.get(name)
-            if thread is None or (name == "pressure" and self.progress.pressure_off
-                                  and not self.owns_swap_policy):
-                continue  # not started, or off on purpose
+            if thread is None:
+                continue  # not started
             if not thread.is_alive():
                 found.append(f"{name} loop died")
                 continue

@@ -18,6 +18,33 @@ from clusterctl.errors import HostError
 TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
 
 
+def open_trigger(path: Path, threshold_percent: float) -> tuple[int, float]:
+    """A trigger on ``path`` (/proc/pressure/memory, a cgroup2 group's memory.pressure) at
+    ``threshold_percent`` of a 1 s window, or of 2 s where the kernel refuses 1 s (no
+    CAP_SYS_RESOURCE): (its open file, the window in s).
+
+    OSError: open(2)'s, and write(2)'s when it is TRANSIENT; HostError: the kernel takes
+    no trigger."""
+    last: OSError | None = None
+    for window_us in (1_000_000, 2_000_000):
+        stall_us = max(1, int(window_us * threshold_percent / 100))
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.write(fd, f"some {stall_us} {window_us}\n".encode())  # the newline matters
+        except OSError as err:
+            os.close(fd)
+            last = err
+            if err.errno in (errno.EPERM, errno.EACCES, errno.EINVAL):
+                continue
+            if err.errno in TRANSIENT:  # out of memory: try again later
+                raise
+            raise HostError(f"cannot arm a PSI trigger: {err.strerror}") from err
+        return fd, window_us / 1e6
+    raise HostError(f"cannot arm a PSI trigger on {path}: "
+                    f"{last.strerror if last else 'refused'}",
+                    fix="run as root (and with CAP_SYS_RESOURCE for a 1 s window)")
+
+
 class PressureTrigger:
     def __init__(self, threshold_percent: float, *, root: Path = Path("/")) -> None:
         self.path = root / "proc/pressure/memory"
@@ -28,38 +55,24 @@ class PressureTrigger:
 
     def arm(self) -> float:
         """Arm the trigger; the window it got (1 s, or 2 s without CAP_SYS_RESOURCE)."""
-        last: OSError | None = None
-        for window_us in (1_000_000, 2_000_000):
-            stall_us = max(1, int(window_us * self.threshold_percent / 100))
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            except FileNotFoundError as err:
-                raise HostError("this kernel has no PSI (/proc/pressure/memory)",
-                                fix="boot Linux 4.20+ with psi=1; until then swap steps come "
-                                "every [swap] check_interval only") from err
-            except OSError as err:
-                if err.errno in TRANSIENT:  # out of descriptors or memory: try again later
-                    raise
-                # EACCES, EOPNOTSUPP (psi=0), EIO, EISDIR: this node cannot have one
-                raise HostError(f"cannot open {self.path}: {err.strerror or err}",
-                                fix="run as root on a kernel with PSI enabled; until then "
-                                "swap steps come every [swap] check_interval only") from err
-            try:
-                os.write(fd, f"some {stall_us} {window_us}\n".encode())  # the newline matters
-            except OSError as err:
-                os.close(fd)
-                last = err
-                if err.errno in (errno.EPERM, errno.EACCES, errno.EINVAL):
-                    continue
-                raise HostError(f"cannot arm a PSI trigger: {err.strerror}") from err
-            self._fd = fd
-            self._poll = select.poll()
-            self._poll.register(fd, select.POLLPRI)
-            self.window_s = window_us / 1e6
-            return self.window_s
-        raise HostError(f"cannot arm a PSI trigger on {self.path}: "
-                        f"{last.strerror if last else 'refused'}",
-                        fix="run as root (and with CAP_SYS_RESOURCE for a 1 s window)")
+        try:
+            fd, window_s = open_trigger(self.path, self.threshold_percent)
+        except FileNotFoundError as err:
+            raise HostError("this kernel has no PSI (/proc/pressure/memory)",
+                            fix="boot Linux 4.20+ with psi=1; until then memory pressure "
+                            "does not start swap steps") from err
+        except OSError as err:
+            if err.errno in TRANSIENT:  # out of descriptors or memory: try again later
+                raise
+            # EACCES, EOPNOTSUPP (psi=0), EIO, EISDIR: this node cannot have one
+            raise HostError(f"cannot open {self.path}: {err.strerror or err}",
+                            fix="run as root on a kernel with PSI enabled; until then "
+                            "memory pressure does not start swap steps") from err
+        self._fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLPRI)
+        self.window_s = window_s
+        return window_s
 
     def wait(self, timeout_s: float) -> bool:
         """True when the trigger fired within ``timeout_s``."""
@@ -71,6 +84,18 @@ class PressureTrigger:
             if mask & select.POLLPRI:
                 return True
         return False
+
+    def fileno(self) -> int:
+        """The armed file, for a caller's own poll (POLLPRI); see ``fired``."""
+        if self._fd is None:
+            raise RuntimeError("arm() first")
+        return self._fd
+
+    def fired(self, mask: int) -> bool:
+        """What a caller's poll mask for ``fileno()`` says: True when it fired."""
+        if mask & select.POLLERR:
+            raise HostError("the PSI trigger was torn down (cgroup or file gone)")
+        return bool(mask & select.POLLPRI)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -29,7 +29,9 @@ from clusterctl.swap.policy import (
     Action,
     Plan,
     PolicyError,
+    Signal,
     SwapFacts,
+    SwapTrend,
     fix_for,
     plan_auto,
     plan_clean,
@@ -98,11 +100,14 @@ def run(
     lock_wait_s: float = 10.0,
     progress: ProgressFactory | None = None,
     now: Callable[[], float] = time.time,
+    trend: SwapTrend | None = None,
+    signals: tuple[Signal, ...] = (),
 ) -> RunResult:
-    """Plan ``operation`` and, unless ``dry_run``, carry it out; one writer at a time."""
+    """Plan ``operation`` and, unless ``dry_run``, carry it out; one writer at a time.
+    ``trend`` and ``signals`` are what the agent saw (how fast swap use grows, what fired)."""
     lock = config.paths.run_dir / LOCK_NAME
     with locks.exclusive(lock, what="clusterctl swap command", wait_s=lock_wait_s):
-        facts = read_facts(config)
+        facts = replace(read_facts(config), trend=trend, signals=signals)
         moment = now()
         if operation == "auto":
             plan = plan_auto(facts, config.swap, moment)

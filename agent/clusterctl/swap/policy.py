@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -41,6 +41,13 @@ FLOOR_FRACTION = 0.05
 KERNEL_AREA_LIMIT = 23
 MIN_FILE_BYTES = 64 * MIB
 AT_MAX = "at max_size"
+# The predictive rule: swap must last until the next file is online (``online_s``, as
+# measured by the agent) twice over, plus the gap until the step after that can act.
+HORIZON_ONLINE_FACTOR = 2.0
+HORIZON_STEP_S = 1.0
+ONLINE_S_UNMEASURED = 1.0  # until the agent has timed a file of its own
+RATE_RECENT_S = 1.0  # the rate is that of the last second of samples...
+RATE_WINDOW_S = 5.0  # ...or of this window where the last second has too few
 
 Kind = Literal["create", "activate", "remove", "discard", "adopt"]
 
@@ -62,6 +69,38 @@ class ManagedFile:
 
 
 @dataclass(frozen=True)
+class SwapTrend:
+    """How fast swap use grows, from the agent's own samples (``swap_rate``)."""
+
+    rate_bytes_per_s: float
+    online_s: float = ONLINE_S_UNMEASURED  # how long a new file took to come online here
+
+    @property
+    def horizon_s(self) -> float:
+        """How long the free swap must last: until a file is online, twice, and a step."""
+        return HORIZON_ONLINE_FACTOR * self.online_s + HORIZON_STEP_S
+
+
+@dataclass(frozen=True)
+class Signal:
+    """What woke the agent's step: a PSI trigger, or a cgroup at its limit or OOM."""
+
+    kind: Literal["pressure", "max", "oom", "oom_kill"]
+    source: str  # "system", or the cgroup's path under the hierarchy's root
+    unit: str | None = None  # the systemd unit the cgroup belongs to
+    detail: str = ""  # what fired, in words: "memory stalled >= 10% of a 1 s window"
+    count: int = 1
+    cannot_help: str | None = None  # why swap cannot help this cgroup (swap capped)
+    fix: str | None = None  # what lifts that cap
+
+    @property
+    def who(self) -> str:
+        if self.source == "system":
+            return "the node"
+        return f"{self.unit} (cgroup {self.source})" if self.unit else f"cgroup {self.source}"
+
+
+@dataclass(frozen=True)
 class SwapFacts:
     """Everything the planners look at, read at one moment."""
 
@@ -72,6 +111,17 @@ class SwapFacts:
     fs: FilesystemFacts
     boot_id: str | None
     ledger: Ledger
+    trend: SwapTrend | None = None  # the agent's measure; a one-off `swap auto` has none
+    signals: tuple[Signal, ...] = ()  # what woke the agent's step
+
+    @property
+    def swap_total_bytes(self) -> int:
+        """All swap on the node (/proc/swaps), clusterctl's or not: the kernel uses it all."""
+        return sum(a.size_bytes for a in self.areas)
+
+    @property
+    def swap_free_bytes(self) -> int:
+        return max(0, self.swap_total_bytes - sum(a.used_bytes for a in self.areas))
 
 
 @dataclass(frozen=True)
@@ -312,23 +362,134 @@ def _with_blocked(rec: Reconciled, blocked: str | None, notices: list[Notice]) -
 
 
 # ---------------------------------------------------------------------------
+# swap running out
+
+
+def swap_rate(samples: Sequence[tuple[float, int]]) -> float | None:
+    """Bytes per second by which swap use grows, from ``(seconds, used_bytes)`` samples in
+    time order: over the last RATE_RECENT_S (a ramp that just began counts at once, one
+    that stopped stops counting), or RATE_WINDOW_S where samples are sparse; None without
+    two samples half a second apart."""
+    if len(samples) < 2:
+        return None
+    last_s, last_used = samples[-1]
+    rates: list[float] = []
+    for span_s in (RATE_RECENT_S, RATE_WINDOW_S):
+        first = next(((t, u) for t, u in samples if last_s - t <= span_s), None)
+        if first is None or last_s - first[0] < 0.5:
+            continue
+        rates.append((last_used - first[1]) / (last_s - first[0]))
+    return rates[0] if rates else None
+
+
+@dataclass(frozen=True)
+class Shortage:
+    """Swap is running out: how many increments to add, and why."""
+
+    count: int
+    reason: str
+
+
+def swap_shortage(total_bytes: int, free_bytes: int, trend: SwapTrend | None,
+                  config: SwapConfig) -> Shortage | None:
+    """Whether the node's swap runs out: less than ``free_threshold`` % free, or, at the
+    rate swap use grows, less than the rate needs until more could be online. The agent
+    asks this every sample (cheap); the planner again under the lock."""
+    if total_bytes <= 0:
+        return None  # no swap at all: min_size is the rule for that
+    found: list[Shortage] = []
+    rate = trend.rate_bytes_per_s if trend else 0.0
+    if trend is not None and rate > 0:
+        need = rate * trend.horizon_s
+        if free_bytes < need:
+            found.append(Shortage(
+                max(1, math.ceil((need - free_bytes) / config.increment_bytes)),
+                f"swap use grows {format_size(int(rate))}/s: the {format_size(free_bytes)} "
+                f"free runs out in {free_bytes / rate:.1f} s, and a new file takes about "
+                f"{trend.online_s:.1f} s to come online"))
+    free_percent = 100.0 * free_bytes / total_bytes
+    if free_percent < config.free_threshold_percent:
+        found.append(Shortage(1, f"only {free_percent:.0f}% of swap is free "
+                                 f"({format_size(free_bytes)} of {format_size(total_bytes)}), "
+                                 f"below free_threshold {config.free_threshold_percent}%"))
+    return max(found, key=lambda s: s.count) if found else None
+
+
+def _signal_notices(facts: SwapFacts) -> list[Notice]:
+    """Pressure that swap cannot relieve, and OOM kills: said in the event log."""
+    notices: list[Notice] = []
+    for sig in facts.signals:
+        details: dict[str, Any] = {"cgroup": None if sig.source == "system" else sig.source,
+                                   "unit": sig.unit, "signal": sig.kind}
+        if sig.cannot_help:
+            notices.append(Notice(
+                "swap_cannot_help",
+                f"{sig.who} is {_SIGNAL_WORDS[sig.kind]}, and swap cannot help it: "
+                f"{sig.cannot_help}; it is OOM-killed at its memory limit whatever swap the "
+                "node has", {**details, "why": sig.cannot_help, "fix": sig.fix}))
+        elif sig.kind == "oom_kill":
+            notices.append(Notice(
+                "memory_oom_kill",
+                f"the kernel OOM-killed {sig.count} process(es) in {sig.who}, with "
+                f"{format_size(facts.swap_free_bytes)} of swap free",
+                {**details, "count": sig.count, "swap_free_bytes": facts.swap_free_bytes}))
+    return notices
+
+
+_SIGNAL_WORDS = {"pressure": "under memory pressure", "max": "at its memory limit",
+                 "oom": "out of memory", "oom_kill": "losing processes to the OOM killer"}
+
+
+def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
+    """The memory pressure that says swap is short, in words: a signal that fired (a PSI
+    trigger, a cgroup at its limit) or PSI avg60 at ``pressure_threshold``. Pressure grows
+    swap only while less than one increment of it is free: with more free, the kernel has
+    room to swap already, and more would not relieve the stall."""
+    psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
+    fired = [s for s in facts.signals if s.cannot_help is None]
+    if not fired and (psi is None or psi < config.pressure_threshold_percent):
+        return None
+    if fired:
+        sig = fired[0]
+        what = f"{sig.who} {_SIGNAL_WORDS[sig.kind]}" + (f" ({sig.detail})" if sig.detail else "")
+    else:
+        what = (f"memory pressure: PSI some avg60 {psi:.1f}% >= "
+                f"{config.pressure_threshold_percent:g}%")
+    if facts.swap_free_bytes >= config.increment_bytes:
+        return None
+    return f"{what}, with {format_size(facts.swap_free_bytes)} of swap free"
+
+
+def _pressure_not_swap(facts: SwapFacts, config: SwapConfig) -> str | None:
+    """Pressure there is, but swap has room: why this step does not grow, in words."""
+    psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
+    fired = [s for s in facts.signals if s.cannot_help is None]
+    if fired or (psi is not None and psi >= config.pressure_threshold_percent):
+        who = fired[0].who if fired else "the node"
+        return (f"memory pressure in {who}, but {format_size(facts.swap_free_bytes)} of "
+                "swap is free: more would not relieve it")
+    return None
+
+
+# ---------------------------------------------------------------------------
 # the planners
 
 
 def plan_auto(facts: SwapFacts, config: SwapConfig, now: float) -> Plan:
     """One policy step: what `swap auto` (the timer, the agent) does now."""
     rec = reconcile(facts, now)
-    notices = list(rec.notices)
+    notices = [*rec.notices, *_signal_notices(facts)]
     active = _expected_active(rec)
     total = sum(f.size_bytes for f in active)
     used = facts.memory.used_percent or 0.0
     psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
     threshold = config.memory_threshold_percent
     why_used = f"memory {used:.0f}% in use"
-    pressure = psi is not None and psi >= config.pressure_threshold_percent
-    high = used >= threshold or pressure
-    low = used < threshold - SHRINK_MARGIN_PERCENT and (
-        psi is None or psi < config.pressure_threshold_percent / 2)
+    count, reason = _growth_reason(facts, config, used)
+    rising = facts.trend is not None and facts.trend.rate_bytes_per_s > 0
+    low = (count == 0 and not rising and not facts.signals
+           and used < threshold - SHRINK_MARGIN_PERCENT
+           and (psi is None or psi < config.pressure_threshold_percent / 2))
     previous = rec.ledger.low_since
     low_since = (now if previous is None else previous) if low else None
     actions = list(rec.actions)
@@ -343,21 +504,13 @@ def plan_auto(facts: SwapFacts, config: SwapConfig, now: float) -> Plan:
         summary = (f"create {len(grow)} file(s) to reach min_size "
                    f"{format_size(config.min_size_bytes)}" if grow else
                    f"below min_size but blocked: {blocked}")
-    elif high and total < config.max_size_bytes:
-        emergency = used > max(EMERGENCY_PERCENT, threshold)
-        if emergency:
-            reason = f"{why_used}, above {EMERGENCY_PERCENT:.0f}%: emergency, growing twice"
-        elif used >= threshold:
-            reason = f"{why_used} >= memory_threshold {threshold}%"
-        else:
-            reason = (f"memory pressure: PSI some avg60 {psi:.1f}% >= "
-                      f"{config.pressure_threshold_percent:g}%")
-        grow, blocked = _growth(facts, config, rec, total, 2 if emergency else 1, reason)
+    elif count and total < config.max_size_bytes:
+        grow, blocked = _growth(facts, config, rec, total, count, reason)
         actions += grow
         summary = (f"grow by {format_size(sum(a.size_bytes for a in grow))}: {reason}" if grow
                    else f"growth needed ({reason}) but blocked: {blocked}")
-    elif high:
-        summary = (f"{why_used}, but managed swap is at max_size "
+    elif count:
+        summary = (f"growth needed ({reason}) but managed swap is at max_size "
                    f"{format_size(config.max_size_bytes)}")
         blocked = AT_MAX
     elif low and low_since is not None and total > config.min_size_bytes:
@@ -366,14 +519,48 @@ def plan_auto(facts: SwapFacts, config: SwapConfig, now: float) -> Plan:
             actions.append(removal)
             low_since = now  # the next file waits for another cooldown
     else:
-        summary = (f"nothing to do: {why_used} (grow at {threshold}%), managed swap "
-                   f"{format_size(total)} of {format_size(config.max_size_bytes)}")
+        summary = (_pressure_not_swap(facts, config)
+                   or f"nothing to do: {why_used} (grow at {threshold}%), "
+                   f"{_free_words(facts, config)}, managed swap {format_size(total)} of "
+                   f"{format_size(config.max_size_bytes)}")
     if rec.actions:
         summary = f"repair {len(rec.actions)} file(s); {summary}"
     ledger = replace(_with_blocked(rec, blocked, notices), low_since=low_since)
     failed = blocked if blocked and blocked != AT_MAX else None
     return Plan(tuple(actions), tuple(notices), ledger, rec.files, summary, rec.foreign,
                 failed=failed)
+
+
+def _growth_reason(facts: SwapFacts, config: SwapConfig, used: float) -> tuple[int, str]:
+    """How many increments to add now and why (0, "" when nothing asks for growth): the
+    strongest of swap running out, memory in use, and memory pressure."""
+    threshold = config.memory_threshold_percent
+    reasons: list[tuple[int, str]] = []
+    shortage = swap_shortage(facts.swap_total_bytes, facts.swap_free_bytes, facts.trend, config)
+    if shortage is not None:
+        reasons.append((shortage.count, shortage.reason))
+    if used > max(EMERGENCY_PERCENT, threshold):
+        reasons.append((2, f"memory {used:.0f}% in use, above {EMERGENCY_PERCENT:.0f}%: "
+                           "emergency, growing twice"))
+    elif used >= threshold:
+        reasons.append((1, f"memory {used:.0f}% in use >= memory_threshold {threshold}%"))
+    pressure = _pressure_reason(facts, config)
+    if pressure is not None:
+        reasons.append((1, pressure))
+    return max(reasons, key=lambda r: r[0]) if reasons else (0, "")
+
+
+def _free_words(facts: SwapFacts, config: SwapConfig) -> str:
+    total = facts.swap_total_bytes
+    if total <= 0:
+        return "no swap active"
+    free = facts.swap_free_bytes
+    words = (f"swap {100.0 * free / total:.0f}% free (grow under "
+             f"{config.free_threshold_percent}%)")
+    rate = facts.trend.rate_bytes_per_s if facts.trend else None
+    if rate is not None and rate > 0:
+        words += f", use growing {format_size(int(rate))}/s"
+    return words
 
 
 def _shrink_step(facts: SwapFacts, config: SwapConfig, active: list[ManagedFile], total: int,
