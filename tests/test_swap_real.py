@@ -96,6 +96,10 @@ def test_auto_expand_status_shrink_clean(node: Node) -> None:
                                                    str(node.swap_dir / "swap-0002")]
     assert all(f["active"] and f["size"] == 64 * MIB for f in status["files"])
     assert status["total"] == 128 * MIB
+    assert status["node_swap"]["total"] >= 128 * MIB  # and any other swap of the node
+    assert status["free_threshold_percent"] == 15
+    assert "; grow under 15% free, or sooner when the agent sees it running out\n" in \
+        node.cli("status", check=True).stdout
     priorities = [f["priority"] for f in status["files"]]
     assert priorities == sorted(priorities, reverse=True) and max(priorities) < 0
     assert active_swaps_under(node.swap_dir) == [f["path"] for f in status["files"]]

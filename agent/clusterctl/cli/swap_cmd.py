@@ -169,6 +169,9 @@ def status_dict(facts: SwapFacts, plan: Plan, config: Config) -> dict[str, Any]:
         "memory_available": facts.memory.available_bytes,
         "pressure_some_avg60": (facts.pressure.memory.some.avg60
                                 if facts.pressure.memory else None),
+        "node_swap": {"total": facts.swap_total_bytes, "free": facts.swap_free_bytes},
+        "free_threshold_percent": config.swap.free_threshold_percent,
+        "watch_cgroups": list(config.swap.watch_cgroups),
         "next_action": {"summary": plan.summary,
                         "actions": [_action_dict(a) for a in plan.actions]},
         "blocked": plan.ledger.blocked,
@@ -194,6 +197,10 @@ def _print_status(facts: SwapFacts, plan: Plan, config: Config) -> None:
           f"step {format_size(swap.increment_bytes)}) in {swap.dir}")
     print(f"memory {used:.0f}% in use (grow at {swap.memory_threshold_percent}%), "
           f"{format_size(facts.memory.available_bytes or 0)} available")
+    total, free = facts.swap_total_bytes, facts.swap_free_bytes
+    share = f" ({100.0 * free / total:.0f}%)" if total else ""
+    print(f"node swap {format_size(total)}, {format_size(free)} free{share}; grow under "
+          f"{swap.free_threshold_percent}% free, or sooner when the agent sees it running out")
     for f in plan.files:
         state = "active" if f.active else ("off (by someone else)" if f.off_by_operator
                                            else "inactive")
