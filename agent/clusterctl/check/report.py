@@ -251,12 +251,56 @@ def _service_findings(facts: HostFacts, config: Config) -> list[Finding]:
     return out
 
 
+def _oomd_findings(facts: HostFacts, config: Config) -> list[Finding]:
+    """systemd-oomd kills the cgroup using the most swap once memory and swap are both
+    more than SwapUsedLimit= used; it re-reads swap every 0.15 s, so what matters is that
+    clusterctl grows swap before that point (free_threshold above 100 - SwapUsedLimit)."""
+    oomd = facts.oomd
+    if oomd is None or not oomd.watches_swap:
+        return []
+    limit = oomd.swap_used_limit_percent
+    where = ("every cgroup (-.slice)" if "-.slice" in oomd.swap_kill_units
+             else ", ".join(oomd.swap_kill_units))
+    rule = (f"{oomd.name} kills the cgroup using the most swap in {where} once memory and "
+            f"swap are both more than {limit:g}% used")
+    setting = ("SwapUsedLimit= in " + oomd.swap_used_limit_file if oomd.swap_used_limit_file
+               else "its default SwapUsedLimit=")
+    free = config.swap.free_threshold_percent
+    if free <= 100 - limit:
+        wanted = min(90, math.floor(100 - limit) + 5)
+        return [Finding(
+            "warn", "swap.oomd_first",
+            f"{rule} ({setting}); clusterctl grows swap only once less than {free}% of it "
+            "is free, so systemd-oomd can kill first",
+            f"clusterctl config set swap.free_threshold {wanted}, or raise SwapUsedLimit= "
+            "in a drop-in under /etc/systemd/oomd.conf.d/, then `systemctl "
+            "try-reload-or-restart systemd-oomd`")]
+    return [Finding(
+        "info", "swap.oomd",
+        f"{rule}; clusterctl grows swap before that (under {free}% free) and systemd-oomd "
+        "counts a new swap file within 0.15 s, so nothing needs restarting; once managed "
+        f"swap reaches max_size {format_size(config.swap.max_size_bytes)} its rule acts",
+        "to keep a service out of its choice, set ManagedOOMPreference=avoid (or omit) "
+        "in that service's unit")]
+
+
+def _swap_cap_findings(facts: HostFacts, config: Config) -> list[Finding]:
+    """Cgroups whose swap is capped (cgroup v2 memory.swap.max 0, v1 memsw limit equal to
+    the memory limit, v1 swappiness 0): the swap clusterctl adds does not reach them."""
+    return [Finding("warn", "cgroup.swap_capped",
+                    f"{cap.name}: swap cannot help it ({cap.why}); it is OOM-killed at its "
+                    "memory limit whatever swap the node has", cap.fix)
+            for cap in facts.swap_caps]
+
+
 RULES: tuple[Rule, ...] = (
     _minimum_findings,
     _swap_dir_findings,
+    _swap_cap_findings,
     _system_findings,
     _gpu_findings,
     _service_findings,
+    _oomd_findings,
 )
 
 

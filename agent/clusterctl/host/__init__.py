@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from clusterctl.host.cgroups import SwapCap, read_swap_caps
 from clusterctl.host.nvml import GpuInfo, GpuInventory, Nvml
+from clusterctl.host.oomd import OomdFacts, read_oomd
 from clusterctl.host.procfs import (
     CpuFacts,
     MemoryFacts,
@@ -53,8 +55,10 @@ __all__ = [
     "MemoryFacts",
     "Nvml",
     "OllamaFacts",
+    "OomdFacts",
     "PressureFacts",
     "SwapArea",
+    "SwapCap",
     "SystemFacts",
     "read_host",
 ]
@@ -74,6 +78,10 @@ class HostFacts:
     dask: DaskFacts
     # installed swap units whose sandbox cannot write the swap dir (no ReadWritePaths=)
     swap_units_blocked: tuple[str, ...] = ()
+    # systemd-oomd: None when it could not be read (OomdFacts.running says if it runs)
+    oomd: OomdFacts | None = None
+    # populated memory cgroups that swap cannot help (empty when cgroups are unreadable)
+    swap_caps: tuple[SwapCap, ...] = ()
 
 
 def read_host(
@@ -106,6 +114,8 @@ def read_host(
         ollama=read_ollama(root, ollama_url),
         dask=read_dask(root),
         swap_units_blocked=swap_dir_unreachable(swap_dir, root=root),
+        oomd=_oomd_or_none(root),
+        swap_caps=read_swap_caps(root),
     )
     if first is None:
         return facts
@@ -115,3 +125,12 @@ def read_host(
     second = read_cpu_times(root)
     usage = cpu_usage_percent(first, second) if second else None
     return replace(facts, cpu=replace(facts.cpu, usage_percent=usage))
+
+
+def _oomd_or_none(root: Path) -> OomdFacts | None:
+    """systemd-oomd's facts; None when something there could not be made sense of, so
+    that `check` goes on without them."""
+    try:
+        return read_oomd(root)
+    except (OSError, ValueError):
+        return None
