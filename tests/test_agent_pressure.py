@@ -5,6 +5,7 @@ again at a reloaded threshold."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -155,3 +156,54 @@ def test_only_an_agent_that_runs_as_its_unit_owns_the_swap_policy(tmp_path: Path
         (root / "proc/self/cgroup").write_text(text)
         assert own_unit(root) == unit, text
     assert own_unit(tmp_path / "nothing") is None
+
+
+def test_a_cgroup_swap_cannot_help_is_named_in_an_event_and_grows_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watched cgroup whose swap is capped (v1: memsw limit = memory limit; v2:
+    memory.swap.max 0) loses a process to the OOM killer: the agent says which cgroup,
+    that swap cannot help it and the fix, once, and adds no swap for it."""
+    nv: ModuleType = load_fake_nvml(monkeypatch)
+    nv.configure({"gpus": []})
+    with loop_mount(tmp_path, "ext4", size_mib=512) as mount, \
+            memory_cgroup("capped") as (group, set_limit):
+        set_limit(32)
+        capped = group / ("memory.memsw.limit_in_bytes" if (group / "memory.memsw.limit_in_bytes"
+                                                            ).exists() else "memory.swap.max")
+        if not capped.exists():
+            pytest.skip("no swap accounting in this memory cgroup controller")
+        capped.write_text(f"{32 * 2**20}\n" if capped.name.startswith("memory.memsw") else "0\n")
+        swap_dir = mount / "swap"
+        conf = _config(tmp_path, f'dir = "{swap_dir}"\nmin_size = "64M"\nmax_size = "256M"\n'
+                       f'increment = "64M"\nwatch_cgroups = ["{group.name}"]\n')
+        agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None, owns_swap_policy=True)
+        agent.psi_root = quiet_psi(tmp_path)
+        hogs = []
+        try:
+            agent.start()
+            wait_until(lambda: active_swaps_under(swap_dir) == [f"{swap_dir}/swap-0001"])
+            for _ in range(2):  # two kills: said once
+                hog = run_in(group, "b = bytearray(96 * 2**20)\n"
+                                    "for i in range(0, len(b), 4096): b[i] = 1\n")
+                hogs.append(hog)
+                assert hog.wait(timeout=60) == -9  # SIGKILL: the OOM killer
+            events = tmp_path / "state/events.jsonl"
+
+            def said() -> list[dict[str, object]]:
+                return [e for e in map(json.loads, events.read_text().splitlines())
+                        if e["event_type"] == "swap_cannot_help"] if events.exists() else []
+
+            wait_until(lambda: said() != [], timeout_s=15)
+            time.sleep(1.5)  # a second kill's signal would be recorded by now
+        finally:
+            for hog in hogs:
+                if hog.poll() is None:
+                    hog.kill()
+                    hog.wait()
+            agent.stop()
+        [event] = said()
+        assert event["cgroup"] == group.name
+        assert str(event["reason"]).startswith(f"cgroup {group.name} is ")
+        assert "swap cannot help it" in str(event["reason"])
+        assert event["fix"] and event["why"]
+        assert active_swaps_under(swap_dir) == [f"{swap_dir}/swap-0001"]  # nothing grown

@@ -63,6 +63,7 @@ from clusterctl.gpu.shapes import fleet_metrics
 from clusterctl.hibernate import actions
 from clusterctl.hibernate.controller import Hibernation
 from clusterctl.hibernate.idle import IdleState
+from clusterctl.host.cgroups import CgroupSignal, CgroupWatch
 from clusterctl.host.nvml import GpuSnapshot, Nvml
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
@@ -206,6 +207,8 @@ class Agent:
         self._delivery_config: cfg.HeartbeatConfig | None = None  # what delivery was built for
         self.api_server: Any = None
         self.psi_root = Path("/")  # where /proc/pressure/memory and /proc/meminfo are read
+        self.cgroup_root = Path("/")  # where the cgroup hierarchies are found
+        self._cgroups_said: tuple[object, ...] = ()  # the watch's problems, said once
         self.loops: dict[str, threading.Thread] = {}
         self.loop_errors: dict[str, int] = dict.fromkeys(LOOPS, 0)
         self._causes: dict[str, set[str]] = {}  # loop -> failures logged since it last worked
@@ -469,14 +472,17 @@ class Agent:
         while not self.stopping.is_set():
             self.progress.pressure_at = time.monotonic()
             trigger = self._arm()
+            watch = self._arm_cgroups()
             try:
-                self._watch_pressure(trigger)
+                self._watch_pressure(trigger, watch)
             except Exception as err:  # a full disk under swap.run, a torn-down trigger
                 self.loop_failed("pressure", err)
                 self.stopping.wait(PRESSURE_RETRY_S)
             finally:
                 if trigger is not None:
                     trigger.close()
+                if watch is not None:
+                    watch.close()
 
     def _arm(self) -> PressureTrigger | None:
         """The PSI trigger at ``[swap] pressure_threshold``, armed; None when this node
@@ -501,32 +507,68 @@ class Agent:
         log.info("memory pressure trigger armed (%g%% of a %g s window)", threshold, window)
         return trigger
 
-    def _watch_pressure(self, trigger: PressureTrigger | None) -> None:
-        """Wake every SWAP_SAMPLE_S (at once when the trigger fires) for a step that is
-        due; returns on stop, when the trigger's threshold changed (a reload), or, without
-        a trigger that failed to arm, after PRESSURE_RETRY_S to arm it again."""
+    def _arm_cgroups(self) -> CgroupWatch | None:
+        """The watch on ``[swap] watch_cgroups``: their pressure, limit hits and OOM kills.
+        Cgroups that cannot be watched are said once per arming, at info (a default slice
+        that does not exist on this node is no problem); None when none is watched."""
+        swap = self.config.swap
+        if not swap.watch_cgroups:
+            return None
+        watch = CgroupWatch(swap.watch_cgroups, swap.pressure_threshold_percent,
+                            root=self.cgroup_root)
+        try:
+            problems = watch.arm()
+        except Exception as err:  # out of file descriptors: the next arming tries again
+            self.loop_failed("pressure", err)
+            return None
+        said = (swap.watch_cgroups, problems)
+        if said != self._cgroups_said:
+            self._cgroups_said = said
+            for line in problems:
+                log.info("not watching cgroup %s", line)
+            if watch.watched:
+                log.info("watching cgroups %s for memory pressure, limits and OOM kills",
+                         ", ".join(watch.watched))
+        if not watch.watched:
+            watch.close()
+            return None
+        return watch
+
+    def _watch_pressure(self, trigger: PressureTrigger | None,
+                        watch: CgroupWatch | None = None) -> None:
+        """Wake every SWAP_SAMPLE_S (at once when a trigger fires) for a step that is due;
+        returns on stop, when what was armed no longer matches the config (a reload), or,
+        without a trigger that failed to arm, after PRESSURE_RETRY_S to arm it again."""
         retry_at = (time.monotonic() + PRESSURE_RETRY_S
                     if trigger is None and not self.progress.pressure_off else None)
-        poll = select.poll()
-        if trigger is not None:
-            poll.register(trigger.fileno(), select.POLLPRI)
+        swap = self.config.swap
+        armed = (swap.pressure_threshold_percent, swap.watch_cgroups)
         while not self.stopping.is_set():
             self.progress.pressure_at = time.monotonic()
-            if trigger is not None and (trigger.threshold_percent
-                                        != self.config.swap.pressure_threshold_percent):
+            swap = self.config.swap
+            if (swap.pressure_threshold_percent, swap.watch_cgroups) != armed:
                 return
             if retry_at is not None and time.monotonic() >= retry_at:
                 return
-            signals: list[Signal] = []
+            poll = select.poll()
             if trigger is not None:
-                for _fd, mask in poll.poll(int(SWAP_SAMPLE_S * 1000)):
-                    if trigger.fired(mask):
-                        signals.append(Signal(
-                            "pressure", "system",
-                            detail=f"memory stalled >= {trigger.threshold_percent:g}% of a "
-                            f"{trigger.window_s:g} s window"))
-            else:
+                poll.register(trigger.fileno(), select.POLLPRI)
+            for fd, mask in (watch.fds() if watch is not None else {}).items():
+                poll.register(fd, mask)
+            if trigger is None and watch is None:
                 self.stopping.wait(SWAP_SAMPLE_S)
+                ready: list[tuple[int, int]] = []
+            else:
+                ready = poll.poll(int(SWAP_SAMPLE_S * 1000))
+            signals: list[Signal] = []
+            for fd, mask in ready:
+                if trigger is not None and fd == trigger.fileno() and trigger.fired(mask):
+                    signals.append(Signal(
+                        "pressure", "system",
+                        detail=f"memory stalled >= {trigger.threshold_percent:g}% of a "
+                        f"{trigger.window_s:g} s window"))
+            if watch is not None:
+                signals += [_signal_of(s) for s in watch.signals({fd for fd, _ in ready})]
             self.swap_tick(self.monotonic(), signals=tuple(signals))
 
     def sample_swap(self, now: float) -> SwapTrend | None:
@@ -789,3 +831,14 @@ class Agent:
             log.error("could not give every power limit back: %s: %s", type(err).__name__, err)
         self.nvml.shutdown()
         log.info("stopped")
+
+
+def _signal_of(found: CgroupSignal) -> Signal:
+    """A cgroup's signal as the swap policy takes it."""
+    cap = found.swap_cap
+    detail = found.detail
+    if found.kind != "pressure" and found.count > 1:
+        detail = f"{detail}, {found.count} times" if detail else f"{found.count} times"
+    return Signal(found.kind, found.cgroup, found.unit, detail, found.count,
+                  cannot_help=cap.why if cap is not None else None,
+                  fix=cap.fix if cap is not None else None)
