@@ -353,3 +353,11 @@ def test_watch_cgroups_are_kept_without_their_slashes(tmp_path: Path) -> None:
     assert cfg.load(path).config.swap.watch_cgroups == ("machine.slice", "system.slice/db.service")
     cfg.set_values(path, {"swap.watch_cgroups": "user.slice, kubepods.slice"})
     assert cfg.load(path).config.swap.watch_cgroups == ("user.slice", "kubepods.slice")
+
+
+def test_watch_cgroups_drops_repeats_and_has_a_cap(tmp_path: Path) -> None:
+    path = write(tmp_path, '[swap]\nwatch_cgroups = ["user.slice", "/user.slice/"]\n')
+    assert cfg.load(path).config.swap.watch_cgroups == ("user.slice",)
+    many = ", ".join(f'"g{i}.slice"' for i in range(cfg.MAX_WATCH_CGROUPS + 1))
+    err = first_error(tmp_path, f"[swap]\nwatch_cgroups = [{many}]\n")
+    assert f"at most {cfg.MAX_WATCH_CGROUPS} cgroups" in str(err)

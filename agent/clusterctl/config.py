@@ -649,6 +649,9 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(target|service)$")
 
 
+MAX_WATCH_CGROUPS = 64
+
+
 def _coerce_cgroups(raw: object) -> tuple[str, ...]:
     """Cgroup paths under the hierarchy's root ("system.slice", "/machine.slice/x.scope"):
     no "." or ".." part, no control character; kept without the leading "/"."""
@@ -662,7 +665,12 @@ def _coerce_cgroups(raw: object) -> tuple[str, ...]:
                 or any(p in ("", ".", "..") for p in parts)):
             raise ValueError(f'a cgroup path is parts under the cgroup root like '
                              f'"system.slice/db.service", with no "..", got {quoted(item)}')
-        paths.append("/".join(parts))
+        path = "/".join(parts)
+        if path not in paths:  # twice would be armed twice and said twice
+            paths.append(path)
+    if len(paths) > MAX_WATCH_CGROUPS:
+        raise ValueError(f"at most {MAX_WATCH_CGROUPS} cgroups (the groups under each are "
+                         f"watched too), got {len(paths)}: list their parents instead")
     return tuple(paths)
 
 

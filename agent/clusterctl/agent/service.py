@@ -83,6 +83,7 @@ SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this of
 SWAP_SAMPLE_S = 0.5  # swap use is sampled this often, for its rate and shortage
 SWAP_SHORT_GAP_S = 1.0  # swap running out: a step at most this often (5 s once blocked)
 CANNOT_HELP_AGAIN_S = 600.0  # a cgroup swap cannot help is said again after this
+CANNOT_HELP_KEPT = 256  # cgroups remembered as said, beyond which old ones are forgotten
 MAIN_PERIOD_S = 2.0  # STATUS and WATCHDOG=1 this often
 PRESSURE_RETRY_S = 5.0  # after an unexpected failure, the PSI trigger is armed again
 # a loop whose last iteration is older than this stops the watchdog pings
@@ -225,6 +226,7 @@ class Agent:
         self._last_step_helped = True  # False: swap ran short and the step could not grow
         self._signals: list[Signal] = []  # signals waiting for the next step
         self._cannot_help_said: dict[str, float] = {}
+        self._watch_failed = False  # the cgroup watch failed to arm: armed again soon
         self._arm_failed = False
         self._reload = threading.Event()
         self._naps = threading.Condition()
@@ -518,14 +520,20 @@ class Agent:
                             root=self.cgroup_root)
         try:
             problems = watch.arm()
-        except Exception as err:  # out of file descriptors: the next arming tries again
+        except Exception as err:  # out of file descriptors: armed again in a moment
+            self._watch_failed = True
             self.loop_failed("pressure", err)
             return None
+        self._watch_failed = False
         said = (swap.watch_cgroups, problems)
         if said != self._cgroups_said:
             self._cgroups_said = said
             for line in problems:
-                log.info("not watching cgroup %s", line)
+                if "Read-only file system" in line:  # the unit's sandbox: counters only
+                    log.warning("not watching cgroup %s; its limit and OOM counters only: "
+                                "`clusterctl config dropins` lets this unit write it", line)
+                else:
+                    log.info("not watching cgroup %s", line)
             if watch.watched:
                 log.info("watching cgroups %s for memory pressure, limits and OOM kills",
                          ", ".join(watch.watched))
@@ -540,7 +548,8 @@ class Agent:
         returns on stop, when what was armed no longer matches the config (a reload), or,
         without a trigger that failed to arm, after PRESSURE_RETRY_S to arm it again."""
         retry_at = (time.monotonic() + PRESSURE_RETRY_S
-                    if trigger is None and not self.progress.pressure_off else None)
+                    if (trigger is None and not self.progress.pressure_off)
+                    or self._watch_failed else None)
         swap = self.config.swap
         armed = (swap.pressure_threshold_percent, swap.watch_cgroups)
         while not self.stopping.is_set():
@@ -602,7 +611,7 @@ class Agent:
         total, free = self._swap_now
         short = swap_shortage(total, free, trend, self.config.swap)
         last = self._swap_step_at
-        since = None if last is None else now - last
+        since = None if last is None or now < last else now - last  # a clock gone back
         short_gap = SWAP_SHORT_GAP_S if self._last_step_helped else SWAP_STEP_MIN_GAP_S
         due = ((short is not None and (since is None or since >= short_gap))
                or (bool(self._signals) and (since is None or since >= SWAP_STEP_MIN_GAP_S))
@@ -628,8 +637,11 @@ class Agent:
             return True
         key = f"{signal.source}:{signal.cannot_help}"
         said = self._cannot_help_said.get(key)
-        if said is not None and now - said < CANNOT_HELP_AGAIN_S:
+        if said is not None and 0 <= now - said < CANNOT_HELP_AGAIN_S:
             return False
+        if len(self._cannot_help_said) >= CANNOT_HELP_KEPT:  # containers come and go
+            self._cannot_help_said = {k: t for k, t in self._cannot_help_said.items()
+                                      if 0 <= now - t < CANNOT_HELP_AGAIN_S}
         self._cannot_help_said[key] = now
         return True
 

@@ -267,14 +267,15 @@ def _oomd_findings(facts: HostFacts, config: Config) -> list[Finding]:
                else "its default SwapUsedLimit=")
     free = config.swap.free_threshold_percent
     if free <= 100 - limit:
-        wanted = min(90, math.floor(100 - limit) + 5)
+        wanted = math.floor(100 - limit) + 5
+        raise_limit = ("raise SwapUsedLimit= in a drop-in under /etc/systemd/oomd.conf.d/, then "
+                       "`systemctl try-reload-or-restart systemd-oomd`")
         return [Finding(
             "warn", "swap.oomd_first",
             f"{rule} ({setting}); clusterctl grows swap only once less than {free}% of it "
             "is free, so systemd-oomd can kill first",
-            f"clusterctl config set swap.free_threshold {wanted}, or raise SwapUsedLimit= "
-            "in a drop-in under /etc/systemd/oomd.conf.d/, then `systemctl "
-            "try-reload-or-restart systemd-oomd`")]
+            f"clusterctl config set swap.free_threshold {wanted}, or {raise_limit}"
+            if wanted <= 90 else raise_limit[0].upper() + raise_limit[1:])]
     return [Finding(
         "info", "swap.oomd",
         f"{rule}; clusterctl grows swap before that (under {free}% free) and systemd-oomd "

@@ -35,6 +35,7 @@ from clusterctl.units import format_size
 V1_UNLIMITED_BYTES = 2**62  # v1 reports "no limit" as LONG_MAX rounded down to a page
 SUBTREE_DEPTH = 3  # levels under a watched group whose counters are read
 SUBTREE_NODES = 256  # groups read per watched group and call, at most
+WATCH_NODES = 1024  # ...and in all, shared by the watched groups (each reads itself at least)
 RESCAN_CALLS = 10  # signals() calls (about 5 s) before the groups under one are listed again
 _UNIT = re.compile(r"[A-Za-z0-9:_.\\@-]+\.(service|scope|slice|socket|mount|swap)")
 # a container runtime's group: cgroupfs driver ("docker/ID"), systemd driver ("docker-ID.scope")
@@ -126,6 +127,31 @@ def _shown(path: Path, root: Path) -> str:
         return "/" + str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory; False for a name the kernel refuses (too long)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _inside(path: Path, top: Path) -> bool:
+    """Whether ``path`` is ``top`` or under it once links are followed (a cgroup tree has
+    none; a link there leads out of it)."""
+    real, base = os.path.realpath(path), os.path.realpath(top)
+    return real == base or real.startswith(base.rstrip("/") + "/")
+
+
+def _ino(path: Path | None) -> int | None:
+    """The inode of a group's folder: a group removed and made again has a new one."""
+    if path is None:
+        return None
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def _number(path: Path) -> int | None:
@@ -232,11 +258,11 @@ def swap_cap_of(layout: CgroupLayout, cgroup: str, *, root: Path = Path("/")) ->
     name = cgroup_name(cgroup)
     if name is None:
         return None
-    if layout.v2 is not None and layout.v2_memory and (layout.v2 / name).is_dir():
+    if layout.v2 is not None and layout.v2_memory and _is_dir(layout.v2 / name):
         cap = _v2_cap(layout, name, root, inherited=True)
         if cap is not None:
             return cap
-    if layout.v1_memory is not None and (layout.v1_memory / name).is_dir():
+    if layout.v1_memory is not None and _is_dir(layout.v1_memory / name):
         return _v1_cap(layout, name, root, inherited=True)
     return None
 
@@ -329,10 +355,10 @@ def _small(path: str) -> bytes | None:
 
 def _flat(data: bytes) -> dict[str, int]:
     out: dict[str, int] = {}
-    for line in data.decode(errors="replace").splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            out[key] = int(value)
+    for line in data.splitlines():
+        key, _, value = line.partition(b" ")
+        if value.strip().isdigit():  # ASCII digits only ("²" is no count)
+            out[key.decode(errors="replace")] = int(value)
     return out
 
 
@@ -359,6 +385,9 @@ class _Group:
     v2: Path | None  # in the cgroup2 one
     psi_fd: int | None = None
     level_fds: tuple[int, int] | None = None  # (eventfd, memory.pressure_level)
+    v1_ino: int | None = None  # the folders' inodes when armed (a group made again
+    v2_ino: int | None = None  # under the same name has new ones)
+    rearmed_at: int = -1  # the signals() call that armed it again (its fds are new)
     counting: bool = False  # its counters have a baseline
     nodes: tuple[_Node, ...] | None = None  # it and the groups under it, as last listed
     scanned_at: int = 0  # the signals() call that listed them
@@ -413,13 +442,21 @@ class CgroupWatch:
                     continue
                 v1 = layout.v1_memory / name if layout.v1_memory is not None else None
                 v2 = layout.v2 / name if layout.v2 is not None else None
-                group = _Group(name, v1 if v1 is not None and v1.is_dir() else None,
-                               v2 if v2 is not None and v2.is_dir() else None)
+                outside = [p for p, top in ((v1, layout.v1_memory), (v2, layout.v2))
+                           if p is not None and top is not None and _is_dir(p)
+                           and not _inside(p, top)]
+                if outside:  # never write a trigger through a link out of the tree
+                    lines.append(f"{name}: not a cgroup ({_shown(outside[0], self.root)} "
+                                 "is a link out of the cgroup hierarchy)")
+                    continue
+                group = _Group(name, v1 if v1 is not None and _is_dir(v1) else None,
+                               v2 if v2 is not None and _is_dir(v2) else None)
                 if group.v1 is None and group.v2 is None:
                     where = " or ".join(_shown(p, self.root) for p in (v1, v2) if p is not None)
                     lines.append(f"{name}: no such cgroup ({where or 'no cgroup hierarchy'})")
                     continue
                 self._groups.append(group)  # close() finds its fds from here on
+                group.v1_ino, group.v2_ino = _ino(group.v1), _ino(group.v2)
                 if group.v2 is not None:
                     self._arm_psi(group)
                 if group.v1 is not None:
@@ -454,7 +491,8 @@ class CgroupWatch:
         try:
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             pfd = os.open(group.v1 / "memory.pressure_level", os.O_RDONLY | os.O_CLOEXEC)
-            control = os.open(group.v1 / "cgroup.event_control", os.O_WRONLY | os.O_CLOEXEC)
+            control = os.open(group.v1 / "cgroup.event_control",
+                              os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 os.write(control, f"{efd} {pfd} medium".encode())
             finally:
@@ -489,9 +527,11 @@ class CgroupWatch:
         seen: set[tuple[int, str]] = set()
         self._calls += 1
         for group in list(self._groups):
-            pressure = self._fired(group, ready)
-            if not self._still_there(group):
+            if not self._still_there(group):  # first: a removed v1 group's eventfd fires
                 continue
+            # fds armed again in this call were not in the caller's poll (a number in
+            # ``ready`` may be an old fd's, reused)
+            pressure = self._fired(group, () if group.rearmed_at == self._calls else ready)
             if pressure:
                 out.append(self._signal(group.name, "pressure", 1, group.name, pressure))
             out.extend(self._counter_signals(group, seen))
@@ -522,27 +562,41 @@ class CgroupWatch:
         return "; ".join(fired)
 
     def _still_there(self, group: _Group) -> bool:
-        """Drop what was removed (the group, or its folder in one hierarchy)."""
-        if group.v1 is not None and not group.v1.is_dir():
-            group.v1 = None
+        """Drop what was removed (the group, or its folder in one hierarchy); arm again
+        what was removed and made again under the same name (a restarted service).
+        OSError as arm()'s (TRANSIENT)."""
+        if group.v1 is not None and _ino(group.v1) != group.v1_ino:
             if group.level_fds is not None:
                 _close(group.level_fds[0])
                 _close(group.level_fds[1])
                 group.level_fds = None
-        if group.v2 is not None and not group.v2.is_dir():
-            group.v2 = None
+            group.v1_ino = _ino(group.v1)
+            if group.v1_ino is None:
+                group.v1 = None
+            else:
+                group.nodes, group.rearmed_at = None, self._calls  # the new group's tree
+                self._arm_level(group)
+        if group.v2 is not None and _ino(group.v2) != group.v2_ino:
             _close(group.psi_fd)
             group.psi_fd = None
+            group.v2_ino = _ino(group.v2)
+            if group.v2_ino is None:
+                group.v2 = None
+            else:
+                group.nodes, group.rearmed_at = None, self._calls
+                self._arm_psi(group)
         if group.v1 is None and group.v2 is None:
             self._groups.remove(group)
             return False
         return True
 
     def _nodes(self, top: Path, name: str) -> Iterator[tuple[str, Path]]:
-        """``name`` and the groups under it, to SUBTREE_DEPTH levels, at most SUBTREE_NODES."""
+        """``name`` and the groups under it, to SUBTREE_DEPTH levels, at most SUBTREE_NODES
+        or this group's share of WATCH_NODES."""
         todo = [(name, top, 0)]
         given = 0
-        while todo and given < SUBTREE_NODES:
+        limit = min(SUBTREE_NODES, max(1, WATCH_NODES // max(1, len(self._groups))))
+        while todo and given < limit:
             node, path, depth = todo.pop(0)
             yield node, path
             given += 1
@@ -589,6 +643,8 @@ class CgroupWatch:
                 before = dict.fromkeys(now, 0)  # a group made since: its counts are new
             for kind in ("max", "oom", "oom_kill"):
                 rise = now.get(kind, 0) - before.get(kind, 0)
+                if rise < 0:  # a counter that went down: the group was made again
+                    rise = now.get(kind, 0)
                 if rise <= 0:
                     continue
                 if node.version == 2:

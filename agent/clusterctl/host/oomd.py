@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ UNIT_DIRS = ("lib/systemd/system", "usr/lib/systemd/system", "usr/local/lib/syst
              "run/systemd/system.control", "etc/systemd/system.control")
 CGROUP_UNIT_SUFFIXES = (".slice", ".service", ".scope", ".socket", ".mount", ".swap")
 VERSION_TIMEOUT_S = 2.0
+TEXT_LIMIT_BYTES = 1 << 20  # of a unit or conf file (systemd's own line limit is 1 MiB)
+DPKG_STATUS_LIMIT_BYTES = 64 << 20
 
 _VERSION_LINE = re.compile(r"^systemd (\d+) \(([^)\s]+)\)")
 _LIMIT = re.compile(r"^(\d+(?:\.\d+)?)\s*(%|‰|‱)$")
@@ -94,7 +97,7 @@ def oomd_pid(root: Path) -> int | None:
 def package_version(root: Path) -> str | None:
     """The installed version of systemd-oomd's package in the dpkg database, if any."""
     versions: dict[str, str] = {}
-    for stanza in _text(root / "var/lib/dpkg/status").split("\n\n"):
+    for stanza in _text(root / "var/lib/dpkg/status", DPKG_STATUS_LIMIT_BYTES).split("\n\n"):
         fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line
                       and not line.startswith(" "))
         package = fields.get("Package")
@@ -180,8 +183,8 @@ def _listing(directory: Path) -> list[os.DirEntry[str]]:
 def _masked(entry: os.DirEntry[str]) -> bool:
     """A unit file linked to /dev/null, or empty: systemd treats the unit as masked."""
     try:
-        if entry.is_symlink():
-            return Path(entry.path).resolve() == Path("/dev/null")
+        if entry.is_symlink():  # realpath: a link loop is no error
+            return os.path.realpath(entry.path) == "/dev/null"
         return entry.stat().st_size == 0
     except OSError:
         return False
@@ -227,12 +230,29 @@ def _assignments(text: str) -> Iterator[tuple[str, str, str]]:
             yield section, key.strip(), value.strip()
 
 
-def _text(path: Path) -> str:
-    """The file's text; "" when it is absent, unreadable or not a file (/dev/null masks)."""
+def _text(path: Path, limit_bytes: int = TEXT_LIMIT_BYTES) -> str:
+    """The file's first ``limit_bytes`` as text; "" when it is absent, unreadable or not a
+    regular file (/dev/null masks; a FIFO or /dev/zero would never end)."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except (OSError, ValueError):
         return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        chunks: list[bytes] = []
+        left = limit_bytes
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _run(argv: list[str]) -> str | None:

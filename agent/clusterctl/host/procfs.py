@@ -78,6 +78,8 @@ def parse_meminfo(text: str) -> MemoryFacts:
         values[key.strip()] = int(fields[0]) * scale
     if "MemTotal" not in values:
         raise ValueError("meminfo has no MemTotal line")
+    if ("SwapTotal" in values) != ("SwapFree" in values):  # a short read: not "all used"
+        raise ValueError("meminfo has SwapTotal without SwapFree, or the other way round")
     return MemoryFacts(
         total_bytes=values["MemTotal"],
         free_bytes=values.get("MemFree", 0),

@@ -447,7 +447,7 @@ def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
     room to swap already, and more would not relieve the stall."""
     psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
     fired = [s for s in facts.signals if s.cannot_help is None]
-    if not fired and (psi is None or psi < config.pressure_threshold_percent):
+    if not fired and not _psi_high(psi, config):
         return None
     if fired:
         sig = fired[0]
@@ -460,11 +460,16 @@ def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
     return f"{what}, with {format_size(facts.swap_free_bytes)} of swap free"
 
 
+def _psi_high(psi: float | None, config: SwapConfig) -> bool:
+    """PSI avg60 at ``pressure_threshold``; no stall at all is never pressure (threshold 0)."""
+    return psi is not None and psi > 0 and psi >= config.pressure_threshold_percent
+
+
 def _pressure_not_swap(facts: SwapFacts, config: SwapConfig) -> str | None:
     """Pressure there is, but swap has room: why this step does not grow, in words."""
     psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
     fired = [s for s in facts.signals if s.cannot_help is None]
-    if fired or (psi is not None and psi >= config.pressure_threshold_percent):
+    if fired or _psi_high(psi, config):
         who = fired[0].who if fired else "the node"
         return (f"memory pressure in {who}, but {format_size(facts.swap_free_bytes)} of "
                 "swap is free: more would not relieve it")
