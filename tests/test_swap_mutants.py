@@ -404,8 +404,8 @@ def test_free_threshold_exactly() -> None:
 
 def test_predicted_exhaustion_exactly_at_the_horizon() -> None:
     """Free swap that lasts exactly the horizon is enough; the rate's horizon is
-    2 x online_s + 1 s, and the count covers what the rate needs beyond what is free."""
-    trend = SwapTrend(100 * MIB, online_s=0.5)  # horizon 2 s: 200M
+    2 x online_s + 0.5 s, and the count covers what the rate needs beyond what is free."""
+    trend = SwapTrend(100 * MIB, online_s=0.75)  # horizon 2 s: 200M
     assert trend.horizon_s == 2.0
 
     def grow(free_mib: int, config: SwapConfig = CONFIG) -> int:

@@ -469,17 +469,17 @@ def test_growth_that_stopped_no_longer_counts() -> None:
 
 
 def test_predicted_exhaustion_grows_as_many_increments_as_the_rate_needs() -> None:
-    """At 200 MiB/s with files online in 0.5 s, swap must last 2 s: 400 MiB. With 120 MiB
+    """At 200 MiB/s with files online in 1 s, swap must last 2.5 s: 500 MiB. With 120 MiB
     free (23 %: above free_threshold) that is two files more."""
     rate = swap_rate(series(RAMP))
     assert rate is not None
     files = [quarter("swap-0001", 256, 1), quarter("swap-0002", 136, 2)]  # 120M free
-    facts = replace(snapshot(files=files), trend=SwapTrend(rate, online_s=0.5))
+    facts = replace(snapshot(files=files), trend=SwapTrend(rate, online_s=1.0))
     plan = plan_auto(facts, SMALL, NOW)
     assert kinds(plan) == [("create", "swap-0003", 256 * MIB), ("create", "swap-0004", 256 * MIB)]
     reason = plan.actions[0].reason
     assert reason.startswith("swap use grows 199M/s: the 120M free")
-    assert "runs out in 0.6 s" in reason and "about 0.5 s to come online" in reason
+    assert "runs out in 0.6 s" in reason and "about 1.0 s to come online" in reason
     # the same swap at a slow, steady rate: plenty of time, nothing to do
     slow = replace(facts, trend=SwapTrend(10 * MIB, online_s=0.5))
     assert plan_auto(slow, SMALL, NOW).actions == ()

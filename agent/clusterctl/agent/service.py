@@ -69,6 +69,7 @@ from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.swap import executor as swap
 from clusterctl.swap.policy import (
+    HORIZON_STEP_S,
     ONLINE_S_UNMEASURED,
     RATE_WINDOW_S,
     Signal,
@@ -81,7 +82,8 @@ from clusterctl.system.systemd import AGENT_UNIT, own_unit
 log = logging.getLogger("clusterctl.agent")
 SWAP_STEP_MIN_GAP_S = 5.0  # a pressure storm runs at most one swap step this often
 SWAP_SAMPLE_S = 0.5  # swap use is sampled this often, for its rate and shortage
-SWAP_SHORT_GAP_S = 1.0  # swap running out: a step at most this often (5 s once blocked)
+SWAP_SHORT_GAP_S = HORIZON_STEP_S  # swap running out: a step at most this often
+# (SWAP_STEP_MIN_GAP_S once a step could not grow)
 CANNOT_HELP_AGAIN_S = 600.0  # a cgroup swap cannot help is said again after this
 CANNOT_HELP_KEPT = 256  # cgroups remembered as said, beyond which old ones are forgotten
 MAIN_PERIOD_S = 2.0  # STATUS and WATCHDOG=1 this often

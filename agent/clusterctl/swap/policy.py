@@ -42,10 +42,11 @@ KERNEL_AREA_LIMIT = 23
 MIN_FILE_BYTES = 64 * MIB
 AT_MAX = "at max_size"
 # The predictive rule: swap must last until the next file is online (``online_s``, as
-# measured by the agent) twice over, plus the gap until the step after that can act.
+# measured by the agent) twice over, plus the gap until the step after that can act
+# (the agent steps at most this often while swap runs short).
 HORIZON_ONLINE_FACTOR = 2.0
-HORIZON_STEP_S = 1.0
-ONLINE_S_UNMEASURED = 1.0  # until the agent has timed a file of its own
+HORIZON_STEP_S = 0.5
+ONLINE_S_UNMEASURED = 0.5  # until the agent has timed a file of its own
 RATE_RECENT_S = 1.0  # the rate is that of the last second of samples...
 RATE_WINDOW_S = 5.0  # ...or of this window where the last second has too few
 
