@@ -8,8 +8,9 @@
 #   --no-check                      skip the closing `clusterctl check quick`
 #
 # What it owns: /opt/clusterctl (the virtualenv), /usr/local/bin/clusterctl,
-# the clusterctl-* units in /etc/systemd/system (and the swap-dir.conf drop-ins
-# `clusterctl config dropins` writes for a swap dir outside /var/lib/clusterctl),
+# the clusterctl-* units in /etc/systemd/system (and the swap-dir.conf and
+# watch-cgroups.conf drop-ins `clusterctl config dropins` writes for a swap dir outside
+# /var/lib/clusterctl and for watched cgroups outside the agent's default slices),
 # /etc/clusterctl and /var/lib/clusterctl. An existing /etc/clusterctl/clusterctl.toml
 # is never overwritten: the new default goes beside it as clusterctl.toml.dist.
 # Everything installed is listed in /var/lib/clusterctl/install.manifest.
@@ -195,7 +196,8 @@ install_units() {
     say "no units to install yet"
     return
   fi
-  # drop-ins the config needs (ReadWritePaths= for a swap dir outside /var/lib/clusterctl)
+  # drop-ins the config needs (ReadWritePaths= for a swap dir outside /var/lib/clusterctl,
+  # for watched cgroups outside the agent's default slices)
   "$R$venv/bin/clusterctl" config dropins --config "$R$conf_dir/clusterctl.toml" \
       --root "$root" | while IFS= read -r line; do say "$line"; done
   if ! systemd_running; then
@@ -285,10 +287,12 @@ do_uninstall() {
       esac
     done <"$R$manifest"
   fi
-  local unit dropin
+  local unit dropin name
   for unit in clusterctl-swap.service clusterctl-agent.service; do  # from `config dropins`
-    dropin=$unit_dir/$unit.d/swap-dir.conf
-    if [ -e "$R$dropin" ]; then rm -f "$R$dropin"; say "removed $dropin"; fi
+    for name in swap-dir.conf watch-cgroups.conf; do
+      dropin=$unit_dir/$unit.d/$name
+      if [ -e "$R$dropin" ]; then rm -f "$R$dropin"; say "removed $dropin"; fi
+    done
     rmdir "$R$unit_dir/$unit.d" 2>/dev/null || true
   done
   if [ -e "$R/opt/clusterctl" ]; then rm -rf "$R/opt/clusterctl"; say "removed /opt/clusterctl"; fi

@@ -81,6 +81,8 @@ def test_an_edited_config_is_kept_and_the_new_default_goes_beside_it(staged: Pat
 
 DROPINS = tuple(f"etc/systemd/system/{unit}.d/swap-dir.conf"
                 for unit in ("clusterctl-swap.service", "clusterctl-agent.service"))
+# for a watched cgroup outside the agent's default slices
+WATCH_DROPIN = "etc/systemd/system/clusterctl-agent.service.d/watch-cgroups.conf"
 
 
 def test_an_existing_config_with_a_swap_dir_elsewhere_gets_the_units_dropins(
@@ -112,12 +114,15 @@ def test_an_existing_config_with_a_swap_dir_elsewhere_gets_the_units_dropins(
 def test_uninstall_keeps_config_and_state_then_purge_leaves_nothing(staged: Path) -> None:
     conf = staged / "etc/clusterctl/clusterctl.toml"
     conf.write_text(conf.read_text().replace('dir = "/var/lib/clusterctl/swap"',
-                                             'dir = "/srv/swap"'))
-    install(staged, "--no-check")
+                                             'dir = "/srv/swap"').replace(
+        'watch_cgroups = ["system.slice",', 'watch_cgroups = ["kubepods.slice", "system.slice",'))
+    result = install(staged, "--no-check")
+    assert f"install.sh: wrote /{WATCH_DROPIN}" in result.stdout
+    assert "ReadWritePaths=-/sys/fs/cgroup/kubepods.slice " in (staged / WATCH_DROPIN).read_text()
     assert all((staged / dropin).exists() for dropin in DROPINS)
     result = install(staged, "--uninstall")
     assert "removed /opt/clusterctl" in result.stdout
-    for dropin in DROPINS:  # with the units they let write the swap dir
+    for dropin in (*DROPINS, WATCH_DROPIN):  # with the units they let write the swap dir
         assert f"removed /{dropin}" in result.stdout
         assert not (staged / dropin).parent.exists()
     assert not (staged / "opt/clusterctl").exists()

@@ -76,6 +76,11 @@ def restart_and_read(sandbox: Sandbox) -> tuple[list[str], list[str]]:
     """Restart the agent; the cgroups it watches and its "not watching" lines, from
     this start's journal once it has armed."""
     sandbox.run(f"systemctl restart {AGENT}")
+    return read_watch(sandbox)
+
+
+def read_watch(sandbox: Sandbox) -> tuple[list[str], list[str]]:
+    """restart_and_read() for the agent's current start."""
     journal = (f"journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="
                f"$(systemctl show -P InvocationID {AGENT})")
     lines = sandbox.wait_for(f"{journal} | grep -q 'watching cgroups' && {journal}",
@@ -111,26 +116,43 @@ def test_the_hardened_agent_arms_its_cgroup_watch_on_system_slice(
     assert writable_for_the_agent(sandbox, armed + kept) == armed
 
 
-def test_a_group_outside_the_defaults_needs_a_dropin_to_be_watched_fully(
+def test_a_group_outside_the_defaults_is_watched_fully_once_config_set_names_it(
         sandbox: Sandbox, layout: Layout) -> None:
-    """The counters work anyway; the triggers only where the unit lets it write."""
+    """Edited into the config by hand, a group outside the default slices gets its
+    counters only (its files are read-only for the agent). `clusterctl config set
+    swap.watch_cgroups` writes the agent's watch-cgroups.conf and restarts it: the
+    triggers are armed there; back to the default slices, the drop-in goes."""
     conf = "/etc/clusterctl/clusterctl.toml"
-    dropin = f"/run/systemd/system/{AGENT}.d"
+    dropin = f"/etc/systemd/system/{AGENT}.d/watch-cgroups.conf"
     before = sandbox.run(f"cat {conf}").stdout
     sandbox.run("systemd-run --unit=cgtest-work --slice=cgtest.slice sleep 600 && "
-                "clusterctl config set swap.watch_cgroups system.slice,cgtest.slice")
+                "sed -i 's/^watch_cgroups = .*/watch_cgroups = "
+                f"[\"system.slice\", \"cgtest.slice\"]/' {conf} && grep -q cgtest {conf}")
     try:
         watching, problems = restart_and_read(sandbox)
         assert watching == ["system.slice", "cgtest.slice"]  # its counters, at least
         assert problems and all(p.startswith("not watching cgroup cgtest.slice: ") and
-                                p.endswith(": Read-only file system") for p in problems), problems
-        paths = " ".join(f"-{top}/cgtest.slice" for top in (layout.v2, layout.v1_memory) if top)
-        sandbox.run(f"mkdir -p {dropin} && printf '[Service]\\nReadWritePaths={paths}\\n' "
-                    f"> {dropin}/cgtest.conf && systemctl daemon-reload")
-        watching, problems = restart_and_read(sandbox)
+                                p.endswith(": Read-only file system; its limit and OOM counters "
+                                           "only: `clusterctl config dropins` lets this unit "
+                                           "write it") for p in problems), problems
+        out = sandbox.run("clusterctl config set swap.watch_cgroups "
+                          "system.slice,cgtest.slice").stdout
+        assert f"wrote {dropin}\n" in out and f"restarted {AGENT} " in out, out
+        watching, problems = read_watch(sandbox)  # the start `config set` made
         assert watching == ["system.slice", "cgtest.slice"]
         assert problems == []
+        fds = sandbox.run(f"ls -l /proc/{MAIN_PID}/fd").stdout
+        armed = [f"{layout.v2}/cgtest.slice/memory.pressure"] if layout.v2 else []
+        if layout.v1_memory and sandbox.run(f"test -d {layout.v1_memory}/cgtest.slice",
+                                            check=False).returncode == 0:
+            armed.append(f"{layout.v1_memory}/cgtest.slice/memory.pressure_level")
+        assert armed and all(f"-> {path}\n" in fds for path in armed), fds
+        out = sandbox.run("clusterctl config set swap.watch_cgroups "
+                          "system.slice,user.slice,machine.slice").stdout
+        assert f"removed {dropin}\n" in out and f"restarted {AGENT} " in out, out
+        assert "cgtest.slice" not in sandbox.run(f"systemctl show -P ReadWritePaths {AGENT}"
+                                                 ).stdout
     finally:
-        sandbox.run(f"rm -rf {dropin}; systemctl stop cgtest-work cgtest.slice; "
+        sandbox.run(f"systemctl stop cgtest-work cgtest.slice; "
                     f"cat > {conf} <<'EOF'\n{before}EOF\n"
-                    f"systemctl daemon-reload && systemctl restart {AGENT}")
+                    f"clusterctl config dropins && systemctl restart {AGENT}")

@@ -98,8 +98,9 @@ def set_cmd(
     new = cfg.set_values(path, {key: value}, dry_run=dry_run)
     section, _, name = key.partition(".")
     shown = cfg.as_toml_dict(new)[section][name]
-    # the file the units read: their drop-ins follow it ([swap] dir outside their sandbox)
-    synced = (_sync_units(new.swap.dir, Path("/"), dry_run)
+    # the file the units read: their drop-ins follow it ([swap] dir, watch_cgroups outside
+    # their sandbox)
+    synced = (_sync_units(new, Path("/"), dry_run)
               if path == systemd.UNITS_CONFIG else systemd.DropinSync(()))
     if run.json:
         emit_json({"path": str(path), "key": key, "value": shown, "dry_run": dry_run,
@@ -110,11 +111,13 @@ def set_cmd(
         _print_sync(synced, dry_run)
 
 
-def _sync_units(swap_dir: Path, root: Path, dry_run: bool) -> systemd.DropinSync:
-    """The swap units' drop-ins for ``swap_dir``; on this machine, a missing swap dir
-    outside their sandbox is made too (0700, as `swap auto` makes it), since under
-    ProtectSystem=strict they cannot make it there themselves."""
-    synced = systemd.sync_swap_dir_dropins(swap_dir, root=root, dry_run=dry_run)
+def _sync_units(config: cfg.Config, root: Path, dry_run: bool) -> systemd.DropinSync:
+    """The units' drop-ins for ``config`` ([swap] dir, watch_cgroups); on this machine,
+    a missing swap dir outside their sandbox is made too (0700, as `swap auto` makes
+    it), since under ProtectSystem=strict they cannot make it there themselves."""
+    swap_dir = config.swap.dir
+    synced = systemd.sync_dropins(systemd.unit_dropins(swap_dir, config.swap.watch_cgroups),
+                                  root=root, dry_run=dry_run)
     if (not dry_run and root == Path("/") and systemd.swap_dir_dropin(swap_dir) is not None
             and (root / systemd.UNIT_DIR.lstrip("/")).is_dir() and not swap_dir.exists()):
         from clusterctl.system import swapfiles
@@ -134,7 +137,7 @@ def _print_sync(synced: systemd.DropinSync, dry_run: bool) -> None:
         verb = {"write": "wrote", "remove": "removed"}[change.action]
         print(f"{'would ' + change.action if dry_run else verb} {change.path}")
     for unit in synced.restarted:
-        print(f"restarted {unit} (its sandbox takes the new swap dir at start)")
+        print(f"restarted {unit} (its sandbox takes the new drop-ins at start)")
 
 
 @command(app, "dropins", json=True)
@@ -147,11 +150,13 @@ def dropins_cmd(
 ) -> None:
     """Write or remove the drop-ins clusterctl's units need for this config (run by
     install.sh and `config set`): ReadWritePaths= for a swap dir outside
-    /var/lib/clusterctl; systemd reloaded when one changed."""
-    swap_dir = run.config.swap.dir
-    synced = _sync_units(swap_dir, root, dry_run)
+    /var/lib/clusterctl and for watched cgroups outside the agent's default slices;
+    systemd reloaded when one changed."""
+    config = run.config
+    synced = _sync_units(config, root, dry_run)
     if run.json:
-        emit_json({"swap_dir": str(swap_dir), "dry_run": dry_run,
+        emit_json({"swap_dir": str(config.swap.dir),
+                   "watch_cgroups": list(config.swap.watch_cgroups), "dry_run": dry_run,
                    **_sync_json(synced)})
     else:
         _print_sync(synced, dry_run)

@@ -8,7 +8,7 @@ import posixpath
 import re
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,17 @@ UNIT_DIR = "/etc/systemd/system"  # where install.sh puts them, and their drop-i
 DROPIN_DIRS = ("/usr/lib/systemd/system", "/lib/systemd/system", UNIT_DIR,
                "/run/systemd/system")  # lowest priority first
 SWAP_DIR_DROPIN = "swap-dir.conf"
+WATCH_CGROUPS_DROPIN = "watch-cgroups.conf"
+# the groups the agent's unit makes writable itself (its ReadWritePaths= under
+# ProtectControlGroups=yes), and where each cgroup layout puts a group: unified, hybrid
+# cgroup2, v1 memory
+AGENT_UNIT_CGROUPS = ("system.slice", "user.slice", "machine.slice")
+CGROUP_TOPS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory")
+# a v1 (legacy, hybrid) layout mounts these at /sys/fs/cgroup/NAME: a whole hierarchy
+V1_HIERARCHIES = frozenset({
+    "blkio", "cpu", "cpuacct", "cpu,cpuacct", "cpuset", "devices", "freezer", "hugetlb",
+    "memory", "misc", "net_cls", "net_prio", "net_cls,net_prio", "perf_event", "pids",
+    "rdma", "systemd", "unified"})
 UNITS_WRITE = "/var/lib/clusterctl"  # every swap unit's own ReadWritePaths=
 UNITS_CONFIG = Path("/etc/clusterctl/clusterctl.toml")  # the config the units read
 
@@ -143,24 +154,76 @@ def swap_dir_dropin(swap_dir: Path) -> str | None:
             f"[Service]\nReadWritePaths={_unit_path(directory, '-')}\n")
 
 
+def watch_cgroups_dropin(cgroups: Sequence[str]) -> str | None:
+    """What the agent's unit needs so its sandbox (ProtectControlGroups=yes) lets it arm
+    pressure triggers in the watched ``cgroups`` (config form: "kubepods.slice/x"), or
+    None when its own ReadWritePaths= cover them all (groups under its default slices).
+    Each group at every layout's place; "-": a place missing at start is skipped."""
+    groups: list[str] = []
+    for group in cgroups:
+        if not any(_under(group, top) for top in (*AGENT_UNIT_CGROUPS, *groups)):
+            groups = [g for g in groups if not _under(g, group)] + [group]
+    if not groups:
+        return None
+    lines = "".join(
+        "ReadWritePaths=" + " ".join(
+            _unit_path(f"{top}/{group}", "-") for top in CGROUP_TOPS
+            # on v1, /sys/fs/cgroup/memory is the whole hierarchy, not a group "memory"
+            if top != CGROUP_TOPS[0] or group.split("/")[0] not in V1_HIERARCHIES) + "\n"
+        for group in groups)
+    return ("# Written by clusterctl (`clusterctl config set swap.watch_cgroups`, install.sh):\n"
+            "# lets the agent arm memory pressure triggers in these watched cgroups under\n"
+            "# ProtectControlGroups=yes. Removed when [swap] watch_cgroups holds only groups\n"
+            "# under system.slice, user.slice, machine.slice; do not edit.\n"
+            f"[Service]\n{lines}")
+
+
+@dataclass(frozen=True)
+class Dropin:
+    """A drop-in clusterctl keeps for its units: the file name in each unit's ``.d``
+    directory, and its text (None: not needed, a stale one is removed)."""
+
+    name: str
+    units: tuple[str, ...]
+    text: str | None
+
+    def paths(self) -> tuple[str, ...]:
+        return tuple(f"{UNIT_DIR}/{unit}.d/{self.name}" for unit in self.units)
+
+
+def unit_dropins(swap_dir: Path, watch_cgroups: Sequence[str]) -> tuple[Dropin, ...]:
+    """Every drop-in the units need for this config: the swap dir, the watched cgroups."""
+    return (_swap_dir(swap_dir),
+            Dropin(WATCH_CGROUPS_DROPIN, (AGENT_UNIT,), watch_cgroups_dropin(watch_cgroups)))
+
+
+def _swap_dir(swap_dir: Path) -> Dropin:
+    return Dropin(SWAP_DIR_DROPIN, SWAP_DIR_UNITS, swap_dir_dropin(swap_dir))
+
+
 @dataclass(frozen=True)
 class DropinChange:
     action: Literal["write", "remove"]
     path: str  # as on the host (not under a test's root)
 
 
+def dropin_changes(dropins: Sequence[Dropin], *, root: Path = Path("/")
+                   ) -> tuple[DropinChange, ...]:
+    """The drop-in files to write or remove so that they say what ``dropins`` say."""
+    changes = []
+    for dropin in dropins:
+        for path in dropin.paths():
+            current = _read(root / path.lstrip("/"))
+            if dropin.text is not None and current != dropin.text:
+                changes.append(DropinChange("write", path))
+            elif dropin.text is None and current is not None:
+                changes.append(DropinChange("remove", path))
+    return tuple(changes)
+
+
 def swap_dir_changes(swap_dir: Path, *, root: Path = Path("/")) -> tuple[DropinChange, ...]:
     """The drop-ins to write or remove so that the swap units can reach ``swap_dir``."""
-    text = swap_dir_dropin(swap_dir)
-    changes = []
-    for unit in SWAP_DIR_UNITS:
-        path = f"{UNIT_DIR}/{unit}.d/{SWAP_DIR_DROPIN}"
-        current = _read(root / path.lstrip("/"))
-        if text is not None and current != text:
-            changes.append(DropinChange("write", path))
-        elif text is None and current is not None:
-            changes.append(DropinChange("remove", path))
-    return tuple(changes)
+    return dropin_changes((_swap_dir(swap_dir),), root=root)
 
 
 @dataclass(frozen=True)
@@ -171,20 +234,27 @@ class DropinSync:
 
 def sync_swap_dir_dropins(swap_dir: Path, *, root: Path = Path("/"), dry_run: bool = False,
                           manager: Systemd | None = None) -> DropinSync:
-    """Write (or remove) the swap units' ``swap-dir.conf`` drop-ins for ``swap_dir``. When
-    one changed and systemd runs this root: a daemon-reload, and a running agent is
-    restarted (a sandbox is set up at start; until then it could not write the new
-    dir). Nothing is written where no unit directory exists (no units installed)."""
+    """sync_dropins() for the swap units' ``swap-dir.conf`` alone."""
+    return sync_dropins((_swap_dir(swap_dir),), root=root, dry_run=dry_run, manager=manager)
+
+
+def sync_dropins(dropins: Sequence[Dropin], *, root: Path = Path("/"), dry_run: bool = False,
+                 manager: Systemd | None = None) -> DropinSync:
+    """Write (or remove) the units' drop-ins (unit_dropins()). When one changed and
+    systemd runs this root: a daemon-reload, and a running agent is restarted (a sandbox
+    is set up at start; until then it could not write the new swap dir or cgroups).
+    Nothing is written where no unit directory exists (no units installed)."""
     if not (root / UNIT_DIR.lstrip("/")).is_dir():
         return DropinSync(())
-    changes = swap_dir_changes(swap_dir, root=root)
+    changes = dropin_changes(dropins, root=root)
     if dry_run or not changes:
         return DropinSync(changes)
     from clusterctl import system
 
-    text = swap_dir_dropin(swap_dir)
+    texts = {path: dropin.text for dropin in dropins for path in dropin.paths()}
     for change in changes:
         target = root / change.path.lstrip("/")
+        text = texts[change.path]
         if change.action == "write":
             assert text is not None
             with contextlib.suppress(FileExistsError):
