@@ -128,7 +128,7 @@ def test_with_the_agent_stopped_the_timer_runs_swap_auto_again(node: Node,
         assert node.show(SWAP, "Result") == "success"
         assert node.show(SWAP, "ExecMainStatus") == "0"
         said = node.swap_auto_said(cursor)
-        assert "nothing to do" in said or "created" in said, said  # `swap auto` ran
+        assert said.strip(), said  # `swap auto` ran: it always says what it did or why not
     finally:
         node.run(f"systemctl start {AGENT}")
 
