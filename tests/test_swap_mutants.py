@@ -379,15 +379,15 @@ def test_pressure_exactly_at_the_threshold_grows() -> None:
     assert [(a.kind, a.name) for a in plan.actions] == [("create", "swap-0003")]
 
 
-def test_pressure_grows_while_less_than_exactly_one_increment_is_free() -> None:
+def test_pressure_grows_while_less_than_exactly_half_an_increment_is_free() -> None:
     def with_free(free_bytes: int) -> list[str]:
         files = [F("swap-0001", created=1, used_gib=1),
                  F("swap-0002", created=2, used_bytes=GIB - free_bytes)]
         plan = plan_auto(snapshot(used_percent=40, psi_avg60=10.0, files=files), CONFIG, NOW)
         return [a.name for a in plan.actions]
 
-    assert with_free(CONFIG.increment_bytes - 4096) == ["swap-0003"]
-    assert with_free(CONFIG.increment_bytes) == []
+    assert with_free(CONFIG.increment_bytes // 2 - 4096) == ["swap-0003"]
+    assert with_free(CONFIG.increment_bytes // 2) == []
 
 
 def test_free_threshold_exactly() -> None:

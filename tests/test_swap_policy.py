@@ -131,8 +131,8 @@ def test_emergency_grows_twice_as_fast() -> None:
     assert "emergency" in plan.actions[0].reason
 
 
-SWAP_NEARLY_FULL = [F("swap-0001", created=1, used_gib=0.8),
-                    F("swap-0002", created=2, used_gib=0.4)]  # 0.8G free: under one increment
+SWAP_NEARLY_FULL = [F("swap-0001", created=1, used_gib=1.0),
+                    F("swap-0002", created=2, used_gib=0.6)]  # 0.4G free: under half an increment
 
 
 def test_sustained_memory_pressure_grows_below_the_threshold_while_swap_is_short() -> None:
@@ -140,7 +140,7 @@ def test_sustained_memory_pressure_grows_below_the_threshold_while_swap_is_short
                      CONFIG, NOW)
     assert kinds(plan) == [("create", "swap-0003", GIB)]
     assert "PSI some avg60 14.0% >= 10%" in plan.actions[0].reason
-    assert "with 819.2M of swap free" in plan.actions[0].reason
+    assert "with 409.6M of swap free" in plan.actions[0].reason
 
 
 def test_memory_pressure_with_swap_to_spare_does_not_grow_and_says_why() -> None:
@@ -500,12 +500,12 @@ def test_prediction_never_grows_past_max_size() -> None:
 def test_a_cgroup_signal_grows_only_while_swap_is_short() -> None:
     sig = Signal("pressure", "system.slice/db.service", "db.service",
                  "memory stalled >= 10% of a 1 s window")
-    short = replace(snapshot(files=[quarter("swap-0001", 100, 1)]), signals=(sig,))
-    plan = plan_auto(short, SMALL, NOW)  # 156M free, under one increment
+    short = replace(snapshot(files=[quarter("swap-0001", 150, 1)]), signals=(sig,))
+    plan = plan_auto(short, SMALL, NOW)  # 106M free, under half an increment
     assert kinds(plan) == [("create", "swap-0002", 256 * MIB)]
     assert plan.actions[0].reason == (
         "db.service (cgroup system.slice/db.service) under memory pressure (memory stalled "
-        ">= 10% of a 1 s window), with 156M of swap free")
+        ">= 10% of a 1 s window), with 106M of swap free")
     roomy = replace(snapshot(files=[quarter("swap-0001", 0, 1), quarter("swap-0002", 0, 2)]),
                     signals=(sig,))
     plan = plan_auto(roomy, SMALL, NOW)

@@ -97,7 +97,7 @@ class SwapConfig:
     pressure_threshold_percent: float = setting(
         10.0, "pressure_threshold", "float",
         "memory stall (%, PSI 'some': avg60, or within a 1 s window for the agent's triggers) "
-        "that also triggers growth while less than one increment of swap is free",
+        "that also triggers growth while less than half an increment of swap is free",
         minimum=0, maximum=100,
     )
     free_threshold_percent: int = setting(

@@ -47,6 +47,8 @@ AT_MAX = "at max_size"
 HORIZON_ONLINE_FACTOR = 2.0
 HORIZON_STEP_S = 0.5
 ONLINE_S_UNMEASURED = 0.5  # until the agent has timed a file of its own
+# Pressure grows swap only while less than this share of an increment is free.
+PRESSURE_FREE_FRACTION = 0.5
 RATE_RECENT_S = 1.0  # the rate is that of the last second of samples...
 RATE_WINDOW_S = 5.0  # ...or of this window where the last second has too few
 
@@ -444,8 +446,9 @@ _SIGNAL_WORDS = {"pressure": "under memory pressure", "max": "at its memory limi
 def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
     """The memory pressure that says swap is short, in words: a signal that fired (a PSI
     trigger, a cgroup at its limit) or PSI avg60 at ``pressure_threshold``. Pressure grows
-    swap only while less than one increment of it is free: with more free, the kernel has
-    room to swap already, and more would not relieve the stall."""
+    swap only while less than half an increment of it is free (PRESSURE_FREE_FRACTION):
+    with more free, the kernel has room to swap already and more would not relieve the
+    stall; free swap running out is the other rules' business."""
     psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
     fired = [s for s in facts.signals if s.cannot_help is None]
     if not fired and not _psi_high(psi, config):
@@ -456,7 +459,7 @@ def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
     else:
         what = (f"memory pressure: PSI some avg60 {psi:.1f}% >= "
                 f"{config.pressure_threshold_percent:g}%")
-    if facts.swap_free_bytes >= config.increment_bytes:
+    if facts.swap_free_bytes >= PRESSURE_FREE_FRACTION * config.increment_bytes:
         return None
     return f"{what}, with {format_size(facts.swap_free_bytes)} of swap free"
 
