@@ -676,3 +676,19 @@ def test_binary_and_unreadable_oomd_files_are_ignored(tmp_path: Path) -> None:
 def test_the_swap_config_keys_at_their_edges(swap: str, ok: bool) -> None:
     config, errors = parse(f"[swap]\n{swap}\n", path="clusterctl.toml")
     assert (config is not None and not errors) == ok, errors
+
+
+def test_a_storm_of_signals_between_steps_keeps_only_the_latest(tmp_path: Path,
+                                                                 nv: ModuleType) -> None:
+    """Counters of a thousand groups under a watched slice, every half second, while no
+    step is due: the agent keeps the latest few for the next step, not all of them."""
+    agent, steps = _agent(tmp_path, nv)
+    _meminfo(agent, MEMINFO.format(total=0, free=0))
+    storm = tuple(Signal("max", f"system.slice/s{i}.service", count=1) for i in range(1000))
+    agent.swap_tick(0.0, signals=storm[:1])  # a step at once, on the first signal
+    assert len(steps) == 1
+    for i in range(1, 9):  # the next 4 s: no step due (at most one per 5 s on signals)
+        agent.swap_tick(i * 0.5, signals=storm)
+    assert len(steps) == 1
+    assert len(agent._signals) == service.PENDING_SIGNALS_KEPT
+    assert agent._signals[-1] == storm[-1]

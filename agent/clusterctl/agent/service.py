@@ -85,6 +85,7 @@ SWAP_SAMPLE_S = 0.5  # swap use is sampled this often, for its rate and shortage
 SWAP_SHORT_GAP_S = HORIZON_STEP_S  # swap running out: a step at most this often
 # (SWAP_STEP_MIN_GAP_S once a step could not grow)
 CANNOT_HELP_AGAIN_S = 600.0  # a cgroup swap cannot help is said again after this
+PENDING_SIGNALS_KEPT = 64  # signals waiting for the next step, the latest kept
 CANNOT_HELP_KEPT = 256  # cgroups remembered as said, beyond which old ones are forgotten
 MAIN_PERIOD_S = 2.0  # STATUS and WATCHDOG=1 this often
 PRESSURE_RETRY_S = 5.0  # after an unexpected failure, the PSI trigger is armed again
@@ -610,6 +611,7 @@ class Agent:
         once). Signals that find no step due wait for the next. True if a step ran."""
         trend = self.sample_swap(now)
         self._signals += [s for s in signals if self._news(s, now)]
+        del self._signals[:-PENDING_SIGNALS_KEPT]  # a storm of counters: the latest
         total, free = self._swap_now
         short = swap_shortage(total, free, trend, self.config.swap)
         last = self._swap_step_at
