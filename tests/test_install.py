@@ -180,7 +180,8 @@ INSTALLED_PATHS = ("/opt/clusterctl", "/usr/local/bin/clusterctl", "/etc/cluster
 
 
 def _as_they_are(paths: tuple[str, ...]) -> dict[str, tuple[int, int] | None]:
-    """Each path's inode and change time, or None where there is nothing."""
+    """Each path's inode and change time, or None where there is nothing. The state dir's
+    change time is left out: a real install's running agent writes its state there."""
     out: dict[str, tuple[int, int] | None] = {}
     for name in paths:
         try:
@@ -188,7 +189,7 @@ def _as_they_are(paths: tuple[str, ...]) -> dict[str, tuple[int, int] | None]:
         except FileNotFoundError:
             out[name] = None
         else:
-            out[name] = (st.st_ino, st.st_ctime_ns)
+            out[name] = (st.st_ino, 0 if name == "/var/lib/clusterctl" else st.st_ctime_ns)
     return out
 
 
