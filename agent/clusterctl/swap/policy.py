@@ -443,41 +443,40 @@ _SIGNAL_WORDS = {"pressure": "under memory pressure", "max": "at its memory limi
                  "oom": "out of memory", "oom_kill": "losing processes to the OOM killer"}
 
 
-def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
-    """The memory pressure that says swap is short, in words: a signal that fired (a PSI
-    trigger, a cgroup at its limit) or PSI avg60 at ``pressure_threshold``. Pressure grows
-    swap only while less than half an increment of it is free (PRESSURE_FREE_FRACTION):
-    with more free, the kernel has room to swap already and more would not relieve the
-    stall; free swap running out is the other rules' business."""
-    psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
+def _pressure(facts: SwapFacts, config: SwapConfig) -> tuple[str, str] | None:
+    """Memory pressure now, if any: (what, in words; who): a signal that fired (a PSI
+    trigger, a cgroup at its limit) or PSI avg60 at ``pressure_threshold``."""
     fired = [s for s in facts.signals if s.cannot_help is None]
-    if not fired and not _psi_high(psi, config):
-        return None
     if fired:
         sig = fired[0]
-        what = f"{sig.who} {_SIGNAL_WORDS[sig.kind]}" + (f" ({sig.detail})" if sig.detail else "")
-    else:
-        what = (f"memory pressure: PSI some avg60 {psi:.1f}% >= "
-                f"{config.pressure_threshold_percent:g}%")
-    if facts.swap_free_bytes >= PRESSURE_FREE_FRACTION * config.increment_bytes:
+        detail = f" ({sig.detail})" if sig.detail else ""
+        return f"{sig.who} {_SIGNAL_WORDS[sig.kind]}{detail}", sig.who
+    psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
+    if psi is None or psi <= 0 or psi < config.pressure_threshold_percent:
+        return None  # no stall at all is never pressure (threshold 0)
+    return (f"memory pressure: PSI some avg60 {psi:.1f}% >= "
+            f"{config.pressure_threshold_percent:g}%", "the node")
+
+
+def _pressure_reason(facts: SwapFacts, config: SwapConfig) -> str | None:
+    """The memory pressure that says swap is short, in words. Pressure grows swap only
+    while less than half an increment of it is free (PRESSURE_FREE_FRACTION): with more
+    free, the kernel has room to swap already and more would not relieve the stall; free
+    swap running out is the other rules' business."""
+    pressure = _pressure(facts, config)
+    if pressure is None or (facts.swap_free_bytes
+                            >= PRESSURE_FREE_FRACTION * config.increment_bytes):
         return None
-    return f"{what}, with {format_size(facts.swap_free_bytes)} of swap free"
-
-
-def _psi_high(psi: float | None, config: SwapConfig) -> bool:
-    """PSI avg60 at ``pressure_threshold``; no stall at all is never pressure (threshold 0)."""
-    return psi is not None and psi > 0 and psi >= config.pressure_threshold_percent
+    return f"{pressure[0]}, with {format_size(facts.swap_free_bytes)} of swap free"
 
 
 def _pressure_not_swap(facts: SwapFacts, config: SwapConfig) -> str | None:
     """Pressure there is, but swap has room: why this step does not grow, in words."""
-    psi = facts.pressure.memory.some.avg60 if facts.pressure.memory else None
-    fired = [s for s in facts.signals if s.cannot_help is None]
-    if fired or _psi_high(psi, config):
-        who = fired[0].who if fired else "the node"
-        return (f"memory pressure in {who}, but {format_size(facts.swap_free_bytes)} of "
-                "swap is free: more would not relieve it")
-    return None
+    pressure = _pressure(facts, config)
+    if pressure is None:
+        return None
+    return (f"memory pressure in {pressure[1]}, but {format_size(facts.swap_free_bytes)} of "
+            "swap is free: more would not relieve it")
 
 
 # ---------------------------------------------------------------------------
