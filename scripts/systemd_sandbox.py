@@ -107,6 +107,7 @@ class Sandbox:
         self.pid: int | None = None
         self.boot_s: float | None = None
         self._unshare: subprocess.Popen[bytes] | None = None
+        self._host_cgroups: set[Path] = set()
 
     # -- life ------------------------------------------------------------------
     def boot_script(self) -> str:
@@ -151,6 +152,7 @@ class Sandbox:
         if reason:
             raise SandboxError(f"cannot start a systemd sandbox: {reason}")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._host_cgroups = set(top_cgroups())
         began = time.monotonic()
         self._unshare = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--mount-proc",
@@ -223,6 +225,7 @@ class Sandbox:
                 self._unshare.stderr.close()
         for host in self.binds.values():
             swapoff_files_under(host)
+        remove_empty_cgroups(set(top_cgroups()) - self._host_cgroups)
         self.pid = None
         self._unshare = None
 
@@ -272,6 +275,27 @@ class Sandbox:
                 raise SandboxError(f"gave up after {timeout_s:.0f} s waiting for {script!r}:\n"
                                    f"{result.stdout}{result.stderr}")
             time.sleep(interval_s)
+
+
+def top_cgroups(root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+    """The cgroups just under each hierarchy's root (init.scope, system.slice...)."""
+    roots = [root] if (root / "cgroup.procs").exists() else []
+    with contextlib.suppress(OSError):
+        roots += [h for h in root.iterdir() if (h / "cgroup.procs").exists()]
+    found: list[Path] = []
+    for hierarchy in roots:
+        with contextlib.suppress(OSError):
+            found += [c for c in hierarchy.iterdir() if (c / "cgroup.procs").exists()]
+    return found
+
+
+def remove_empty_cgroups(created: set[Path]) -> None:
+    """Remove the cgroups the sandbox's systemd made on the host (there is no cgroup
+    namespace), deepest first; one that still holds a process stays (rmdir refuses)."""
+    for top in created:
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
 
 
 def swapoff_files_under(directory: Path) -> list[Path]:

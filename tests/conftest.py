@@ -93,6 +93,16 @@ def quiet_psi(tmp_path: Path) -> Path:
     return root
 
 
+def quiet_host(agent: Any, tmp_path: Path) -> None:
+    """Keep an in-process agent off this machine's memory pressure and cgroups: PSI that
+    never fires (``quiet_psi``) and a cgroup root with no hierarchy under it, so no cgroup
+    that other tests or systemd sandboxes leave on the host is watched or acted on."""
+    agent.psi_root = quiet_psi(tmp_path)
+    empty = tmp_path / "no-cgroups"
+    empty.mkdir(exist_ok=True)
+    agent.cgroup_root = empty
+
+
 @pytest.fixture
 def node(tmp_path: Path, nv: ModuleType) -> Iterator[Callable[..., Any]]:
     """Agents in-process (tests.test_agent.Node) on the test module's ``nv`` fake GPUs,
@@ -150,7 +160,7 @@ def start_agent(tmp_path: Path, idle_gpu: ModuleType
         notes: list[str] = []
         agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=notes.append)
         agent.hibernation.logind = False
-        agent.psi_root = quiet_psi(tmp_path)
+        quiet_host(agent, tmp_path)
         made.append(agent)
         agent.start()
         return agent, notes

@@ -17,7 +17,7 @@ import pytest
 from clusterctl.agent.service import Agent
 from clusterctl.events.log import EventLog
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_host, wait_until
 from tests.fakes.control_plane import free_port, running
 
 GIB = 2**30
@@ -89,7 +89,7 @@ class Node:
         """The agent, its loops not started (``Agent.tick`` drives them)."""
         self.agent = Agent(self.conf, nvml=Nvml(module=self.nv), notify=self.notes.append,
                            clock=clock, owns_swap_policy=False)
-        self.agent.psi_root = quiet_psi(self.tmp)
+        quiet_host(self.agent, self.tmp)
         return self.agent
 
     def start(self) -> Agent:

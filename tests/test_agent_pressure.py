@@ -17,7 +17,7 @@ from clusterctl.agent.service import Agent
 from clusterctl.host.nvml import Nvml
 from clusterctl.system.systemd import AGENT_UNIT, own_unit
 from tests.cgroups import memory_cgroup, run_in
-from tests.conftest import load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import load_fake_nvml, quiet_host, quiet_psi, wait_until
 from tests.fakes.control_plane import free_port
 from tests.loopfs import active_swaps_under, loop_mount
 
@@ -100,7 +100,7 @@ def test_the_agent_that_owns_the_swap_policy_steps_every_check_interval_without_
                        'increment = "64M"\nmemory_threshold = 1\ncheck_interval = 30\n')
         agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None,
                       owns_swap_policy=True)
-        agent.psi_root = quiet_psi(tmp_path)
+        quiet_host(agent, tmp_path)
         try:  # its loops driven by Agent.tick on the test's clock
             agent.tick(1000.0)  # the first step at once, as the timer's at boot: min_size
             assert agent.progress.swap_steps == 1
@@ -127,7 +127,7 @@ def test_a_reload_that_changes_the_pressure_threshold_arms_the_trigger_at_the_ne
     nv.configure({"gpus": []})
     conf = _config(tmp_path, f'dir = "{tmp_path / "swap"}"\npressure_threshold = 10.0\n')
     agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None, owns_swap_policy=False)
-    agent.psi_root = quiet_psi(tmp_path)
+    quiet_host(agent, tmp_path)
     trigger = agent.psi_root / "proc/pressure/memory"
     try:
         agent.start()
@@ -177,7 +177,7 @@ def test_a_cgroup_swap_cannot_help_is_named_in_an_event_and_grows_nothing(
         conf = _config(tmp_path, f'dir = "{swap_dir}"\nmin_size = "64M"\nmax_size = "256M"\n'
                        f'increment = "64M"\nwatch_cgroups = ["{group.name}"]\n')
         agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None, owns_swap_policy=True)
-        agent.psi_root = quiet_psi(tmp_path)
+        agent.psi_root = quiet_psi(tmp_path)  # the real cgroups: it watches one
         hogs = []
         try:
             agent.start()

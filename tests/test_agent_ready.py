@@ -16,7 +16,7 @@ from clusterctl import config as cfg
 from clusterctl.agent.service import Agent
 from clusterctl.gpu.monitor import GpuMonitor
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, run_as_systemd_would, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_host, run_as_systemd_would, wait_until
 from tests.test_agent import Node
 
 SLOW_S = 2.0  # the first temperature read of a slow driver
@@ -44,7 +44,7 @@ def test_ready_is_sent_only_once_the_first_gpu_sample_is_in(node: Callable[..., 
         notes.append(message)
 
     agent = Agent(n.conf, nvml=Nvml(module=n.nv), notify=notify)
-    agent.psi_root = quiet_psi(n.tmp)
+    quiet_host(agent, n.tmp)
 
     def operator(send: Callable[[int], None]) -> None:
         wait_until(lambda: bool(at_ready), 20)

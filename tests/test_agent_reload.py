@@ -15,7 +15,7 @@ import pytest
 
 from clusterctl.agent.service import Agent
 from clusterctl.host.nvml import Nvml
-from tests.conftest import agent_config, quiet_psi, wait_until
+from tests.conftest import agent_config, quiet_host, wait_until
 from tests.fakes.control_plane import free_port
 from tests.test_agent import Ticker
 
@@ -38,7 +38,7 @@ def start_agent(tmp_path: Path, idle_gpu: ModuleType, clock: Ticker) -> Iterator
         agent = Agent(path, nvml=Nvml(module=idle_gpu), notify=notes.append,
                       clock=clock.wall, owns_swap_policy=False)
         agent.hibernation.logind = False
-        agent.psi_root = quiet_psi(tmp_path)
+        quiet_host(agent, tmp_path)
         made.append(agent)
         return agent, notes
 

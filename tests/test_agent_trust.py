@@ -25,7 +25,7 @@ from clusterctl.agent.metrics import Metrics, write_textfile
 from clusterctl.agent.service import Agent
 from clusterctl.errors import HostError
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, run_as_systemd_would, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_host, run_as_systemd_would, wait_until
 from tests.fakes.control_plane import running
 from tests.test_agent import Node, Ticker
 
@@ -204,7 +204,7 @@ def test_the_main_loop_survives_its_failures_and_always_gives_back_power_limits(
         notes.append(message)
 
     agent = Agent(n.conf, nvml=Nvml(module=n.nv), notify=notify)
-    agent.psi_root = quiet_psi(n.tmp)
+    quiet_host(agent, n.tmp)
     def operator(send: Callable[[int], None]) -> None:
         wait_until(lambda: n.nv.machine.gpus[0].power_limit_mw < 700_000)
         wait_until(lambda: bool(broke), 10)

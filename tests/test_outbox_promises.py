@@ -24,7 +24,7 @@ from clusterctl.events.log import FILE_NAME as EVENTS_FILE
 from clusterctl.events.log import EventLog
 from clusterctl.events.outbox import Outbox
 from clusterctl.host.nvml import Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import H100, load_fake_nvml, quiet_host, wait_until
 from tests.fakes.control_plane import ControlPlane, Hold, free_port, running
 from tests.faults import AgentProcess
 from tests.test_agent import Node
@@ -119,7 +119,7 @@ def test_after_the_size_cap_drops_files_and_the_live_file_rotates_every_kept_eve
     assert len(list(n.state.glob(f"{EVENTS_FILE}.*"))) >= 2
     capped = Agent(n.conf, nvml=Nvml(module=nv), notify=n.notes.append)
     capped.outbox = Outbox(n.state, max_unsent_bytes=CAP_BYTES)  # a small cap, as a param
-    capped.psi_root = quiet_psi(tmp_path)
+    quiet_host(capped, tmp_path)
     n.agent = capped  # stopped by the fixture should the test fail
     capped.start()
     wait_until(lambda: any(e["event_type"] == "outbox_overflow"

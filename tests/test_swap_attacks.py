@@ -33,7 +33,7 @@ from clusterctl.host import oomd
 from clusterctl.host.cgroups import CgroupWatch, read_layout, swap_cap_of
 from clusterctl.host.nvml import Nvml
 from clusterctl.swap.policy import Signal, SwapTrend, plan_auto, swap_rate, swap_shortage
-from tests.conftest import load_fake_nvml, quiet_psi, wait_until
+from tests.conftest import load_fake_nvml, quiet_host, wait_until
 from tests.fakes.control_plane import free_port
 from tests.hosttree import HostTree
 from tests.test_host_cgroups import _require_hybrid, _v1_counters, v1_host, v2_host
@@ -410,7 +410,7 @@ def _agent(tmp_path: Path, nv: ModuleType, swap: str = "", *,
     now = clock if clock is not None else [0.0]
     agent = Agent(conf, nvml=Nvml(module=nv), notify=lambda _: None, owns_swap_policy=False,
                   monotonic=lambda: now[0])
-    agent.psi_root = quiet_psi(tmp_path)
+    quiet_host(agent, tmp_path)
     steps: list[str] = []
 
     def step(why: str, trend: SwapTrend | None = None, signals: tuple[Signal, ...] = ()
