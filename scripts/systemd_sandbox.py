@@ -295,7 +295,7 @@ def remove_empty_cgroups(created: set[Path]) -> None:
     for top in created:
         for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
             with contextlib.suppress(OSError):
-                os.rmdir(dirpath)
+                Path(dirpath).rmdir()
 
 
 def swapoff_files_under(directory: Path) -> list[Path]:
