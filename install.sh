@@ -2,18 +2,23 @@
 # Install clusterctl on this node (or into a staging tree), idempotently.
 #
 #   sudo ./install.sh               install or update, enable the units, run `clusterctl check`
+#   sudo ./install.sh --fleet       the same, and run the fleet control plane here: enable
+#                                   clusterctl-fleet.service, make its tokens when missing
+#                                   (/etc/clusterctl/fleet-join-token, fleet-admin-token)
 #   sudo ./install.sh --uninstall   remove what it installed; keep config and state
 #   sudo ./install.sh --purge       remove config and state too
 #   ./install.sh --root DIR         install into DIR (packagers, tests); enables nothing
 #   --no-check                      skip the closing `clusterctl check quick`
 #
 # What it owns: /opt/clusterctl (the virtualenv), /usr/local/bin/clusterctl,
-# the clusterctl-* units in /etc/systemd/system (and the swap-dir.conf and
+# the clusterctl-* units in /etc/systemd/system (clusterctl-fleet.service is copied
+# always, enabled with --fleet only; the swap-dir.conf and
 # watch-cgroups.conf drop-ins `clusterctl config dropins` writes for a swap dir outside
 # /var/lib/clusterctl and for watched cgroups outside the agent's default slices),
 # /etc/clusterctl and /var/lib/clusterctl. An existing /etc/clusterctl/clusterctl.toml
-# is never overwritten: the new default goes beside it as clusterctl.toml.dist.
-# Everything installed is listed in /var/lib/clusterctl/install.manifest.
+# is never overwritten: the new default goes beside it as clusterctl.toml.dist; nor is
+# an existing fleet token. Everything installed is listed in
+# /var/lib/clusterctl/install.manifest.
 set -euo pipefail
 # whatever the caller's umask, nothing installed is writable by group or others
 umask 022
@@ -22,6 +27,7 @@ src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=/
 mode=install
 run_check=1
+fleet=0
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$1" >&2; exit "${2:-1}"; }
@@ -31,9 +37,10 @@ while (($#)); do
     --uninstall) mode=uninstall ;;
     --purge) mode=purge ;;
     --no-check) run_check=0 ;;
+    --fleet) fleet=1 ;;
     --root) [ $# -ge 2 ] || die "--root needs a directory" 2; root=$2; shift ;;
     --root=*) root=${1#--root=} ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" 2 ;;
   esac
   shift
@@ -213,6 +220,30 @@ install_units() {
     systemctl enable --now "${enable[@]}" >/dev/null 2>&1 || die "systemctl enable --now ${enable[*]} failed; see journalctl -xe" 1
     say "enabled ${enable[*]}"
   fi
+  if [ $fleet = 1 ]; then
+    systemctl enable --now clusterctl-fleet.service >/dev/null 2>&1 \
+      || die "systemctl enable --now clusterctl-fleet.service failed; see journalctl -u clusterctl-fleet" 1
+    say "enabled clusterctl-fleet.service"
+  fi
+}
+
+make_token() {  # make_token PATH: 32 random bytes, urlsafe base64, root-only; never replaced
+  local path=$1 token
+  if [ -e "$R$path" ] || [ -L "$R$path" ]; then
+    say "kept $path"
+    return
+  fi
+  token=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+  # created 0600 and only if still absent (noclobber), then given to root
+  (umask 077 && set -C && printf '%s\n' "$token" >"$R$path")
+  [ "$(id -u)" != 0 ] || chown root:root "$R$path"
+  record token "$path"
+  say "created $path (mode 0600)"
+}
+
+install_fleet_tokens() {  # before the unit starts: it reads them
+  make_token "$conf_dir/fleet-join-token"
+  make_token "$conf_dir/fleet-admin-token"
 }
 
 do_install() {
@@ -223,6 +254,7 @@ do_install() {
   install_venv "$python"
   install_link
   install_config
+  [ $fleet = 0 ] || install_fleet_tokens
   install_units
   if [ $run_check = 1 ]; then
     say "running clusterctl check quick"
@@ -298,10 +330,15 @@ do_uninstall() {
   if [ -e "$R/opt/clusterctl" ]; then rm -rf "$R/opt/clusterctl"; say "removed /opt/clusterctl"; fi
   systemd_running && systemctl daemon-reload
   if [ "$purge" = 1 ]; then
-    local dirs=()
+    local dirs=() tokens=()
     if [ -f "$R$manifest" ]; then
-      while read -r kind path; do [ "$kind" = dir ] && dirs+=("$path"); done <"$R$manifest"
+      while read -r kind path; do
+        case $kind in dir) dirs+=("$path") ;; token) tokens+=("$path") ;; esac
+      done <"$R$manifest"
     fi
+    for path in "${tokens[@]}"; do  # the fleet tokens it made
+      if [ -e "$R$path" ]; then rm -f "$R$path"; say "removed $path"; fi
+    done
     remove_tree "$conf_dir"
     remove_tree "$state_dir"
     remove_tree /run/clusterctl

@@ -129,6 +129,44 @@ def idle_gpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return nv
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """One throwaway PostgreSQL server for the run (tests.postgres): its URL,
+    ``postgresql://USER:PASS@127.0.0.1:PORT/``. Without PostgreSQL the tests that need it
+    fail: CI must really run it."""
+    from tests.postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+        server.start()
+    except PostgresUnavailable as e:
+        pytest.fail(f"no PostgreSQL for the tests: {e}", pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh database of its own for the test, dropped after:
+    ``postgresql://USER:PASS@127.0.0.1:PORT/t_<random>``."""
+    from tests.postgres import fresh_database
+
+    with fresh_database(postgres_server) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test once on SQLite (a file under tmp_path) and once on a fresh PostgreSQL
+    database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/fleet.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 CLOSED = "http://127.0.0.1:9"  # nothing listens there
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from clusterctl.agent.control import read_token
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -111,6 +114,47 @@ def test_an_existing_config_with_a_swap_dir_elsewhere_gets_the_units_dropins(
         assert not (staged / dropin).parent.exists()
 
 
+FLEET_TOKENS = ("etc/clusterctl/fleet-join-token", "etc/clusterctl/fleet-admin-token")
+
+
+def test_fleet_makes_its_tokens_once_and_never_replaces_them(staged: Path) -> None:
+    """The fleet unit is copied by every install; --fleet adds the control plane's tokens,
+    root-only, each 32 random bytes (43 urlsafe characters) that the agent's token reader
+    accepts; a later install keeps them, an operator's own included."""
+    assert (staged / "etc/systemd/system/clusterctl-fleet.service").read_text() == (
+        REPO / "units/clusterctl-fleet.service").read_text()
+    tokens = [staged / t for t in FLEET_TOKENS]
+    assert not any(t.exists() for t in tokens)  # not without --fleet
+    result = install(staged, "--fleet", "--no-check")
+    values = []
+    for token in tokens:
+        assert f"install.sh: created /{token.relative_to(staged)} (mode 0600)" in result.stdout
+        st = token.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0)
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", token.read_text()), token.read_text()
+        assert read_token(token) == token.read_text().strip()
+        values.append(token.read_text())
+    assert values[0] != values[1]
+    manifest = (staged / "var/lib/clusterctl/install.manifest").read_text().splitlines()
+    assert [f"token /{t}" for t in FLEET_TOKENS] == [x for x in manifest if x.startswith("token")]
+    before = snapshot(staged)
+    result = install(staged, "--fleet", "--no-check")
+    assert "install.sh: kept /etc/clusterctl/fleet-join-token" in result.stdout
+    assert snapshot(staged) == before
+    tokens[1].write_text("the-operators-own\n")
+    install(staged, "--fleet", "--no-check")
+    install(staged, "--no-check")
+    assert [t.read_text() for t in tokens] == [values[0], "the-operators-own\n"]
+
+
+def test_help_tells_what_fleet_does() -> None:
+    result = subprocess.run([str(INSTALL), "--help"], capture_output=True, text=True,
+                            check=True)
+    assert "--fleet" in result.stdout
+    assert "/etc/clusterctl/fleet-join-token" in result.stdout
+    assert result.stdout.rstrip().endswith("/var/lib/clusterctl/install.manifest.")
+
+
 def test_uninstall_keeps_config_and_state_then_purge_leaves_nothing(staged: Path) -> None:
     conf = staged / "etc/clusterctl/clusterctl.toml"
     conf.write_text(conf.read_text().replace('dir = "/var/lib/clusterctl/swap"',
@@ -129,7 +173,10 @@ def test_uninstall_keeps_config_and_state_then_purge_leaves_nothing(staged: Path
     assert not (staged / "usr/local/bin/clusterctl").is_symlink()
     assert (staged / "etc/clusterctl/clusterctl.toml").exists()
     assert (staged / "var/lib/clusterctl").is_dir()
-    install(staged, "--purge")
+    assert all((staged / t).exists() for t in FLEET_TOKENS)  # the agents hold the join token
+    result = install(staged, "--purge")
+    for token in FLEET_TOKENS:
+        assert f"install.sh: removed /{token}\n" in result.stdout
     assert list(staged.iterdir()) == []
 
 

@@ -380,6 +380,75 @@ def test_before_a_systemd_sleep_the_hardened_agent_asks_systemd_to_wake_the_node
                  f"systemctl daemon-reload && systemctl restart {AGENT}")
 
 
+FLEET = "clusterctl-fleet.service"
+FLEET_TOKENS = "/etc/clusterctl/fleet-join-token /etc/clusterctl/fleet-admin-token"
+FLEET_DROPIN = "/run/systemd/system/clusterctl-fleet.service.d"
+# What the control plane needs under its unit's sandboxing, with its own virtualenv.
+FLEET_PROBE = """import os, socket, subprocess, sqlalchemy, aiohttp, psycopg
+done = []
+for name in ("fleet-join-token", "fleet-admin-token"):
+    done.append(len(open(f"/etc/clusterctl/{name}").read().strip()))
+engine = sqlalchemy.create_engine("sqlite:////var/lib/clusterctl/fleet-probe.db")
+with engine.begin() as conn:
+    conn.execute(sqlalchemy.text("CREATE TABLE IF NOT EXISTS t (x int)"))
+done.append("db")
+server = socket.create_server(("127.0.0.1", 0))
+wol = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+wol.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+wol.sendto(b"\\xff" * 6 + bytes.fromhex("020000000001") * 16, ("127.255.255.255", 9))
+done.append("wol")
+done.append(subprocess.run(["/bin/sh", "-c", "exit 7"]).returncode)  # a wake command
+try:
+    open("/etc/clusterctl/written", "w")
+except OSError as err:
+    done.append(err.strerror)
+notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+notify.connect(os.environ["NOTIFY_SOCKET"].replace("@", "\\0", 1))
+notify.send(("READY=1\\nSTATUS=" + " ".join(map(str, done))).encode())
+server.accept()
+"""
+
+
+def test_install_fleet_enables_the_fleet_unit_with_tokens_of_its_own(
+        node: Node, sandbox: Sandbox) -> None:
+    """Installed but off by default; --fleet makes its root-only tokens and enables it.
+    Its start needs `clusterctl fleet serve`: until that exists, install.sh says that the
+    start failed (and the unit is enabled all the same)."""
+    assert node.run(f"systemctl is-enabled {FLEET} || true") == "disabled\n"
+    assert node.run(f"ls {FLEET_TOKENS} 2>/dev/null || true") == ""
+    result = sandbox.run(f"{INSTALL} --fleet --no-check", check=False)
+    assert node.run(f"systemctl is-enabled {FLEET}") == "enabled\n"
+    assert node.run(f"stat -c '%a %U:%G %s' {FLEET_TOKENS}") == "600 root:root 44\n" * 2
+    if sandbox.run("clusterctl fleet serve --help", check=False).returncode == 0:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "install.sh: enabled clusterctl-fleet.service" in result.stdout
+        assert node.run(f"systemctl is-active {FLEET}") == "active\n"
+    else:
+        assert result.returncode == 1
+        assert ("systemctl enable --now clusterctl-fleet.service failed" in result.stderr)
+
+
+def test_the_hardened_fleet_unit_reads_its_tokens_writes_its_db_and_wakes(
+        node: Node, sandbox: Sandbox) -> None:
+    """The unit's sandboxing around a stand-in server (the real venv's Python and the
+    server's libraries): root-only tokens read, SQLite in /var/lib/clusterctl, a listening
+    socket, a Wake-on-LAN broadcast and a wake command's executable all work; /etc stays
+    read-only."""
+    node.run(f"cat > /run/fleet-probe.py <<'EOF'\n{FLEET_PROBE}EOF\n"
+             f"mkdir -p {FLEET_DROPIN} && printf '%s\\n' '[Service]' 'ExecStart=' "
+             "'ExecStart=/opt/clusterctl/venv/bin/python /run/fleet-probe.py' "
+             f"> {FLEET_DROPIN}/probe.conf && systemctl daemon-reload && "
+             f"systemctl reset-failed {FLEET}; systemctl restart {FLEET}")
+    try:
+        assert node.run(f"systemctl show -P ActiveState {FLEET}") == "active\n"
+        assert node.run(f"systemctl show -P StatusText {FLEET}") == (
+            "43 43 db wol 7 Read-only file system\n")
+        assert node.run("test -s /var/lib/clusterctl/fleet-probe.db && echo yes") == "yes\n"
+    finally:
+        node.run(f"systemctl stop {FLEET}; rm -rf {FLEET_DROPIN} /run/fleet-probe.py "
+                 "/var/lib/clusterctl/fleet-probe.db && systemctl daemon-reload")
+
+
 def test_installing_again_changes_nothing(node: Node, sandbox: Sandbox) -> None:
     before = node.installed()
     out = node.run(f"{INSTALL} --no-check")
@@ -410,10 +479,13 @@ def test_uninstall_removes_units_and_swap_and_keeps_the_config(node: Node,
     for unit in UNITS:
         assert node.run(f"systemctl show -P LoadState {unit}") == "not-found\n", unit
         assert node.run(f"test ! -e /etc/systemd/system/{unit} && echo gone") == "gone\n"
+    # disabled first: no .wants/ link is left behind (the fleet unit's included)
+    assert node.run("find /etc/systemd/system -name 'clusterctl*'") == ""
     assert "clusterctl" not in node.run("systemctl list-timers --all --no-legend")
     assert node.run("test ! -e /opt/clusterctl && test ! -L /usr/local/bin/clusterctl "
                     "&& echo gone") == "gone\n"
     assert 'max_size = "8G"' in node.run("cat /etc/clusterctl/clusterctl.toml")
+    assert node.run(f"stat -c %s {FLEET_TOKENS}") == "44\n44\n"  # the fleet's too
 
 
 def test_purge_leaves_nothing_of_clusterctls(node: Node, sandbox: Sandbox) -> None:
