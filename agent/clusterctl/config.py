@@ -52,7 +52,7 @@ DEFAULT_PATH = Path("/etc/clusterctl/clusterctl.toml")
 ENV_VAR = "CLUSTERCTL_CONFIG"
 
 Kind = Literal["int", "float", "bool", "str", "strs", "size", "path", "optpath", "paths",
-               "actions", "listen", "url", "unit", "choice", "cgroups"]
+               "actions", "listen", "url", "unit", "choice", "cgroups", "database", "ip"]
 ACTIONS = ("none", "command", "control", "systemd")
 ALLOCATIONS = ("auto", "fallocate", "zeros")
 
@@ -312,6 +312,11 @@ class HeartbeatConfig:
         False, "allow_insecure_http", "bool",
         "allow a plain http:// control_url that is not loopback (the token travels in clear)"
     )
+    accept_commands: bool = setting(
+        True, "accept_commands", "bool",
+        "apply the control plane's commands (hibernate now, [hibernate] keys, schedule, "
+        "inhibit); false: each is refused"
+    )
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,59 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    listen: str = setting(
+        "0.0.0.0:9410", "listen", "listen", "address:port the control plane serves (clusterctl "
+        "fleet serve)"
+    )
+    database: str = setting(
+        "sqlite:////var/lib/clusterctl/fleet.db", "database", "database",
+        "sqlite:////absolute/path.db, or postgresql://user@host:port/dbname"
+    )
+    join_token_file: Path = setting(
+        Path("/etc/clusterctl/fleet-join-token"), "join_token_file", "path",
+        "root-only file with the token nodes present once to enrol"
+    )
+    admin_token_file: Path = setting(
+        Path("/etc/clusterctl/fleet-admin-token"), "admin_token_file", "path",
+        "root-only file with the operator API's bearer token"
+    )
+    max_heartbeats_per_s: int = setting(
+        50, "max_heartbeats_per_s", "int",
+        "the fleet's heartbeats are spread to at most this many a second (never under 10 s a "
+        "node)", minimum=1, maximum=100000,
+    )
+    resume_timeout_s: int = setting(
+        600, "resume_timeout", "int",
+        "seconds a woken node has to heartbeat before it is wake_failed", minimum=10,
+        maximum=86400,
+    )
+    wake: str = setting(
+        "wol", "wake", "choice", "how a node is woken: wol | ipmi | command | none"
+    )
+    wol_broadcast: str = setting(
+        "255.255.255.255", "wol_broadcast", "ip", "where Wake-on-LAN packets are sent"
+    )
+    wol_port: int = setting(9, "wol_port", "int", "Wake-on-LAN UDP port", minimum=1,
+                            maximum=65535)
+    ipmi_host: str = setting(
+        "", "ipmi_host", "str",
+        'the BMC of a node, for wake = "ipmi"; {instance_id} and {hostname} are replaced, '
+        'e.g. "{hostname}-bmc"'
+    )
+    ipmi_user: str = setting("", "ipmi_user", "str", "IPMI user name")
+    ipmi_password_file: Path = setting(
+        Path("/etc/clusterctl/ipmi-password"), "ipmi_password_file", "path",
+        "root-only file with the IPMI password (given to ipmitool -f, never in argv)"
+    )
+    wake_command: tuple[str, ...] = setting(
+        (), "wake_command", "strs",
+        'wake = "command": argv run without a shell; {instance_id}, {hostname} and {mac} '
+        "are replaced"
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     swap: SwapConfig = field(default_factory=SwapConfig)
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
@@ -350,6 +408,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 Source = Literal["--config", "CLUSTERCTL_CONFIG", "default"]
@@ -628,6 +687,17 @@ def coerce(fld: dataclasses.Field[Any], raw: object) -> object:
         return _coerce_listen(raw)
     elif kind == "url":
         return _coerce_url(raw)
+    elif kind == "database":
+        return _coerce_database(raw)
+    elif kind == "ip":
+        if not isinstance(raw, str):
+            raise ValueError(f'expected an IP address like "192.168.1.255", got {_shown(raw)}')
+        try:
+            ipaddress.ip_address(raw)
+        except ValueError as err:
+            raise ValueError(f'expected an IP address like "192.168.1.255", got {quoted(raw)}'
+                             ) from err
+        return raw
     elif kind == "unit":
         if not isinstance(raw, str) or not _UNIT_RE.match(raw) or len(raw) > 255:
             raise ValueError(f'expected a systemd unit like "hibernate.target" or '
@@ -698,7 +768,9 @@ def _coerce_path(kind: Kind, raw: object) -> object:
     return Path(cast(str, raw)) if kind == "path" else raw
 
 
-_CHOICES = {"allocation": ALLOCATIONS, "fallback": ("suspend", "poweroff", "refuse")}
+WAKE_METHODS = ("wol", "ipmi", "command", "none")
+_CHOICES = {"allocation": ALLOCATIONS, "fallback": ("suspend", "poweroff", "refuse"),
+            "wake": WAKE_METHODS}
 
 
 def _check_range(fld: dataclasses.Field[Any], value: float) -> None:
@@ -782,6 +854,33 @@ def _coerce_url(raw: object) -> str:
     elif not _is_host_name(host):
         raise ValueError(f'expected a host name or IPv4 address, got "{host}"')
     return raw.rstrip("/")
+
+
+def _coerce_database(raw: object) -> str:
+    """sqlite:////absolute/path or postgresql://[user[:password]@]host[:port]/dbname."""
+    if not isinstance(raw, str) or not raw.isascii() or not raw.isprintable():
+        raise ValueError('expected a database URL like "sqlite:////var/lib/clusterctl/fleet.db" '
+                         f'or "postgresql://clusterctl@db.example/fleet", got {_shown(raw)}')
+    if raw.startswith("sqlite:///"):
+        file = raw[len("sqlite:///"):]
+        if not file.startswith("/") or "?" in file or "\0" in file:
+            raise ValueError("a SQLite URL needs an absolute path (four slashes: "
+                             f'"sqlite:////var/lib/clusterctl/fleet.db"), got {quoted(raw)}')
+        return raw
+    scheme, sep, _rest = raw.partition("://")
+    if scheme in ("postgresql", "postgres") and sep:
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as err:
+            raise ValueError(f"not a usable PostgreSQL URL ({err}): {quoted(raw)}") from err
+        if not parts.hostname or not parts.path.strip("/"):
+            raise ValueError("a PostgreSQL URL needs a host and a database name (e.g. "
+                             f'"postgresql://clusterctl@db.example:5432/fleet"), '
+                             f"got {quoted(raw)}")
+        return raw
+    raise ValueError('expected "sqlite:////absolute/path.db" or "postgresql://host/dbname", '
+                     f"got {quoted(raw)}")
 
 
 def _is_host_name(host: str) -> bool:
@@ -949,6 +1048,13 @@ def _cross_checks(config: Config, path: str, locator: _LineLocator) -> list[Conf
     if "command" in config.hibernate.action and not config.hibernate.command:
         fail("hibernate", "action", 'the "command" action needs a command; set [hibernate] '
              'command = ["/path/to/program", "arg"]')
+    fleet = config.fleet
+    if fleet.wake == "command" and not fleet.wake_command:
+        fail("fleet", "wake", 'wake = "command" needs a command; set [fleet] wake_command = '
+             '["/path/to/program", "{instance_id}"]')
+    if fleet.wake == "ipmi" and not fleet.ipmi_host:
+        fail("fleet", "wake", 'wake = "ipmi" needs the BMC\'s address; set [fleet] ipmi_host, '
+             'e.g. "{hostname}-bmc"')
     beat = config.heartbeat
     host = urlsplit(beat.control_url).hostname or ""
     if (beat.control_url.startswith("http:") and not beat.allow_insecure_http

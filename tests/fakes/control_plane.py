@@ -12,6 +12,13 @@ or ``hibernate``, ``payload`` the JSON body (``received_list()`` copies it under
 lock). ``hold``: an events POST is recorded as it arrives (a control plane that
 committed the batch) but answered only once ``hold.release()`` is called, so a test can
 kill the agent between its POST and its acknowledgement.
+
+Opt-in, for the fleet protocol (off by default: ``/api/agent/enroll`` answers 404, as
+a control plane that is not clusterctl's): ``enroll = Enroll(token)`` answers enrolment
+(recorded in ``enrolls`` as (Authorization, body), kind ``enroll``); ``refused_tokens``:
+status and events requests with one of those bearer tokens are answered 401;
+``status_answer``: the body of the answer to a heartbeat (any JSON value, or bytes sent
+as they are).
 """
 
 from __future__ import annotations
@@ -31,8 +38,17 @@ HOLD_LIMIT_S = 60.0  # a held answer goes out after this even if never released
 
 class Received(NamedTuple):
     at: float  # time.monotonic() when the request arrived
-    kind: str  # heartbeat | events | hibernate
+    kind: str  # heartbeat | events | hibernate | enroll
     payload: Any  # the JSON body: a heartbeat, a list of events, a hibernate request
+
+
+class Enroll:
+    """Answers ``POST /api/agent/enroll``: 200 with ``token``, or ``status`` and ``body``."""
+
+    def __init__(self, token: str, status: int = 200, body: Any = None) -> None:
+        self.token = token
+        self.status = status
+        self.body = body
 
 
 class Hold:
@@ -63,6 +79,10 @@ class ControlPlane(ThreadingHTTPServer):
         self.hold: Hold | None = None
         self.mode = "ok"  # ok | error | garbage | unauthorised
         self.delay_s = 0.0
+        self.enroll: Enroll | None = None  # None: /api/agent/enroll is a 404
+        self.enrolls: list[tuple[str | None, Any]] = []
+        self.refused_tokens: set[str] = set()  # answered 401 on status and events
+        self.status_answer: Any = None  # None: {"ok": true}; bytes: sent as they are
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -110,9 +130,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = json.loads(body)
         hold: Hold | None = None
+        answer: Any = {"ok": True}
         with self.server.lock:
-            self.server.auth.append(self.headers.get("Authorization"))
+            auth = self.headers.get("Authorization")
+            self.server.auth.append(auth)
+            enroll = self.server.enroll
+            if self.path == "/api/agent/enroll" and enroll is not None:
+                self.server.enrolls.append((auth, data))
+                self.server.received.append(Received(arrived, "enroll", data))
+                self._answer(enroll.status, enroll.body if enroll.body is not None else
+                             {"instance_id": data.get("instance_id"), "node_token": enroll.token})
+                return
+            if self.path in ("/api/agent/status", "/api/agent/events") and \
+                    (auth or "").removeprefix("Bearer ") in self.server.refused_tokens:
+                self._answer(401, {"error": "unknown node token", "fix": None})
+                return
             if self.path == "/api/agent/status":
+                if self.server.status_answer is not None:
+                    answer = self.server.status_answer
                 self.server.heartbeats.append(data)
                 self.server.received.append(Received(arrived, "heartbeat", data))
             elif self.path == "/api/agent/events":
@@ -133,10 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
         if hold is not None:
             hold.wait()  # recorded; the answer only once released
         with contextlib.suppress(OSError):  # the agent is gone (killed while it waited)
-            self._answer(200, {"ok": True})
+            self._answer(200, answer)
 
     def _answer(self, code: int, data: Any) -> None:
-        body = json.dumps(data).encode()
+        body = data if isinstance(data, bytes) else json.dumps(data).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

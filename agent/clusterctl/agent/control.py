@@ -5,6 +5,8 @@
   that group and others cannot read, holding one word of printable ASCII; anything else
   is refused with the fix. No file: requests go without a token (a control plane that
   wants one answers 401, which is reported as such). A header value is never logged.
+  Given the state dir, a node token there (``node-token``, written by enrolment, same
+  rules) is sent instead; ``join=True`` sends the token_file's (enrolment itself).
 - TLS is verified (the system's CA store). A connect timeout of 3 s and a deadline of
   10 s for the whole exchange (connect, send, headers, body), however slowly the peer
   trickles; an answer is read up to 1 MiB. Retries are the caller's, with ``Backoff``.
@@ -36,6 +38,7 @@ CONNECT_TIMEOUT_S = 3.0
 TOTAL_TIMEOUT_S = 10.0
 MAX_ANSWER_BYTES = 1 << 20
 MAX_TOKEN_BYTES = 4096
+NODE_TOKEN_FILE = "node-token"  # noqa: S105 - a file name, in [paths] state_dir
 
 
 def read_token(path: Path) -> str | None:
@@ -107,6 +110,18 @@ class Answer:
     body: Any  # parsed JSON, or None
 
 
+class Refused(HostError):
+    """A 4xx answer: its ``status``, its JSON body (None when it is not JSON), and whether
+    the node token (not the token_file's) was the one sent."""
+
+    def __init__(self, message: str, *, fix: str | None = None, status: int, body: Any,
+                 node_token: bool = False) -> None:
+        super().__init__(message, fix=fix)
+        self.status = status
+        self.body = body
+        self.node_token = node_token
+
+
 class DeadlineReader(io.RawIOBase):
     """Reads a socket, each read given only the time left before ``deadline``.
 
@@ -158,7 +173,7 @@ class _DeadlineSocket:
 
 
 class ControlClient:
-    def __init__(self, config: HeartbeatConfig) -> None:
+    def __init__(self, config: HeartbeatConfig, state_dir: Path | None = None) -> None:
         self.base = config.control_url.rstrip("/")
         check_url(self.base, config.allow_insecure_http)
         parts = urlsplit(self.base)
@@ -172,12 +187,22 @@ class ControlClient:
         if self.port is None:  # always explicit: http.client would read an IPv6 host's
             self.port = 443 if self.scheme == "https" else 80  # last group as a port
         self.token_file = config.token_file
+        self.state_dir = state_dir  # where the node token is; None: the token_file's only
         self._context = ssl.create_default_context()
 
-    def post(self, path: str, payload: Any) -> Answer:
+    @property
+    def node_token_file(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / NODE_TOKEN_FILE
+
+    def post(self, path: str, payload: Any, *, join: bool = False) -> Answer:
         """POST JSON; only a 2xx answer returns. TemporaryError for what a retry may fix,
-        HostError for what it won't."""
-        token = read_token(self.token_file)
+        HostError for what it won't (Refused for a 4xx). The bearer is the node token when
+        there is one, else the token_file's; ``join``: the token_file's whatever."""
+        node_file = None if join else self.node_token_file
+        token = None if node_file is None else read_token(node_file)
+        node_token = token is not None
+        if token is None:
+            token = read_token(self.token_file)
         parts = urlsplit(self.base + path)
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
@@ -228,28 +253,38 @@ class ControlClient:
                                  f"{type(err).__name__} {str(err)[:100]}") from err
         finally:
             conn.close()
-        return _answer(where, status, location, raw, self.token_file)
+        return _answer(where, status, location, raw,
+                       node_file if node_token and node_file else self.token_file,
+                       node_token=node_token)
 
 
 def _answer(where: str, status: int, location: str | None, raw: bytes,
-            token_file: Path) -> Answer:
+            token_file: Path, *, node_token: bool = False) -> Answer:
     """A 2xx answer, or the error that the status means (pure)."""
     if 300 <= status < 400:
         raise HostError(f"{where} answered a redirect (HTTP {status}) to {location!r:.200}",
                         fix="redirects are not followed: fix [heartbeat] control_url")
     if status >= 500 or status == 429:
         raise TemporaryError(f"{where} answered HTTP {status}")
+    parsed: Any = None
+    if 400 <= status < 500 or 200 <= status < 300:
+        try:
+            parsed = json.loads(raw) if raw.strip() else None
+        except (ValueError, RecursionError):
+            parsed = None  # 2xx is the acknowledgement; the body is a courtesy
     if status in (401, 403):
-        raise HostError(f"{where} refused the token (HTTP {status})",
-                        fix=f"put the right token in {token_file} (mode 0600)")
+        if node_token:
+            raise Refused(f"{where} refused the node token (HTTP {status})",
+                          fix=f"the agent enrols again; else remove {token_file} and restart "
+                              "it", status=status, body=parsed, node_token=True)
+        raise Refused(f"{where} refused the token (HTTP {status})",
+                      fix=f"put the right token in {token_file} (mode 0600)",
+                      status=status, body=parsed)
     if 400 <= status < 500:
-        raise HostError(f"{where} rejected the request (HTTP {status}): {raw[:200]!r}")
+        raise Refused(f"{where} rejected the request (HTTP {status}): {raw[:200]!r}",
+                      status=status, body=parsed, node_token=node_token)
     if not 200 <= status < 300:
         raise TemporaryError(f"{where} answered HTTP {status}, which is not an answer")
-    try:
-        parsed = json.loads(raw) if raw.strip() else None
-    except (ValueError, RecursionError):
-        parsed = None  # 2xx is the acknowledgement; the body is a courtesy
     return Answer(status, parsed)
 
 

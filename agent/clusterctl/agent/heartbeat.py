@@ -4,6 +4,8 @@
 below (``schema_version`` 1), and the outbox's events as ``POST
 {control_url}/api/agent/events`` (a JSON list, oldest first, each with its ``id``).
 A 2xx answer acknowledges; anything else is retried with backoff, events in order.
+Before a request, a node without a node token enrols (``enrol.py``); a node token
+answered 401 makes it enrol again and send the request once more.
 The sequence survives restarts in ``heartbeat.json``; a file there that cannot be read
 or written is logged once and the count goes on in memory. Each distinct failure is
 logged once, not every retry.
@@ -15,16 +17,19 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clusterctl import __version__
-from clusterctl.agent.control import Backoff, ControlClient
+from clusterctl.agent.control import Answer, Backoff, ControlClient, Refused
+from clusterctl.agent.enrol import Enrolment
 from clusterctl.config import Config, instance_id
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.outbox import Outbox
 from clusterctl.hibernate import schedule
+from clusterctl.host.net import read_net
 from clusterctl.host.procfs import MemoryFacts, read_boot_id, read_memory
 from clusterctl.system import statefile
 from clusterctl.units import iso_utc
@@ -54,7 +59,10 @@ def _why(err: Exception) -> str:
 def status_payload(*, instance_id: str, boot_id: str | None, sequence: int, now: float,
                    monotonic_s: float, status: str, idle_since: float | None,
                    gpus: list[dict[str, Any]], memory: dict[str, Any], swap: dict[str, Any],
-                   schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+                   schedule: dict[str, Any] | None = None, interval_s: int | None = None,
+                   accept_commands: bool = False,
+                   net: dict[str, str | None] | None = None,
+                   hibernate: dict[str, Any] | None = None) -> dict[str, Any]:
     """The heartbeat body (pure)."""
     utils = [g["utilization"] for g in gpus if g.get("utilization") is not None]
     return {
@@ -73,7 +81,24 @@ def status_payload(*, instance_id: str, boot_id: str | None, sequence: int, now:
         "swap": swap,
         "schedule": schedule,  # the control plane wakes the node at wake_at
         "agent_version": __version__,
+        "interval_s": interval_s,  # [heartbeat] interval
+        "accept_commands": accept_commands,
+        "net": net or {"interface": None, "mac": None},  # the default IPv4 route's
+        "hibernate": hibernate,  # the effective [hibernate] settings a command may change
     }
+
+
+def _number(value: float) -> float | int:
+    """A whole number as an int (5.0 -> 5), else as it is."""
+    return int(value) if float(value).is_integer() else value
+
+
+def hibernate_settings(config: Config) -> dict[str, Any]:
+    """The [hibernate] keys the control plane shows and set_hibernate changes."""
+    h = config.hibernate
+    return {"enabled": h.enabled,
+            "gpu_usage_threshold": float(h.gpu_usage_threshold_percent),
+            "pause_after_minutes": _number(h.pause_after_minutes)}
 
 
 def memory_summaries(memory: MemoryFacts, *, last_swap_step: str | None = None,
@@ -94,11 +119,16 @@ def node_payload(config: Config, *, sequence: int, now: float, status: str,
     """The heartbeat this node sends, whoever sends it (the agent, `hibernate heartbeat
     --once`): its id, boot, CLOCK_MONOTONIC, memory, swap and schedule read here."""
     memory, swap = summaries or memory_summaries(read_memory(Path("/")))
+    net = read_net(Path("/"))
     return status_payload(
         instance_id=instance_id(config), boot_id=read_boot_id(Path("/")),
         sequence=sequence, now=now, monotonic_s=time.monotonic(), status=status,
         idle_since=idle_since, gpus=gpus, memory=memory, swap=swap,
-        schedule=schedule.next_times(config.paths.state_dir, now))
+        schedule=schedule.next_times(config.paths.state_dir, now),
+        interval_s=config.heartbeat.interval_s,
+        accept_commands=config.heartbeat.accept_commands,
+        net={"interface": net.interface, "mac": net.mac},
+        hibernate=hibernate_settings(config))
 
 
 @dataclass
@@ -112,10 +142,16 @@ class DeliveryState:
 class Delivery:
     """Sends heartbeats and drains the outbox; never raises into the agent's loop."""
 
-    def __init__(self, client: ControlClient, outbox: Outbox, state_dir: Path) -> None:
+    def __init__(self, client: ControlClient, outbox: Outbox, state_dir: Path, *,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._flushing = threading.Lock()
         self.more = False  # the last flush stopped with events left
+        if client.state_dir is None:  # the node token lives in this node's state dir
+            client.state_dir = state_dir
         self.client = client
+        self.instance_id = outbox.instance_id or socket.gethostname()  # who enrols
+        self._enrolment: Enrolment | None = None
+        self.monotonic = monotonic  # when enrolment may be asked again
         self.outbox = outbox
         self.state_dir = state_dir
         self.backoff = Backoff()
@@ -148,17 +184,40 @@ class Delivery:
         return self._sequence
 
     def heartbeat(self, payload: dict[str, Any]) -> bool:
+        return self.beat(payload) is not None
+
+    def beat(self, payload: dict[str, Any]) -> Answer | None:
+        """Send a heartbeat; its answer (the control plane's directions), or None when it
+        failed (logged once)."""
+        if isinstance(payload.get("instance_id"), str):
+            self.instance_id = payload["instance_id"]
         try:
-            self.client.post("/api/agent/status", payload)
+            answer = self.post("/api/agent/status", payload)
         except ClusterctlError as err:
             self._failed(f"heartbeat: {err.one_line()}", heartbeat=True)
-            return False
+            return None
         self.state.last_heartbeat_at = time.time()
         self.state.last_heartbeat_ok = True
         self.state.last_error = None
         self._logged.pop("heartbeat", None)
         self.backoff.succeeded()
-        return True
+        return answer
+
+    def post(self, path: str, payload: Any) -> Answer:
+        """``client.post``, enrolled first when the node has no node token yet; a node
+        token answered 401 makes the node enrol again and send once more."""
+        enrolment = self._enrolment
+        if enrolment is None or enrolment.client is not self.client:  # a reload: a new one
+            enrolment = self._enrolment = Enrolment(self.client, self.instance_id,
+                                                    monotonic=self.monotonic)
+        enrolment.instance_id = self.instance_id
+        enrolment.before()
+        try:
+            return self.client.post(path, payload)
+        except Refused as err:
+            if not (err.status == 401 and err.node_token and enrolment.again()):
+                raise
+        return self.client.post(path, payload)
 
     def flush(self, *, max_batches: int = 50, budget_s: float | None = None) -> bool:
         """Send pending events in order, batch by batch; False if something failed. A batch
@@ -184,7 +243,7 @@ class Delivery:
                 return True
             if batch.events:
                 try:
-                    self.client.post("/api/agent/events", list(batch.events))
+                    self.post("/api/agent/events", list(batch.events))
                 except ClusterctlError as err:
                     self._failed(f"events: {err.one_line()}")
                     return False

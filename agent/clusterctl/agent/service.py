@@ -1,8 +1,9 @@
 """The agent: one process, a few threads that never wait on each other.
 
 - GPU: a sample every ``[gpu] monitor_interval`` (states, history, throttle).
-- Delivery: a heartbeat every ``[heartbeat] interval``, then the outbox drained, with
-  backoff when the control plane is down.
+- Delivery: a heartbeat every ``[heartbeat] interval`` (or the answer's
+  ``next_interval_s``, jittered), the answer's commands run and acknowledged
+  (``commands.py``), then the outbox drained, with backoff when the control plane is down.
 - Swap policy: swap use sampled twice a second (how fast it grows); a `swap auto`
   step (same lock and code as the timer's) as soon as swap is running out (under
   ``[swap] free_threshold``, or gone before a new file could be online at the rate it
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import select
 import signal
 import threading
@@ -49,6 +51,7 @@ from typing import Any
 import sdnotify
 
 from clusterctl import config as cfg
+from clusterctl.agent import commands
 from clusterctl.agent.api import serve
 from clusterctl.agent.control import TOTAL_TIMEOUT_S, ControlClient
 from clusterctl.agent.heartbeat import Delivery, DeliveryState, memory_summaries, node_payload
@@ -177,11 +180,14 @@ def restart_only_changes(old: cfg.Config, new: cfg.Config) -> list[str]:
     return changed
 
 
-def stall_limits_s(config: cfg.Config) -> dict[str, float]:
-    """How long each watched loop may go without an iteration (pure)."""
+def stall_limits_s(config: cfg.Config, delivery_interval_s: float | None = None
+                   ) -> dict[str, float]:
+    """How long each watched loop may go without an iteration (pure); the delivery loop's
+    interval the longer of ``[heartbeat] interval`` and ``delivery_interval_s`` (the
+    control plane's ``next_interval_s`` with its jitter)."""
+    interval_s = max(float(config.heartbeat.interval_s), delivery_interval_s or 0.0)
     return {"gpu": max(GPU_STALL_MIN_S, 10 * config.gpu.monitor_interval_s),
-            "delivery": config.heartbeat.interval_s + 2 * TOTAL_TIMEOUT_S
-            + DELIVERY_STALL_MARGIN_S,
+            "delivery": interval_s + 2 * TOTAL_TIMEOUT_S + DELIVERY_STALL_MARGIN_S,
             "pressure": PRESSURE_STALL_S}
 
 
@@ -235,6 +241,11 @@ class Agent:
         self._naps = threading.Condition()
         self._generation = 0
         self.metrics = Metrics(self.snapshot)  # the textfile's; the API has its own
+        self.next_interval_s: int | None = None  # the control plane's, from its last answer
+        self._jitter = random.Random()  # noqa: S311 - spreading heartbeats, not secrets
+        self.commands = commands.Commands(
+            self.config.paths.state_dir, run=lambda command: commands.apply(self, command),
+            record=self._record, accepting=lambda: self.config.heartbeat.accept_commands)
         self.hibernation = Hibernation(self.config, instance_id=cfg.instance_id(self.config),
                                        record=self._record, drain=self._drain,
                                        control=self._control_client, clock=clock,
@@ -421,13 +432,14 @@ class Agent:
             return self.delivery
         self._delivery_config = beat
         try:
-            client = ControlClient(beat)
+            client = ControlClient(beat, self.config.paths.state_dir)
         except ClusterctlError as err:
             log.error("heartbeats off: %s", err.one_line())
             self.delivery = None
             return None
         if self.delivery is None:
-            self.delivery = Delivery(client, self.outbox, self.config.paths.state_dir)
+            self.delivery = Delivery(client, self.outbox, self.config.paths.state_dir,
+                                     monotonic=self.monotonic)
         else:
             self.delivery.client = client
         return self.delivery
@@ -440,15 +452,33 @@ class Agent:
         delivery = self._delivery_for(config.heartbeat)
         if delivery is None:
             return float(config.heartbeat.interval_s)
-        ok = delivery.heartbeat(self._payload(delivery.next_sequence()))
+        answer = delivery.beat(self._payload(delivery.next_sequence()))
+        ok = answer is not None
+        if answer is not None:
+            self._directed(answer.body)
         dropped = self.outbox.bound()
         if dropped:
             self._record("outbox_overflow", f"{dropped} unsent events dropped",
                          {"dropped": dropped})
         ok = delivery.flush(budget_s=float(config.heartbeat.interval_s)) and ok
         if ok:  # a backlog left: the next pass (a heartbeat, more events) soon
-            return BACKLOG_PASS_S if delivery.more else float(config.heartbeat.interval_s)
+            return BACKLOG_PASS_S if delivery.more else self._interval_s()
         return min(float(config.heartbeat.interval_s), delivery.backoff.failed())
+
+    def _directed(self, body: object) -> None:
+        """What the heartbeat's answer asks: the next interval, and its commands run and
+        acknowledged (events, sent by this same pass). Nothing in it can end the pass."""
+        asked = commands.directions(body)
+        self.next_interval_s = asked.next_interval_s
+        self._guarded("delivery", lambda: self.commands.handle(asked.commands))
+
+    def _interval_s(self) -> float:
+        """Seconds to the next heartbeat: the control plane's ``next_interval_s`` within
+        10 % either way, else ``[heartbeat] interval``."""
+        given = self.next_interval_s
+        if given is None:
+            return float(self.config.heartbeat.interval_s)
+        return given * self._jitter.uniform(0.9, 1.1)
 
     def _payload(self, sequence: int) -> dict[str, Any]:
         state = self.hibernation.state
@@ -459,7 +489,7 @@ class Agent:
     def _control_client(self) -> ControlClient | None:
         if not self.config.heartbeat.control_url:
             return None
-        return ControlClient(self.config.heartbeat)
+        return ControlClient(self.config.heartbeat, self.config.paths.state_dir)
 
     def _drain(self) -> None:
         """Before the action: a last heartbeat (hibernating), Ollama's models unloaded,
@@ -706,7 +736,8 @@ class Agent:
     def problems(self, now: float | None = None) -> list[str]:
         """The loops that died or are stuck past their limit; ``now`` as time.monotonic()."""
         now = time.monotonic() if now is None else now
-        limits = stall_limits_s(self.config)
+        given = self.next_interval_s
+        limits = stall_limits_s(self.config, None if given is None else given * 1.1)
         if self.progress.swap_step_since is not None:
             limits["pressure"] = SWAP_STEP_STALL_S
         last = {"gpu": self.progress.gpu_at, "delivery": self.progress.delivery_at,

@@ -12,6 +12,7 @@ from clusterctl.cli import (
     agent_cmd,
     check_cmd,
     config_cmd,
+    fleet_cmd,
     gpu_cmd,
     hibernate_cmd,
     optimize_cmd,
@@ -34,6 +35,7 @@ app.add_typer(optimize_cmd.app, name="optimize")
 app.add_typer(gpu_cmd.app, name="gpu")
 app.add_typer(hibernate_cmd.app, name="hibernate")
 app.add_typer(agent_cmd.app, name="agent")
+app.add_typer(fleet_cmd.app, name="fleet")
 
 
 def _version(value: bool) -> None:

@@ -230,7 +230,7 @@ def _here(c: cfg.Config) -> Any:
         log.record(kind, reason, details, now=time.time())
 
     def control() -> ControlClient | None:
-        return ControlClient(c.heartbeat) if c.heartbeat.control_url else None
+        return ControlClient(c.heartbeat, c.paths.state_dir) if c.heartbeat.control_url else None
 
     hibernation = Hibernation(c, instance_id=instance_id(c), record=record, drain=drain,
                               control=control)

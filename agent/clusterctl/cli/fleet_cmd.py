@@ -1,0 +1,178 @@
+"""`clusterctl fleet`: the control plane (serve) and the operator's commands against it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clusterctl.cli.common import Run, command, emit_json
+from clusterctl.errors import UsageError
+
+app = typer.Typer(help="The fleet control plane: serve it, and see and steer its nodes.",
+                  no_args_is_help=True)
+ServerOpt = Annotated[str | None, typer.Option(
+    "--server", metavar="URL", help="The control plane (default: this host's [fleet] listen).")]
+TokenOpt = Annotated[Path | None, typer.Option(
+    "--token-file", metavar="PATH", help="The admin token (default [fleet] admin_token_file).")]
+NodeArg = Annotated[str, typer.Argument(metavar="INSTANCE", help="The node's instance id.")]
+
+
+@command(app, "serve")
+def serve_cmd(run: Run) -> None:
+    """Run the control plane in the foreground (what clusterctl-fleet.service starts).
+
+    Migrates the database first; READY=1 once it listens; SIGHUP re-reads [fleet]
+    tuning (max_heartbeats_per_s, resume_timeout, wake)."""
+    from clusterctl import config as cfg
+    from clusterctl.errors import ClusterctlError
+    from clusterctl.fleet import server
+
+    def reload() -> cfg.FleetConfig | None:
+        try:
+            return cfg.load(run.config_path).config.fleet
+        except ClusterctlError as err:
+            import logging
+
+            logging.getLogger("clusterctl.fleet").error(
+                "the new config is refused, the old one stays: %s", err.one_line())
+            return None
+
+    raise typer.Exit(server.run(run.config.fleet, reload))
+
+
+def _client(run: Run, server: str | None, token_file: Path | None) -> Any:
+    from clusterctl.fleet.client import FleetClient, default_server
+
+    fleet = run.config.fleet
+    return FleetClient(server or default_server(fleet.listen),
+                       token_file or fleet.admin_token_file)
+
+
+def _shown(value: object) -> str:
+    """A value a node reported, safe for a terminal: no escape or control characters."""
+    text = "-" if value is None else str(value)
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max([len(c), *(len(_shown(r.get(c))) for r in rows)]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for r in rows:
+        print("  ".join(_shown(r.get(c)).ljust(widths[c]) for c in columns).rstrip())
+
+
+@command(app, "nodes", json=True)
+def nodes_cmd(run: Run, server: ServerOpt = None, token_file: TokenOpt = None) -> None:
+    """Every node the control plane knows, with its state."""
+    answer = _client(run, server, token_file).call("GET", "/api/instances")
+    rows = answer["instances"]
+    if run.json:
+        emit_json(rows)
+    elif not rows:
+        print("no nodes have enrolled yet")
+    else:
+        _table(rows, ["instance_id", "state", "status", "gpus", "gpu_utilization",
+                      "last_seen", "agent_version"])
+
+
+@command(app, "show", json=True)
+def show_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
+             token_file: TokenOpt = None) -> None:
+    """One node: its state, last heartbeat and pending commands."""
+    from clusterctl.fleet.client import node_path
+
+    answer = _client(run, server, token_file).call("GET", node_path(instance, "/status"))
+    if run.json:
+        emit_json(answer)
+        return
+    for key, value in answer.items():
+        if key not in ("heartbeat", "pending_commands"):
+            print(f"{key}: {_shown(value)}")
+    for cmd in answer["pending_commands"]:
+        print(f"pending: {_shown(cmd['id'])} {_shown(cmd['type'])} {_shown(cmd['args'])}")
+
+
+@command(app, "events", json=True)
+def events_cmd(run: Run, instance: NodeArg,
+               limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 20,
+               server: ServerOpt = None, token_file: TokenOpt = None) -> None:
+    """A node's newest events (its own and the control plane's), newest first."""
+    from clusterctl.fleet.client import node_path
+
+    answer = _client(run, server, token_file).call(
+        "GET", node_path(instance, f"/events?limit={limit}"))
+    if run.json:
+        emit_json(answer["events"])
+        return
+    for event in answer["events"]:
+        print(f"{_shown(event.get('timestamp'))}  {_shown(event.get('event_type')):<20} "
+              f"{_shown(event.get('reason', ''))}")
+    if not answer["events"]:
+        print("no events")
+
+
+@command(app, "hibernate", json=True)
+def hibernate_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
+                  token_file: TokenOpt = None) -> None:
+    """Queue a command for the node to hibernate now (its next heartbeat picks it up)."""
+    from clusterctl.fleet.client import node_path
+
+    answer = _client(run, server, token_file).call("POST", node_path(instance, "/hibernate"))
+    _queued(run, answer)
+
+
+def _queued(run: Run, answer: dict[str, Any]) -> None:
+    if run.json:
+        emit_json(answer)
+        return
+    cmd = answer["command"]
+    print(f"queued {cmd['type']} for {cmd['instance_id']} ({cmd['id']}); it is sent with the "
+          "answer to the node's next heartbeat")
+    if answer.get("note"):
+        print(f"note: {answer['note']}")
+
+
+@command(app, "wake", json=True)
+def wake_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
+             token_file: TokenOpt = None) -> None:
+    """Wake a hibernated or lost node ([fleet] wake: wol, ipmi or command)."""
+    from clusterctl.fleet.client import node_path
+
+    answer = _client(run, server, token_file).call("POST", node_path(instance, "/wake"))
+    if run.json:
+        emit_json(answer)
+    else:
+        print(f"{instance}: waking ({answer['done']}); `clusterctl fleet show {instance}` "
+              "says when it is back")
+
+
+@command(app, "stats", json=True)
+def stats_cmd(run: Run, server: ServerOpt = None, token_file: TokenOpt = None) -> None:
+    """Nodes by state, hours hibernated and GPU-hours not spent idle."""
+    answer = _client(run, server, token_file).call("GET", "/api/hibernation/stats")
+    if run.json:
+        emit_json(answer)
+    else:
+        for key, value in answer.items():
+            print(f"{key}: {_shown(value)}")
+
+
+@command(app, "revoke", json=True)
+def revoke_cmd(run: Run, instance: NodeArg,
+               forget: Annotated[bool, typer.Option(
+                   "--forget", help="Also remove the node, so that it can enrol again.")
+               ] = False,
+               server: ServerOpt = None, token_file: TokenOpt = None) -> None:
+    """Revoke a node's token: its heartbeats and events are refused from now on."""
+    from clusterctl.fleet.client import node_path
+
+    if not instance:
+        raise UsageError("name the node to revoke")
+    answer = _client(run, server, token_file).call(
+        "POST", node_path(instance, "/revoke"), {"forget": forget})
+    if run.json:
+        emit_json(answer)
+    else:
+        print(f"{instance}: revoked" + (" and forgotten" if forget else ""))

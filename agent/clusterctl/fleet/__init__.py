@@ -1,0 +1,1 @@
+"""The fleet control plane: every node's heartbeats and events, commands, wake."""

@@ -1,0 +1,8 @@
+"""Alembic's entry: migrations run on the connection clusterctl hands it (store.migrate)."""
+
+from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()
