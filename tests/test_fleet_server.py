@@ -78,6 +78,11 @@ def test_the_server_spreads_a_large_fleet_to_max_heartbeats_per_s(tmp_path: Path
         srv.tick()  # counts the live nodes
         answer = beat(srv, tokens["n00"], "n00")
         assert answer["next_interval_s"] == 45  # 90 nodes / 2 a second
+        clock.advance(3 * 45 + 6)  # every node silent: lost, and still counted
+        srv.tick()
+        assert set(states(srv).values()) == {"lost"}
+        answer = beat(srv, tokens["n00"], "n00")  # an overloaded server that lost its
+        assert answer["next_interval_s"] == 45  # nodes must not ask for more heartbeats
 
 
 def test_a_node_cannot_write_as_another_or_with_a_bad_token(server: FleetServer) -> None:
