@@ -315,6 +315,7 @@ def test_bad_requests_get_one_json_error_each(server: FleetServer) -> None:
         ("POST", "/api/agent/events", b'[{"id": 5, "event_type": "x"}]', token, 400),
         ("POST", "/api/agent/events", b"[" + b"[" * 100000 + b"]" * 100000 + b"]", token, 400),
         ("POST", "/api/agent/events", b"x" * (2 << 20), token, 413),
+        ("POST", "/api/agent/status", b'{"pad": "' + b"x" * (300 << 10) + b'"}', token, 413),
         ("GET", "/api/instances", None, None, 401),
         ("GET", "/api/instances", None, token, 401),
         ("GET", "/api/instances/nope/status", None, ADMIN, 404),

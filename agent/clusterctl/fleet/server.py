@@ -53,6 +53,9 @@ from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl.fleet")
 MAX_BODY_BYTES = 1 << 20
+TICK_CHUNK = 1000  # nodes looked at before the liveness pass lets requests in
+_HEARTBEATING = frozenset(("running", "idle", "hibernating"))
+MAX_HEARTBEAT_BYTES = 256 << 10  # a node's last heartbeat stays in memory: 8 GPUs are ~6 KiB
 MAX_BATCH_EVENTS = 10000
 MAX_EVENTS_LIMIT = 1000
 LOOP_PERIOD_S = 1.0
@@ -242,8 +245,12 @@ class Fleet:
         return node
 
     # -- bodies ------------------------------------------------------------------
-    async def _json(self, request: web.Request, kind: type) -> Any:
+    async def _json(self, request: web.Request, kind: type,
+                    limit_bytes: int = MAX_BODY_BYTES) -> Any:
         raw = await request.read()
+        if len(raw) > limit_bytes:
+            raise HttpError(413, f"the body is {len(raw)} bytes, over {limit_bytes}",
+                            "send less at once")
         try:
             body = _loads(raw) if raw.strip() else None
         except (ValueError, RecursionError) as err:
@@ -287,7 +294,7 @@ class Fleet:
 
     async def status(self, request: web.Request) -> web.Response:
         node = self._node_of(request)
-        body = await self._json(request, dict)
+        body = await self._json(request, dict, MAX_HEARTBEAT_BYTES)  # each is kept in memory
         if body.get("instance_id") != node.instance_id:
             raise HttpError(403, f"this token is {node.instance_id}'s; it cannot send for "
                             f"{str(body.get('instance_id'))[:100]!r}")
@@ -599,23 +606,38 @@ class Fleet:
 
     # -- the liveness loop ---------------------------------------------------------
     async def tick(self) -> None:
-        """One pass: silence, wake timeouts, scheduled wakes."""
+        """One pass: silence, wake timeouts, scheduled wakes. A node that heartbeat
+        recently costs one comparison, and the pass lets requests in every TICK_CHUNK
+        nodes: at 10,000 nodes it must not hold heartbeats up for tens of milliseconds."""
         now, now_mono = self.clock(), self.monotonic()
-        for node in list(self.nodes.values()):
-            change = fleet_nodes.on_silence(node, now_mono, self.config.resume_timeout_s)
-            if change is not None:
-                async with self._lock(node.instance_id):
-                    fields = self._transition(node, change.state, now)
-                    if change.state == "hibernated" and node.last_seen is not None:
-                        fields["state_since"] = node.last_seen  # asleep since its last word
-                    event = self._event(change.event or change.state, node.instance_id,
-                                        change.reason, now)
-                    await self.db(self.store.update_node, node.instance_id, fields, [event],
-                                  now)
-                    self._apply(node, fields)
-                    log.warning("%s: %s (%s)", node.instance_id, change.state, change.reason)
-            await self._scheduled_wake(node, now)
+        nodes = list(self.nodes.values())
+        lost_after, grace_s = fleet_nodes.LOST_AFTER_INTERVALS, fleet_nodes.GRACE_S
+        for start in range(0, len(nodes), TICK_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for node in nodes[start:start + TICK_CHUNK]:
+                seen = node.seen_mono
+                if node.state in _HEARTBEATING and seen is not None and \
+                        now_mono - seen <= lost_after * node.assigned_s + grace_s:
+                    continue  # heard from in time: nothing can change
+                await self._silent(node, now, now_mono)
+                if node.state == "hibernated":
+                    await self._scheduled_wake(node, now)
         self._count_live()
+
+    async def _silent(self, node: Node, now: float, now_mono: float) -> None:
+        change = fleet_nodes.on_silence(node, now_mono, self.config.resume_timeout_s)
+        if change is None:
+            return
+        async with self._lock(node.instance_id):
+            fields = self._transition(node, change.state, now)
+            if change.state == "hibernated" and node.last_seen is not None:
+                fields["state_since"] = node.last_seen  # asleep since its last word
+            event = self._event(change.event or change.state, node.instance_id,
+                                change.reason, now)
+            await self.db(self.store.update_node, node.instance_id, fields, [event], now)
+            self._apply(node, fields)
+            log.warning("%s: %s (%s)", node.instance_id, change.state, change.reason)
 
     async def _scheduled_wake(self, node: Node, now: float) -> None:
         """Start the wake of a node whose schedule says it is time; the wake runs on its
