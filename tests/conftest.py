@@ -312,3 +312,21 @@ def run_as_systemd_would(agent: Any, operator: Callable[[Callable[[int], None]],
             signal.signal(sig, handler)
         agent.stop()
     helper.join(5)
+
+
+@pytest.fixture
+def clock() -> Any:
+    """A wall and monotonic clock the test moves by hand (tests.fleet.Clock)."""
+    from tests.fleet import Clock
+
+    return Clock()
+
+
+@pytest.fixture
+def server(tmp_path: Path, database_url: str, clock: Any) -> Iterator[Any]:
+    """A real control plane on 127.0.0.1 (tests.fleet.FleetServer) on ``database_url``
+    (SQLite, then PostgreSQL), on ``clock``."""
+    from tests.fleet import FleetServer
+
+    with FleetServer(tmp_path, database_url, clock=clock) as srv:
+        yield srv

@@ -205,15 +205,15 @@ def agent_conf(tmp: Path, fleet_url: str, *, port: int, extra: str = "") -> Path
     return conf
 
 
-def stop_process(proc: Any) -> None:
-    """SIGTERM, 30 s to go, then SIGKILL: a subprocess the test started."""
+def stop_process(proc: Any, timeout_s: float = 30) -> None:
+    """SIGTERM, ``timeout_s`` to go, then SIGKILL: a subprocess the test started."""
     import signal
     import subprocess
 
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

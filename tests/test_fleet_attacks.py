@@ -24,17 +24,6 @@ from tests.fleet import ADMIN, JOIN, Clock, FleetServer, event, heartbeat
 from tests.loopfs import loop_mount
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def server(tmp_path: Path, database_url: str, clock: Clock) -> Any:
-    with FleetServer(tmp_path, database_url, clock=clock) as srv:
-        yield srv
-
-
 def strict(text: str) -> Any:
     """JSON as any strict parser reads it (no NaN, no Infinity)."""
     def refuse(name: str) -> None:

@@ -15,17 +15,6 @@ import pytest
 from tests.fleet import ADMIN, JOIN, Clock, FleetServer, event, heartbeat
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def server(tmp_path: Path, database_url: str, clock: Clock) -> Any:
-    with FleetServer(tmp_path, database_url, clock=clock) as srv:
-        yield srv
-
-
 def beat(srv: FleetServer, token: str, instance: str, **kw: Any) -> dict[str, Any]:
     status, answer = srv.request("POST", "/api/agent/status", heartbeat(instance, **kw),
                                  token=token)

@@ -38,7 +38,6 @@ import os
 import pstats
 import random
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -65,21 +64,15 @@ import psycopg
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "agent")]
 
-from tests.fleet import ADMIN, JOIN, event, heartbeat, token_file  # noqa: E402
+from clusterctl.fleet.nodes import GRACE_S, LOST_AFTER_INTERVALS  # noqa: E402
+from tests.fakes.control_plane import free_port  # noqa: E402
+from tests.fleet import ADMIN, JOIN, event, heartbeat, stop_process, token_file  # noqa: E402
 from tests.postgres import PostgresServer, fresh_database  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-LOST_AFTER_INTERVALS = 3
-GRACE_S = 5.0
 
 
 # -- the server and its database -------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -487,12 +480,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             measured = measure(args, url, server, db, [(n, tokens[n]) for n in ids
                                                        if n in tokens])
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server, timeout_s=60)
     return {**out, **summarize(args, measured)}
 
 

@@ -611,14 +611,13 @@ class Fleet:
         nodes: at 10,000 nodes it must not hold heartbeats up for tens of milliseconds."""
         now, now_mono = self.clock(), self.monotonic()
         nodes = list(self.nodes.values())
-        lost_after, grace_s = fleet_nodes.LOST_AFTER_INTERVALS, fleet_nodes.GRACE_S
         for start in range(0, len(nodes), TICK_CHUNK):
             if start:
                 await asyncio.sleep(0)
             for node in nodes[start:start + TICK_CHUNK]:
                 seen = node.seen_mono
                 if node.state in _HEARTBEATING and seen is not None and \
-                        now_mono - seen <= lost_after * node.assigned_s + grace_s:
+                        now_mono - seen <= fleet_nodes.silent_limit_s(node):
                     continue  # heard from in time: nothing can change
                 await self._silent(node, now, now_mono)
                 if node.state == "hibernated":

@@ -178,12 +178,6 @@ class Store:
             rows = conn.execute(sa.select(nodes).order_by(nodes.c.instance_id)).mappings()
             return [_node(row) for row in rows]
 
-    def node(self, instance_id: str) -> dict[str, Any] | None:
-        with self._tx() as conn:
-            row = conn.execute(sa.select(nodes).where(nodes.c.instance_id == instance_id)
-                               ).mappings().first()
-            return None if row is None else _node(row)
-
     def enrol(self, instance_id: str, hostname: str, token_hash: str, now: float,
               event: Mapping[str, Any]) -> None:
         """A new node, or a forgotten one again; Refused when the id is taken or revoked."""
@@ -277,10 +271,6 @@ class Store:
                                 .order_by(events.c.seq.desc()).limit(limit))
             return [{**json.loads(body), "source": source} for body, source in rows]
 
-    def event_count(self) -> int:
-        with self._tx() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one())
-
     # -- commands --------------------------------------------------------------
     def add_command(self, command: Command, event: Mapping[str, Any]) -> None:
         with self._tx() as conn:
@@ -294,12 +284,6 @@ class Store:
         with self._tx() as conn:
             rows = conn.execute(sa.select(commands).where(commands.c.state == "pending")
                                 .order_by(commands.c.created_at, commands.c.id)).mappings()
-            return [_command(row) for row in rows]
-
-    def commands_of(self, instance_id: str, limit: int = 50) -> list[Command]:
-        with self._tx() as conn:
-            rows = conn.execute(sa.select(commands).where(commands.c.instance_id == instance_id)
-                                .order_by(commands.c.created_at.desc()).limit(limit)).mappings()
             return [_command(row) for row in rows]
 
 
