@@ -289,6 +289,23 @@ def test_metrics_in_dcgm_exporter_names(node: Callable[..., Node]) -> None:
     assert 'clusterctl_gpu_state{' in text and "clusterctl_swap_used_bytes" in text
 
 
+def test_the_agent_says_when_swap_growth_is_blocked(node: Callable[..., Node]) -> None:
+    n = node()
+    n.start()
+    _, text = n.get("/metrics")
+    assert "clusterctl_swap_growth_blocked 0.0" in text
+    ledger = n.state / "swap.json"
+    ledger.write_text(json.dumps({"version": 1, "files": [],
+                                  "blocked": "the swap dir's filesystem is full"}))
+    _, text = n.get("/metrics")
+    assert "clusterctl_swap_growth_blocked 1.0" in text
+    ledger.write_text("{cut sh")  # damaged: unknown, and left for its owner to set aside
+    _, text = n.get("/metrics")
+    assert "clusterctl_swap_growth_blocked 0.0" in text
+    assert ledger.read_text() == "{cut sh"
+    assert [p.name for p in n.state.iterdir() if "corrupt" in p.name] == []
+
+
 def test_metrics_are_written_for_the_textfile_collector(node: Callable[..., Node],
                                                         tmp_path: Path) -> None:
     textfiles = tmp_path / "textfiles"

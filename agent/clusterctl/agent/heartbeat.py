@@ -102,14 +102,16 @@ def hibernate_settings(config: Config) -> dict[str, Any]:
 
 
 def memory_summaries(memory: MemoryFacts, *, last_swap_step: str | None = None,
-                     swap_steps: int | None = None
+                     swap_steps: int | None = None, growth_blocked: str | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(memory, swap) as heartbeats and metrics carry them, from one read of meminfo."""
+    """(memory, swap) as heartbeats and metrics carry them, from one read of meminfo;
+    ``growth_blocked``: why swap needs to grow and cannot (the swap ledger's word)."""
     return ({"total_bytes": memory.total_bytes, "available_bytes": memory.available_bytes,
              "used_percent": None if memory.used_percent is None
              else round(memory.used_percent, 1)},
             {"total_bytes": memory.swap_total_bytes, "used_bytes": memory.swap_used_bytes,
-             "last_step": last_swap_step, "steps": swap_steps})
+             "last_step": last_swap_step, "steps": swap_steps,
+             "growth_blocked": growth_blocked})
 
 
 def node_payload(config: Config, *, sequence: int, now: float, status: str,

@@ -94,6 +94,9 @@ class SnapshotCollector:
                      swap["total_bytes"])
         yield _gauge("clusterctl_swap_used_bytes", "Swap in use on the node.",
                      swap["used_bytes"])
+        yield _gauge("clusterctl_swap_growth_blocked",
+                     "1 while swap needs to grow and cannot (see clusterctl swap status).",
+                     1.0 if swap.get("growth_blocked") else 0.0)
         steps = CounterMetricFamily("clusterctl_swap_pressure_steps",
                                     "Swap policy steps run on a memory pressure trigger.")
         steps.add_metric([], snap.progress.swap_steps)

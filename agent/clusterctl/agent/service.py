@@ -71,6 +71,7 @@ from clusterctl.host.nvml import GpuSnapshot, Nvml
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.swap import executor as swap
+from clusterctl.swap import ledger as swap_ledger
 from clusterctl.swap.policy import (
     HORIZON_STEP_S,
     ONLINE_S_UNMEASURED,
@@ -350,7 +351,9 @@ class Agent:
     def summaries(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(memory, swap) for heartbeats and metrics, from one read of /proc/meminfo."""
         return memory_summaries(read_memory(Path("/")), last_swap_step=self.progress.last_swap,
-                                swap_steps=self.progress.swap_steps)
+                                swap_steps=self.progress.swap_steps,
+                                growth_blocked=swap_ledger.growth_blocked(
+                                    self.config.paths.state_dir))
 
     # -- the loops -------------------------------------------------------------------
 

@@ -88,8 +88,13 @@ def show_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
         emit_json(answer)
         return
     for key, value in answer.items():
-        if key not in ("heartbeat", "pending_commands"):
+        if key not in ("heartbeat", "pending_commands", "gpu_list"):
             print(f"{key}: {_shown(value)}")
+    for gpu in answer.get("gpu_list", []):
+        print(f"gpu {_shown(gpu.get('index'))}: {_shown(gpu.get('name'))}, "
+              f"{_shown(gpu.get('utilization'))} %, {_shown(gpu.get('temperature'))} C, "
+              f"{_shown(gpu.get('memory_used_mib'))}/{_shown(gpu.get('memory_total_mib'))} "
+              f"MiB, {_shown(gpu.get('state'))}")
     for cmd in answer["pending_commands"]:
         print(f"pending: {_shown(cmd['id'])} {_shown(cmd['type'])} {_shown(cmd['args'])}")
 
@@ -176,3 +181,53 @@ def revoke_cmd(run: Run, instance: NodeArg,
         emit_json(answer)
     else:
         print(f"{instance}: revoked" + (" and forgotten" if forget else ""))
+
+
+@command(app, "targets", json=True)
+def targets_cmd(run: Run,
+                output: Annotated[Path | None, typer.Option(
+                    "--output", metavar="PATH", help="Write the file here (atomically) "
+                    "instead of printing it; only a file_sd JSON file is replaced.")] = None,
+                port: Annotated[int, typer.Option(
+                    "--port", help="The agents' [api] listen port.")] = 9408,
+                use: Annotated[str, typer.Option(
+                    "--use", metavar="hostname|address", help="Scrape each node by its "
+                    "host name, or by the address its heartbeats come from.")] = "hostname",
+                server: ServerOpt = None, token_file: TokenOpt = None) -> None:
+    """Prometheus file_sd targets for the agents: the nodes that should answer a scrape,
+    labelled instance_id and hostname (run it from a timer; Prometheus re-reads the file)."""
+    from clusterctl import system
+    from clusterctl.errors import HostError
+    from clusterctl.fleet import targets
+
+    if use not in ("hostname", "address"):
+        raise UsageError(f"--use {use!r} is not hostname or address")
+    answer = _client(run, server, token_file).call("GET", "/api/instances")
+    groups, skipped = targets.targets(answer["instances"], port=port,
+                                      use="address" if use == "address" else "hostname")
+    text = targets.render(groups)
+    if output is None:
+        if run.json:
+            emit_json(groups)
+        else:
+            print(text, end="")
+    else:
+        try:
+            old = output.read_text() if output.is_file() else None
+        except (OSError, UnicodeDecodeError) as err:
+            raise HostError(f"cannot read {output}: {err}") from err
+        if output.exists() and (old is None or not targets.is_targets_file(old)):
+            raise UsageError(f"{output} exists and is not a targets file; clusterctl "
+                             "replaces only a file_sd JSON list",
+                             fix="give --output a new path, or the file Prometheus's "
+                             "file_sd_configs reads")
+        if not output.parent.is_dir():
+            raise UsageError(f"{output.parent} is not a directory",
+                             fix="create it first, or give --output another path")
+        system.atomic_write_text(output, text, mode=0o644, keep_owner=False)
+        if not run.json:
+            print(f"{output}: {len(groups)} targets")
+    for instance_id in skipped:
+        import sys
+
+        print(f"left out {_shown(instance_id)}: no usable {use} for it", file=sys.stderr)

@@ -52,6 +52,7 @@ class Node:
     hibernated_s: float = 0.0  # closed periods asleep
     idle_gpu_s_avoided: float = 0.0
     accept_commands: bool | None = None
+    address: str | None = None  # the IP its last heartbeat came from (memory only)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -84,19 +85,68 @@ class Node:
             node.wake_started_mono = now_mono
         return node
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, now: float) -> dict[str, Any]:
+        """What the operator API, the CLI and the page show of the node at ``now``: the
+        server's own facts, and the last heartbeat's numbers taken as the node sent them
+        (a number that is not one is shown as unknown)."""
+        beat = self.heartbeat or {}
+        swap = _mapping(beat.get("swap"))
+        memory = _mapping(beat.get("memory"))
         return {
             "instance_id": self.instance_id, "hostname": self.hostname, "state": self.state,
             "state_since": iso_utc(self.state_since),
             "status": self.reported,
             "last_seen": None if self.last_seen is None else iso_utc(self.last_seen),
+            "last_seen_age_s": None if self.last_seen is None
+            else round(max(0.0, now - self.last_seen), 1),
             "boot_id": self.boot_id, "agent_version": self.agent_version,
             "gpu_utilization": self.gpu_utilization, "gpus": self.gpus,
             "enrolled_at": iso_utc(self.enrolled_at), "revoked": self.state == "revoked",
             "interval_s": self.interval_s, "next_interval_s": self.assigned_s,
-            "mac": self.mac, "interface": self.interface,
+            "mac": self.mac, "interface": self.interface, "address": self.address,
             "accept_commands": self.accept_commands,
+            "idle_since": _short_text(beat.get("idle_since")),
+            "memory_used_percent": _number(memory.get("used_percent")),
+            "swap": {"used_bytes": _number(swap.get("used_bytes")),
+                     "total_bytes": _number(swap.get("total_bytes"))} if swap else None,
+            "gpu_list": [_gpu_brief(g) for g in _list(beat.get("gpus")) if isinstance(g, dict)],
+            "schedule": self.schedule, "hibernate": self.hibernate,
         }
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _number(value: object) -> float | int | None:
+    """A number the node sent, else None (the server already turned NaN/inf into null)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _short_text(value: object, limit: int = 64) -> str | None:
+    return value if isinstance(value, str) and len(value) <= limit and value.isprintable() \
+        else None
+
+
+GPU_STATES = ("optimal", "normal", "throttled", "critical")
+
+
+def _gpu_brief(gpu: dict[str, Any]) -> dict[str, Any]:
+    """One GPU of a heartbeat, as the fleet list shows it."""
+    memory = _mapping(gpu.get("memory"))
+    state = gpu.get("state")
+    return {"index": _number(gpu.get("index")), "name": _short_text(gpu.get("name"), 128),
+            "uuid": _short_text(gpu.get("uuid"), 128),
+            "utilization": _number(gpu.get("utilization")),
+            "temperature": _number(gpu.get("temperature")),
+            "memory_used_mib": _number(memory.get("used")),
+            "memory_total_mib": _number(memory.get("total")),
+            "state": state if state in GPU_STATES else None,
+            "lost": gpu.get("lost") is True}
 
 
 def next_interval(node_interval_s: int, live_nodes: int, max_per_s: int) -> int:

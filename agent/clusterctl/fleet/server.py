@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 import sdnotify
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from clusterctl import __version__
 from clusterctl.agent.control import read_token
 from clusterctl.config import FleetConfig
 from clusterctl.errors import ClusterctlError, HostError, UsageError
 from clusterctl.fleet import commands as fleet_commands
+from clusterctl.fleet import history as fleet_history
 from clusterctl.fleet import nodes as fleet_nodes
 from clusterctl.fleet import wake as fleet_wake
 from clusterctl.fleet.nodes import Node
@@ -59,6 +60,11 @@ MAX_HEARTBEAT_BYTES = 256 << 10  # a node's last heartbeat stays in memory: 8 GP
 MAX_BATCH_EVENTS = 10000
 MAX_EVENTS_LIMIT = 1000
 LOOP_PERIOD_S = 1.0
+# node events worth a series of their own per node in /metrics (the alert rules use them)
+NOTABLE_EVENTS = ("hibernate_failed", "wake_failed", "swap_growth_blocked", "swap_failed",
+                  "command_failed", "outbox_overflow")
+MAX_EVENT_TYPES = 100  # distinct event_type labels in /metrics; the rest count as "other"
+DB_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -167,6 +173,11 @@ class Fleet:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fleet-db")
         self._notifier = sdnotify.SystemdNotifier()
         self.wakes: set[asyncio.Task[None]] = set()  # scheduled wakes under way
+        self.history = fleet_history.History()
+        self.events_received: dict[str, int] = {}  # by event_type
+        self.node_events: dict[tuple[str, str], int] = {}  # (instance, notable type)
+        self.wake_results: dict[tuple[str, str], int] = {}  # (method, result)
+        self.db_latency: dict[str, Latency] = {}  # by operation
 
     # -- memory ------------------------------------------------------------------
     def load(self) -> None:
@@ -188,8 +199,40 @@ class Fleet:
                               if n.state not in ("hibernated", "revoked"))
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on the database threads; how long it took is kept for /metrics."""
+        took: list[float] = []
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took.append(time.perf_counter() - started)
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._pool, timed)
+        finally:
+            if took:
+                name = getattr(fn, "__name__", "call")
+                latency = self.db_latency.get(name)
+                if latency is None:
+                    latency = self.db_latency[name] = Latency()
+                latency.add(took[0])
+
+    def _noted(self, node: Node, event_types: list[str]) -> None:
+        """Count events for /metrics: by type, and the notable ones per node."""
+        for event_type in event_types:
+            key = event_type if event_type in self.events_received or \
+                len(self.events_received) < MAX_EVENT_TYPES else "other"
+            self.events_received[key] = self.events_received.get(key, 0) + 1
+            if event_type in NOTABLE_EVENTS:
+                pair = (node.instance_id, event_type)
+                self.node_events[pair] = self.node_events.get(pair, 0) + 1
+
+    def _wake_result(self, result: str) -> None:
+        key = (self.config.wake, result)
+        self.wake_results[key] = self.wake_results.get(key, 0) + 1
 
     def _lock(self, instance_id: str) -> asyncio.Lock:
         lock = self.locks.get(instance_id)
@@ -307,6 +350,7 @@ class Fleet:
             self._still_enrolled(request, node)
             node.last_seen, node.seen_mono = now, now_mono
             node.reported = reported
+            node.address = request.remote
             fields = self._reported_fields(node, body)
             change = fleet_nodes.on_heartbeat(node, reported, _text(body.get("boot_id"), 64))
             events: list[dict[str, Any]] = []
@@ -315,6 +359,8 @@ class Fleet:
                 if change.event:
                     events.append(self._event(change.event, node.instance_id, change.reason,
                                               now))
+                if change.event == "woke" and node.state in ("waking", "wake_failed"):
+                    self._wake_result("woke")
             if fields or events:
                 fields.update(last_seen=now, heartbeat=body)
                 await self.db(self.store.update_node, node.instance_id, fields, events, now)
@@ -405,13 +451,14 @@ class Fleet:
             self._still_enrolled(request, node)
             new, duplicates = await self.db(self.store.add_events, node.instance_id, batch,
                                             now, acks)
+            self._noted(node, new)
             done = {command_id for command_id, _, _ in acks}
             if done and node.instance_id in self.pending:
                 self.pending[node.instance_id] = [
                     c for c in self.pending[node.instance_id] if c.id not in done]
             await self._events_move_state(node, batch, now)
-        self.events_stored += new
-        return web.json_response({"stored": new, "duplicates": duplicates})
+        self.events_stored += len(new)
+        return web.json_response({"stored": len(new), "duplicates": duplicates})
 
     async def _events_move_state(self, node: Node, batch: list[dict[str, Any]],
                                  now: float) -> None:
@@ -451,9 +498,11 @@ class Fleet:
     async def instances(self, request: web.Request) -> web.Response:
         self._admin(request)
         listed = list(self.nodes.values())
+        now = self.clock()
 
         def render() -> str:  # 10,000 nodes take a quarter second: off the event loop
-            return json.dumps({"instances": [n.summary() for n in
+            return json.dumps({"now": iso_utc(now),
+                               "instances": [n.summary(now) for n in
                                              sorted(listed, key=lambda n: n.instance_id)]})
 
         return web.Response(text=await asyncio.to_thread(render),
@@ -462,7 +511,7 @@ class Fleet:
     async def instance_status(self, request: web.Request) -> web.Response:
         node = self._instance(request)
         return web.json_response({
-            **node.summary(), "heartbeat": node.heartbeat,
+            **node.summary(self.clock()), "heartbeat": node.heartbeat,
             "pending_commands": [c.shown() for c in self.pending.get(node.instance_id, ())]})
 
     async def get_config(self, request: web.Request) -> web.Response:
@@ -541,6 +590,8 @@ class Fleet:
             done = await asyncio.to_thread(
                 lambda: system_wake.send(fleet_wake.plan(self.config, target)))
         except (HostError, UsageError) as err:
+            self._wake_result("failed")
+            self._noted(node, ["wake_failed"])
             await self.db(self.store.update_node, node.instance_id, {},
                           [self._event("wake_failed", node.instance_id, err.one_line(), now,
                                        method=self.config.wake)], now)
@@ -555,6 +606,7 @@ class Fleet:
             self._apply(node, fields)
             node.wake_started_mono = self.monotonic()
             self._count_live()
+        self._wake_result("sent")
         return {"instance_id": node.instance_id, "state": "waking", "method": self.config.wake,
                 "done": done}
 
@@ -596,6 +648,10 @@ class Fleet:
         self._admin(request)
         return web.json_response(self.stats_now())
 
+    async def history_of(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return web.json_response(self.history.shown(self.clock()))
+
     async def metrics(self, request: web.Request) -> web.Response:
         self._admin(request)
         registry = CollectorRegistry(auto_describe=False)
@@ -623,6 +679,8 @@ class Fleet:
                 if node.state == "hibernated":
                     await self._scheduled_wake(node, now)
         self._count_live()
+        if self.history.due(now):
+            self.history.sample(now, self.nodes.values())
 
     async def _silent(self, node: Node, now: float, now_mono: float) -> None:
         change = fleet_nodes.on_silence(node, now_mono, self.config.resume_timeout_s)
@@ -636,6 +694,9 @@ class Fleet:
                                 change.reason, now)
             await self.db(self.store.update_node, node.instance_id, fields, [event], now)
             self._apply(node, fields)
+            if change.state == "wake_failed":
+                self._wake_result("timed_out")
+                self._noted(node, ["wake_failed"])
             log.warning("%s: %s (%s)", node.instance_id, change.state, change.reason)
 
     async def _scheduled_wake(self, node: Node, now: float) -> None:
@@ -698,6 +759,7 @@ class Fleet:
         app.router.add_post("/api/instances/{id}/wake", self.wake)
         app.router.add_post("/api/instances/{id}/revoke", self.revoke)
         app.router.add_get("/api/hibernation/stats", self.stats)
+        app.router.add_get("/api/fleet/history", self.history_of)
         app.router.add_get("/metrics", self.metrics)
         return app
 
@@ -729,6 +791,74 @@ class _Collector:
         pending = sum(len(v) for v in self.fleet.pending.values())
         yield GaugeMetricFamily("clusterctl_fleet_commands_pending",
                                 "Commands queued and not yet acknowledged", value=pending)
+        yield from self._per_node()
+        received = CounterMetricFamily("clusterctl_fleet_events_received",
+                                       "Node events stored, by type (beyond 100 types: other)",
+                                       labels=["event_type"])
+        for event_type, count in sorted(self.fleet.events_received.items()):
+            received.add_metric([event_type], count)
+        yield received
+        wakes = CounterMetricFamily("clusterctl_fleet_wakes", "Wakes by method and result "
+                                    "(sent, failed to send, woke, timed_out)",
+                                    labels=["method", "result"])
+        for (method, result), count in sorted(self.fleet.wake_results.items()):
+            wakes.add_metric([method, result], count)
+        yield wakes
+        latency = HistogramMetricFamily("clusterctl_fleet_database_seconds",
+                                        "Time of each database call, by operation",
+                                        labels=["operation"])
+        for operation, h in sorted(self.fleet.db_latency.items()):
+            latency.add_metric([operation], h.buckets(), h.sum_s)
+        yield latency
+
+    def _per_node(self) -> Any:
+        fleet = self.fleet
+        now_mono = fleet.monotonic()
+        labels = ["instance_id", "hostname"]
+        state = GaugeMetricFamily("clusterctl_fleet_node_state", "1 for the node's state",
+                                  labels=[*labels, "state"])
+        age = GaugeMetricFamily("clusterctl_fleet_node_heartbeat_age_seconds",
+                                "Seconds since the node's last heartbeat", labels=labels)
+        interval = GaugeMetricFamily("clusterctl_fleet_node_heartbeat_interval_seconds",
+                                     "The heartbeat interval the node was given", labels=labels)
+        for node in list(fleet.nodes.values()):
+            names = [node.instance_id, node.hostname]
+            state.add_metric([*names, node.state], 1)
+            if node.last_seen is not None and node.seen_mono is not None:
+                age.add_metric(names, round(max(0.0, now_mono - node.seen_mono), 3))
+            interval.add_metric(names, node.assigned_s)
+        events = CounterMetricFamily("clusterctl_fleet_node_events",
+                                     "Notable node events (failures) since the server started",
+                                     labels=[*labels, "event_type"])
+        for (instance_id, event_type), count in sorted(fleet.node_events.items()):
+            known = fleet.nodes.get(instance_id)
+            if known is not None:
+                events.add_metric([instance_id, known.hostname, event_type], count)
+        yield from (state, age, interval, events)
+
+
+class Latency:
+    """A histogram of durations (DB_BUCKETS_S), updated on the event loop only."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DB_BUCKETS_S) + 1)
+        self.sum_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.sum_s += seconds
+        for i, bound in enumerate(DB_BUCKETS_S):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs, +Inf last, as Prometheus has them."""
+        out, total = [], 0
+        for bound, count in zip((*map(str, DB_BUCKETS_S), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, float(total)))
+        return out
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -229,9 +229,11 @@ class Store:
 
     # -- events ----------------------------------------------------------------
     def add_events(self, instance_id: str, batch: Sequence[Mapping[str, Any]], now: float,
-                   acks: Sequence[tuple[str, bool, str | None]] = ()) -> tuple[int, int]:
+                   acks: Sequence[tuple[str, bool, str | None]] = ()
+                   ) -> tuple[list[str], int]:
         """Store a node's events once each, in order, and in the same transaction mark
-        the commands they acknowledge (id, ok, error) done; (new, duplicates)."""
+        the commands they acknowledge (id, ok, error) done; (the types of the events that
+        were new, the number of duplicates)."""
         with self._tx() as conn:
             new = self._insert_events(conn, instance_id, batch, "node", now)
             for command_id, ok, error in acks:
@@ -240,12 +242,14 @@ class Store:
                     commands.c.state == "pending").values(
                         state="applied" if ok else "failed", finished_at=now,
                         error=None if error is None else error[:500]))
-        return new, len(batch) - new
+        return new, len(batch) - len(new)
 
     def _insert_events(self, conn: Connection, instance_id: str,
-                       batch: Sequence[Mapping[str, Any]], source: str, now: float) -> int:
+                       batch: Sequence[Mapping[str, Any]], source: str, now: float
+                       ) -> list[str]:
+        """The events not stored yet, stored; their types."""
         if not batch:
-            return 0
+            return []
         ids = [str(e["id"]) for e in batch]
         have = set(conn.execute(sa.select(events.c.event_id).where(
             events.c.instance_id == instance_id, events.c.event_id.in_(ids))).scalars())
@@ -261,7 +265,7 @@ class Store:
                          "body": json.dumps(event, separators=(",", ":"))})
         if rows:
             conn.execute(sa.insert(events), rows)
-        return len(rows)
+        return [str(row["event_type"]) for row in rows]
 
     def events(self, instance_id: str, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` events of a node, newest first."""

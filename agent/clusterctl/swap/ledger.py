@@ -70,6 +70,13 @@ def load(state_dir: Path, *, record: statefile.Recorder | None = None) -> Ledger
     return Ledger() if found is None else found
 
 
+def growth_blocked(state_dir: Path) -> str | None:
+    """Why swap needs to grow and cannot, while it is so; read only (metrics, heartbeats)."""
+    found = statefile.peek(SPEC, state_dir, _parse)
+    blocked = None if found is None else found.blocked
+    return blocked if isinstance(blocked, str) else None
+
+
 def _parse(data: dict[str, Any]) -> Ledger:
     files = data.get("files", [])
     if not isinstance(files, list):

@@ -121,6 +121,16 @@ def read(spec: StateFile, directory: Path, parse: Callable[[dict[str, Any]], T],
     return None
 
 
+def peek(spec: StateFile, directory: Path, parse: Callable[[dict[str, Any]], T]) -> T | None:
+    """What ``read`` would return, for a reader that changes nothing (metrics): None when
+    there is no file or it is damaged, which stays where it is for its owner to set aside;
+    HostError when it cannot be read."""
+    try:
+        return parse(_decode(_read_raw(directory / spec.name, spec), spec))
+    except (FileNotFoundError, _Damaged, *PARSE_ERRORS):
+        return None
+
+
 def write(spec: StateFile, directory: Path, data: Mapping[str, Any]) -> None:
     """Replace the file with ``data`` and its version: atomic, fsync'd, ``spec.mode``,
     owned by the caller; a link or other thing at the path is replaced, never followed."""
