@@ -653,10 +653,12 @@ class Fleet:
         return web.json_response(self.history.shown(self.clock()))
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """The series are taken here, on the loop, so that they agree with each other;
+        the text (3 MB at 10,000 nodes) is rendered in a thread."""
         self._admin(request)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self))
-        return web.Response(body=generate_latest(registry),
+        registry.register(_Taken(list(_Collector(self).collect())))
+        return web.Response(body=await asyncio.to_thread(generate_latest, registry),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Version": "0.0.4"})
 
@@ -835,6 +837,16 @@ class _Collector:
             if known is not None:
                 events.add_metric([instance_id, known.hostname, event_type], count)
         yield from (state, age, interval, events)
+
+
+class _Taken:
+    """Families already collected, for a registry to render."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
 
 
 class Latency:
