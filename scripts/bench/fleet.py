@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench/fleet.py [--nodes 1000] [--duration 180]
         [--database sqlite|postgresql] [--interval 30] [--clients 1] [--json PATH]
-        [--profile PATH]
+        [--profile PATH] [--scrape-every S]
 
 Starts `clusterctl fleet serve` (this checkout) as a subprocess on 127.0.0.1 with SQLite
 in a temp dir or a throwaway PostgreSQL (tests/postgres.py), with max_heartbeats_per_s
@@ -23,6 +23,8 @@ heartbeats/s and events/s, errors, the server's CPU in the window (cores, from
 node-day, and the time from a silenced node's last heartbeat to `lost`, in intervals
 (the server allows 3 intervals + 5 s grace, checked once a second). Goal on 2 cores:
 10,000 nodes at 30 s with p99 < 50 ms and the server under one core.
+--scrape-every S also GETs /metrics every S seconds in the window, as Prometheus would
+(its per-node series make it the largest answer), and reports its time and size.
 --profile PATH runs the server under cProfile (its event-loop thread; slower) and
 prints the top functions.
 """
@@ -43,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -373,6 +376,19 @@ def get_instances(url: str) -> tuple[list[dict[str, Any]], float]:
     return body["instances"], time.monotonic() - started
 
 
+def scrape_metrics(url: str, every_s: float, until: float, out: list[tuple[float, int]]
+                   ) -> None:
+    """GET /metrics every ``every_s`` (as Prometheus would) until ``until``: (s, bytes)."""
+    request = urllib.request.Request(f"{url}/metrics",
+                                     headers={"Authorization": f"Bearer {ADMIN}"})
+    while time.monotonic() < until:
+        started = time.monotonic()
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            size = len(answer.read())
+        out.append((time.monotonic() - started, size))
+        time.sleep(max(0.0, every_s - (time.monotonic() - started)))
+
+
 def sleep_until(at: float) -> None:
     time.sleep(max(0.0, at - time.monotonic()))
 
@@ -391,6 +407,7 @@ class Measured:
     seen_lost: dict[str, float]
     silenced: frozenset[str]
     polls_s: list[float]
+    scrapes: list[tuple[float, int]]
     peak_rss_mib: float
     results: list[ClientResult]
 
@@ -423,6 +440,10 @@ def measure(args: argparse.Namespace, url: str, server: subprocess.Popen[bytes],
     stop = multiprocessing.get_context("fork").Event()
     plan, clients = start_clients(args, url, enrolled, silenced, stop)
     sleep_until(plan.window_start)
+    scrapes: list[tuple[float, int]] = []
+    if args.scrape_every:
+        threading.Thread(target=scrape_metrics, daemon=True, args=(
+            url, args.scrape_every, plan.window_end, scrapes)).start()
     cpu0, db0, size0 = cpu_seconds(server.pid), db.cpu_s(), db.size_bytes()
     busy0 = machine_busy_s()
     wall0 = time.monotonic()
@@ -451,7 +472,8 @@ def measure(args: argparse.Namespace, url: str, server: subprocess.Popen[bytes],
         window_start=plan.window_start, window_end=plan.window_end, window_s=window_s,
         lost_phase_end=lost_phase_end, server_cpu_s=cpu1 - cpu0, machine_busy_s=busy1 - busy0,
         db_cpu_s=None if db0 is None or db1 is None else db1 - db0, db_bytes=(size0, size1),
-        seen_lost=seen_lost, silenced=silenced, polls_s=polls, peak_rss_mib=peak_rss_mib,
+        seen_lost=seen_lost, silenced=silenced, polls_s=polls, scrapes=scrapes,
+        peak_rss_mib=peak_rss_mib,
         results=results)
 
 
@@ -526,6 +548,9 @@ def summarize(args: argparse.Namespace, m: Measured) -> dict[str, Any]:
         "lost_limit_intervals": round(LOST_AFTER_INTERVALS + GRACE_S / args.interval, 2),
         "instances_poll_ms_max": round(max(m.polls_s, default=0) * 1000, 1),
         "lost_phase_p99_ms": round(pct(lost_phase, 99), 2),
+        "metrics_scrapes": len(m.scrapes),
+        "metrics_scrape_ms_max": round(max((t for t, _ in m.scrapes), default=0) * 1000, 1),
+        "metrics_bytes": max((b for _, b in m.scrapes), default=0),
     }
 
 
@@ -571,6 +596,9 @@ def main() -> int:
     parser.add_argument("--poll", type=float, default=1.0,
                         help="seconds between GET /api/instances polls")
     parser.add_argument("--enrol-concurrency", type=int, default=32)
+    parser.add_argument("--scrape-every", type=float, default=0,
+                        help="scrape /metrics every S seconds in the window, as Prometheus "
+                        "would (0: not at all)")
     parser.add_argument("--profile", type=Path, help="run the server under cProfile, to PATH")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--json", type=Path, help="write the result here")

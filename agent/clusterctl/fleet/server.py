@@ -627,6 +627,8 @@ class Fleet:
             self.pending.pop(node.instance_id, None)
             if forget:
                 self.nodes.pop(node.instance_id, None)
+                for key in [k for k in self.node_events if k[0] == node.instance_id]:
+                    del self.node_events[key]  # an id enrolled again starts afresh
             else:
                 node.token_hash, node.state, node.state_since = None, "revoked", now
             self._count_live()
