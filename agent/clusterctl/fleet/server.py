@@ -46,6 +46,7 @@ from clusterctl.errors import ClusterctlError, HostError, UsageError
 from clusterctl.fleet import commands as fleet_commands
 from clusterctl.fleet import history as fleet_history
 from clusterctl.fleet import nodes as fleet_nodes
+from clusterctl.fleet import page as fleet_page
 from clusterctl.fleet import wake as fleet_wake
 from clusterctl.fleet.nodes import Node
 from clusterctl.fleet.store import Command, DatabaseUnavailable, Refused, Store, open_store
@@ -765,6 +766,7 @@ class Fleet:
         app.router.add_get("/api/hibernation/stats", self.stats)
         app.router.add_get("/api/fleet/history", self.history_of)
         app.router.add_get("/metrics", self.metrics)
+        fleet_page.add_routes(app)  # the fleet page at /
         return app
 
     def close(self) -> None:
