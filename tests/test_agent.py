@@ -306,6 +306,50 @@ def test_the_agent_says_when_swap_growth_is_blocked(node: Callable[..., Node]) -
     assert [p.name for p in n.state.iterdir() if "corrupt" in p.name] == []
 
 
+def test_the_blocked_metric_never_follows_blocks_on_or_moves_a_planted_ledger(
+        tmp_path: Path) -> None:
+    """swap.json as a link to a ledger that says blocked, a FIFO, a directory, a sparse
+    1 TiB file: read as unknown (not blocked) at once, and each left where it is."""
+    import os
+    import threading
+
+    from clusterctl.swap import ledger
+
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"version": 1, "files": [], "blocked": "followed"}))
+
+    def planted(kind: str, path: Path) -> None:
+        if kind == "link":
+            path.symlink_to(elsewhere)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dir":
+            path.mkdir()
+        else:
+            with path.open("wb") as handle:
+                handle.truncate(1 << 40)
+
+    for kind in ("link", "fifo", "dir", "sparse"):
+        state = tmp_path / kind
+        state.mkdir()
+        path = state / "swap.json"
+        planted(kind, path)
+        before = os.lstat(path)
+        found: list[str | None] = []
+        reader = threading.Thread(target=lambda out=found, at=state: out.append(
+            ledger.growth_blocked(at)), daemon=True)
+        started = time.monotonic()
+        reader.start()
+        reader.join(10)
+        assert found == [None], kind  # neither hung nor followed the link
+        assert time.monotonic() - started < 5, kind
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode, after.st_size) == \
+            (before.st_ino, before.st_mode, before.st_size), kind
+        assert sorted(p.name for p in state.iterdir()) == ["swap.json"], kind
+    assert json.loads(elsewhere.read_text())["blocked"] == "followed"
+
+
 def test_metrics_are_written_for_the_textfile_collector(node: Callable[..., Node],
                                                         tmp_path: Path) -> None:
     textfiles = tmp_path / "textfiles"

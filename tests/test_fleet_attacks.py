@@ -5,6 +5,7 @@ twice, and the server keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -688,3 +690,293 @@ def test_the_server_process_reports_a_broken_store_without_a_traceback(
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
     assert str(directory) in done.stderr
+
+
+# -- what the fleet page, /metrics and `fleet targets` take from nodes (issue 17) --------
+def _compact(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def test_a_node_reporting_80000_gpus_does_not_swell_the_node_list(tmp_path: Path) -> None:
+    """Within the 256 KiB heartbeat cap a node can list ~85,000 empty GPUs; the node list
+    (read by the page every 5 s, and by the CLI) shows a bounded number of them."""
+    with FleetServer(tmp_path, f"sqlite:///{tmp_path}/f.db") as srv:
+        token = srv.enrol("many-gpus")
+        body = _compact({**heartbeat("many-gpus"), "gpus": [{}] * 85_000})
+        assert len(body) < 256 << 10
+        status, text = raw(srv, "POST", "/api/agent/status", body, token=token)
+        assert status == 200, text
+        for path in ("/api/instances", "/api/instances/many-gpus/status"):
+            status, text = raw(srv, "GET", path, token=ADMIN)
+            assert status == 200
+            answer = strict(text)
+            node = answer["instances"][0] if "instances" in answer else answer
+            assert node["gpus"] == 85_000  # the count is still told
+            assert len(node["gpu_list"]) <= 64, (path, len(node["gpu_list"]))
+        status, text = raw(srv, "GET", "/api/instances", token=ADMIN)
+        assert len(text) < 64 << 10, f"/api/instances is {len(text)} bytes for one node"
+
+
+LABEL_TEXT = 'q"uo\\te} {a="b",c=d}\u00e9\u4e2d\U0001F600 #HELP x'
+
+
+def test_metrics_label_values_a_node_chose_stay_valid_exposition(tmp_path: Path) -> None:
+    """Host names and event types with quotes, backslashes, braces and unicode: /metrics
+    still parses (prometheus_client and promtool) and gives them back as sent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.prometheus import tool
+
+    with FleetServer(tmp_path, f"sqlite:///{tmp_path}/f.db") as srv:
+        token = srv.enrol("odd-labels", hostname=LABEL_TEXT)
+        odd_type = LABEL_TEXT[:64]
+        batch = [event("odd-labels", "e1", odd_type), event("odd-labels", "e2", "wake_failed")]
+        assert srv.request("POST", "/api/agent/events", batch, token=token)[0] == 200
+        status, text = raw(srv, "GET", "/metrics", token=ADMIN)
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    [state] = families["clusterctl_fleet_node_state"].samples
+    assert state.labels == {"instance_id": "odd-labels", "hostname": LABEL_TEXT,
+                            "state": "running"}
+    received = {s.labels["event_type"] for s in families["clusterctl_fleet_events_received"]
+                .samples}
+    assert odd_type in received
+    [failed] = families["clusterctl_fleet_node_events"].samples
+    assert failed.labels["hostname"] == LABEL_TEXT
+    done = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "parsing error" not in done.stderr + done.stdout, done.stderr
+
+
+# -- `clusterctl fleet targets|show|nodes` against a hostile control plane ---------------
+class _Answer:
+    """A stand-in control plane on 127.0.0.1 that answers every GET with ``body``."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.body = b""
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(owner.body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the client stopped reading
+                    self.wfile.write(owner.body)
+
+            do_POST = do_GET  # hibernate, wake
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def _cli(tmp: Path, *args: str) -> tuple[int, str, str, BaseException | None]:
+    """`clusterctl ARGS` in this process (typer's runner): exit code, out, err, and an
+    exception that escaped the command (a traceback for a user)."""
+    from typer.testing import CliRunner
+
+    from clusterctl.cli import app
+
+    conf = tmp / "operator.toml"
+    admin = tmp / "admin-token-file"
+    admin.write_text(ADMIN + "\n")
+    admin.chmod(0o600)
+    conf.write_text(f'[fleet]\nadmin_token_file = "{admin}"\n'
+                    f'[paths]\nstate_dir = "{tmp / "state"}"\n')
+    result = CliRunner().invoke(app, [*args, "--config", str(conf)])
+    escaped = result.exception if not isinstance(result.exception, SystemExit) else None
+    return result.exit_code, result.stdout, result.stderr, escaped
+
+
+HOSTILE_ANSWERS: list[bytes] = [
+    b"", b"not json", b"null", b"[]", b'"instances"', b"[" * 100_000, b'{"instances": 5}',
+    b'{"instances": {"a": 1}}', b'{"instances": [1, null, "x", []]}',
+    b'{"instances": [{"instance_id": {"x": 1}, "state": ["running"], "hostname": 7}]}',
+    b'{"gpu_list": 5, "pending_commands": 7}', b'{"gpu_list": [1, "x", null]}',
+    b'{"pending_commands": [1, {}]}',
+    b'{"events": 5}', b'{"events": [1, {"timestamp": {"x": 1}, "event_type": ["a"]}]}',
+    b'{"command": 5}', b'{"command": {"type": [], "id": null}, "note": {"x": 1}}',
+    b'{"done": {"x": 1}}',
+]
+
+
+def test_operator_commands_give_one_clear_error_on_any_answer(tmp_path: Path) -> None:
+    answers = _Answer()
+    try:
+        for body in [*HOSTILE_ANSWERS, b"[" * ((64 << 20) + 1)]:
+            answers.body = body
+            for command in (["fleet", "targets"], ["fleet", "show", "n1"],
+                            ["fleet", "nodes"],
+                            ["fleet", "targets", "--output", str(tmp_path / "t.json")]):
+                code, out, err, escaped = _cli(tmp_path, *command, "--server", answers.url)
+                what = (command, body[:60])
+                assert escaped is None, (what, repr(escaped))
+                if code != 0:
+                    lines = err.strip().splitlines()
+                    assert len(lines) == 1 and lines[0].startswith("clusterctl: "), (what, err)
+                assert "Traceback" not in out + err, what
+                assert not (tmp_path / "t.json").exists() or \
+                    json.loads((tmp_path / "t.json").read_text()) == [], what
+        for body in HOSTILE_ANSWERS:  # the other commands: each answer, every command
+            answers.body = body
+            for command in (["fleet", "events", "n1"], ["fleet", "stats"],
+                            ["fleet", "hibernate", "n1"], ["fleet", "wake", "n1"]):
+                code, out, err, escaped = _cli(tmp_path, *command, "--server", answers.url)
+                what = (command, body[:60])
+                assert escaped is None, (what, repr(escaped))
+                if code != 0:
+                    lines = err.strip().splitlines()
+                    assert len(lines) == 1 and lines[0].startswith("clusterctl: "), (what, err)
+                assert "Traceback" not in out + err and "\x1b" not in out, what
+    finally:
+        answers.close()
+
+
+def test_an_oversized_event_is_stored_cut_with_its_identity(server: FleetServer) -> None:
+    token = server.enrol("gpu-01")
+    big = event("gpu-01", "e-big", "hibernate_failed", blob="x" * (200 << 10),
+                reason="r" * 5000)
+    status, answer = server.request("POST", "/api/agent/events",
+                                    [big, event("gpu-01", "e-small")], token=token)
+    assert status == 200 and answer["stored"] == 2
+    status, shown = server.admin("GET", "/api/instances/gpu-01/events?limit=10")
+    kept = {e["id"]: e for e in shown["events"]}
+    assert "blob" not in kept["e-big"] and kept["e-big"]["event_type"] == "hibernate_failed"
+    assert kept["e-big"]["cut_from_bytes"] > 200 << 10 and len(kept["e-big"]["reason"]) == 500
+    assert kept["e-small"]["reason"] == "test" and "cut_from_bytes" not in kept["e-small"]
+
+
+@contextlib.contextmanager
+def _tmpfs(mountpoint: Path, size_kib: int) -> Iterator[Path]:
+    """A small tmpfs at ``mountpoint`` (root only: skipped otherwise), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs",
+                    str(mountpoint)], check=True, capture_output=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def test_targets_output_never_writes_through_or_onto_what_is_not_its_own(
+        tmp_path: Path) -> None:
+    """--output at a link, a directory, a FIFO, someone's file; on a full or read-only
+    filesystem: one clear error or a plain replaced file, the other thing untouched."""
+    with FleetServer(tmp_path, f"sqlite:///{tmp_path}/f.db") as server:
+        server.enrol("gpu-01")
+        _targets_output(server, tmp_path)
+
+
+def _targets_output(server: FleetServer, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    theirs = elsewhere / "theirs.json"
+    theirs.write_text('[{"targets": ["keep-me:1"]}]\n')
+    secret = elsewhere / "secret"
+    secret.write_text("not json\n")
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / "to-secret.json").symlink_to(secret)
+    (sd / "to-theirs.json").symlink_to(theirs)
+    (sd / "dir.json").mkdir()
+    _fifo(sd / "fifo.json")
+    (sd / "to-fifo.json").symlink_to(sd / "fifo.json")
+    (sd / "loop.json").symlink_to(sd / "loop.json")
+
+    def targets(path: Path) -> tuple[int, str]:
+        result: list[tuple[int, str, str, BaseException | None]] = []
+        worker = threading.Thread(target=lambda: result.append(_cli(
+            tmp_path, "fleet", "targets", "--server", server.url, "--output", str(path))))
+        worker.start()
+        worker.join(30)
+        assert result, f"--output {path} hung"
+        code, _, err, escaped = result[0]
+        assert escaped is None, repr(escaped)
+        assert "Traceback" not in err
+        return code, err
+
+    for refused in ("to-secret.json", "dir.json", "fifo.json", "to-fifo.json"):
+        code, err = targets(sd / refused)
+        assert code != 0 and err.startswith("clusterctl: "), (refused, err)
+    assert secret.read_text() == "not json\n"
+    assert (sd / "to-secret.json").is_symlink() and (sd / "fifo.json").is_fifo()
+    # a link to a targets file is replaced by a file, never written through
+    code, err = targets(sd / "to-theirs.json")
+    assert code == 0, err
+    assert not (sd / "to-theirs.json").is_symlink()
+    assert json.loads((sd / "to-theirs.json").read_text())[0]["targets"] == ["gpu-01:9408"]
+    assert theirs.read_text() == '[{"targets": ["keep-me:1"]}]\n'
+    code, err = targets(sd / "loop.json")  # a loop of links: replaced as a dangling link
+    assert code == 0 or err.startswith("clusterctl: "), err
+
+    with _tmpfs(tmp_path / "fs", size_kib=64) as mnt:
+        (mnt / "nodes.json").write_text("[]\n")
+        subprocess.run(["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=4k"],
+                       capture_output=True, check=False)
+        code, err = targets(mnt / "nodes.json")
+        assert code != 0 and err.startswith("clusterctl: ") and "space" in err, err
+        assert (mnt / "nodes.json").read_text() == "[]\n"  # the old file stays whole
+        assert [p.name for p in mnt.iterdir() if p.name.endswith(".tmp")] == []
+        (mnt / "filler").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        code, err = targets(mnt / "nodes.json")
+        assert code != 0 and err.startswith("clusterctl: "), err
+        assert (mnt / "nodes.json").read_text() == "[]\n"
+
+
+def test_the_history_stays_json_through_absurd_numbers_and_clock_jumps(
+        tmp_path: Path) -> None:
+    """A node reporting a utilization of 1.7e308 % (finite, so it passes the NaN check)
+    or -5 %, no nodes at all, the clock going back an hour or forward ten years: the
+    history is strict JSON with utilizations between 0 and 100."""
+    clock = Clock(start=1_800_000_000.0)
+    with FleetServer(tmp_path, f"sqlite:///{tmp_path}/f.db", clock=clock) as srv:
+        clock.advance(15)
+        srv.tick()  # no node yet
+
+        def history() -> list[dict[str, Any]]:
+            status, text = raw(srv, "GET", "/api/fleet/history", token=ADMIN)
+            assert status == 200, text
+            points: list[dict[str, Any]] = strict(text)["points"]
+            for p in points:
+                assert p["gpu_utilization"] is None or 0 <= p["gpu_utilization"] <= 100, p
+            return points
+
+        assert [p["nodes"] for p in history()] == [0]
+        huge, negative, fine = srv.enrol("huge"), srv.enrol("negative"), srv.enrol("fine")
+        for _ in range(4):  # one 5-minute step: the samples add up in it
+            beat(srv, huge, "huge", gpu_utilization=1.7e308)
+            beat(srv, negative, "negative", gpu_utilization=-5.0)
+            beat(srv, fine, "fine", gpu_utilization=40.0)
+            clock.advance(15)
+            srv.tick()
+        assert history()[-1]["gpu_utilization"] == 40.0
+        clock.advance(-3600)
+        srv.tick()
+        assert len(history()) == 1  # what was "later" is gone
+        clock.advance(10 * 365 * 86400)
+        srv.tick()
+        assert len(history()) == 1

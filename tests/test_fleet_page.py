@@ -10,13 +10,14 @@ start); each test signs in afresh. The test that hibernates the node runs last.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -453,6 +454,86 @@ def test_the_node_forms_send_commands_and_show_the_answer(setup: Setup,
     assert queued == {"set_hibernate": {"enabled": True, "gpu_usage_threshold": 5,
                                         "pause_after_minutes": 7},  # the form, as shown
                       "inhibit": {"duration_s": 1800, "reason": "driver update"}}
+
+
+ODD = "a-odd-node"  # sorts first: a row that throws would stop every row after it
+MANY = "b-many-gpus"
+# JSON that neither Date.parse nor a template string can turn into text: it throws
+UNCONVERTIBLE = {"toString": 0, "valueOf": 0}
+
+
+@contextlib.contextmanager
+def scripted(srv: FleetServer, instance_id: str, body: dict[str, Any],
+             events: Sequence[dict[str, Any]] = ()) -> Iterator[None]:
+    """A node that sent ``body`` as its heartbeat (compact JSON, as big as the cap
+    allows) and ``events``; revoked and forgotten afterwards, so that the tests after
+    see the fleet they expect."""
+    token = srv.enrol(instance_id)
+    try:
+        raw = json.dumps({**heartbeat(instance_id), **body}, separators=(",", ":")).encode()
+        status, answer = srv.request("POST", "/api/agent/status", raw=raw, token=token)
+        assert status == 200, answer
+        if events:
+            status, answer = srv.request("POST", "/api/agent/events", list(events),
+                                         token=token)
+            assert status == 200, answer
+        yield
+    finally:
+        srv.admin("POST", f"/api/instances/{instance_id}/revoke", {"forget": True})
+
+
+def count(driver: Any, selector: str) -> int:
+    return int(driver.execute_script(
+        "return document.querySelectorAll(arguments[0]).length", selector))
+
+
+def test_a_node_sending_odd_shapes_breaks_neither_the_table_nor_its_view(
+        setup: Setup, browser: Any) -> None:
+    deep: Any = "bottom"
+    for _ in range(300):
+        deep = {"d": [deep]}
+    odd_gpu = {"index": "0", "name": ["x"], "uuid": 5, "utilization": "50",
+               "temperature": None, "memory": {"used": "1", "total": None}, "power_limit": [],
+               "state": UNCONVERTIBLE, "processes": {"length": 5}, "lost": "yes", "deep": deep}
+    body = {"schedule": {"wake_at": UNCONVERTIBLE, "sleep_at": UNCONVERTIBLE,
+                         "timezone": UNCONVERTIBLE},
+            "hibernate": {"enabled": "yes", "gpu_usage_threshold": "5",
+                          "pause_after_minutes": UNCONVERTIBLE},
+            "idle_since": UNCONVERTIBLE, "agent_version": UNCONVERTIBLE,
+            "gpus": [odd_gpu, None, 7, "gpu", [1, 2], {}]}
+    events = [event(ODD, "odd-1", timestamp=UNCONVERTIBLE, reason=UNCONVERTIBLE,
+                    command_type=UNCONVERTIBLE, deep=deep),
+              event(ODD, "odd-2", "odd_type", timestamp=12345, reason=None)]
+    with scripted(setup.srv, ODD, body, events):
+        sign_in(browser, setup.srv)
+        wait_for("every row, the odd node's first", lambda: row(browser, ODD)
+                 and row(browser, EVIL) and row(browser, NODE), 15,
+                 lambda: f"stale: {one(browser, '#stale').text!r}, console: {errors(browser)}")
+        assert cell(browser, ODD, "schedule") == "—"
+        assert not shown(browser, "#stale")
+        one(row(browser, ODD), "a.node-link").click()
+        wait_for("its events and GPUs", lambda: len(by_css(browser, "#events li")) == 3
+                 and by_css(browser, "#gpus tbody tr"), 15,
+                 lambda: f"stale: {one(browser, '#stale').text!r}, console: {errors(browser)}")
+        assert {e.text for e in by_css(browser, "#events .event-type")} == \
+            {"odd_type", "idle_detected", "node_enrolled"}
+        assert one(browser, "#schedule-now").text.startswith("Now: —")
+        assert not shown(browser, "#stale")
+        assert errors(browser) == []
+
+
+def test_a_node_reporting_85000_gpus_does_not_flood_the_page(setup: Setup,
+                                                            browser: Any) -> None:
+    """All the 256 KiB a heartbeat may hold, as empty GPUs: the row and the node view
+    list a bounded number, and the rest of the fleet is shown as before."""
+    with scripted(setup.srv, MANY, {"gpus": [{}] * 85_000}):
+        sign_in(browser, setup.srv)
+        wait_for("the rows", lambda: row(browser, MANY) and shown_gpus(browser, NODE), 30)
+        assert count(browser, f'tr[data-instance-id="{MANY}"] .gpu') <= 64
+        browser.get(f"{setup.srv.url}/#/node/{MANY}")
+        wait_for("its GPU table", lambda: count(browser, "#gpus tbody tr") > 1, 30)
+        assert count(browser, "#gpus tbody tr") <= 64
+        assert not shown(browser, "#stale") and errors(browser) == []
 
 
 def test_hibernate_and_wake_from_the_page(setup: Setup, browser: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from clusterctl.cli.common import Run, command, emit_json
-from clusterctl.errors import UsageError
+from clusterctl.errors import HostError, UsageError
 
 app = typer.Typer(help="The fleet control plane: serve it, and see and steer its nodes.",
                   no_args_is_help=True)
@@ -56,6 +56,30 @@ def _shown(value: object) -> str:
     return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
+def _unexpected(path: str, what: str) -> HostError:
+    return HostError(f"the control plane's answer to {path} is not {what}",
+                     fix="is --server a clusterctl fleet control plane of this version?")
+
+
+def _instances(answer: object) -> list[dict[str, Any]]:
+    """The node list of a GET /api/instances answer; HostError for any other shape."""
+    nodes = answer.get("instances") if isinstance(answer, dict) else None
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) for n in nodes):
+        raise _unexpected("/api/instances", "a list of nodes")
+    return nodes
+
+
+def _object(answer: object, what: str) -> dict[str, Any]:
+    """A JSON object answer; HostError for any other shape."""
+    if not isinstance(answer, dict):
+        raise _unexpected(what, "a JSON object")
+    return answer
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = {c: max([len(c), *(len(_shown(r.get(c))) for r in rows)]) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
@@ -66,8 +90,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 @command(app, "nodes", json=True)
 def nodes_cmd(run: Run, server: ServerOpt = None, token_file: TokenOpt = None) -> None:
     """Every node the control plane knows, with its state."""
-    answer = _client(run, server, token_file).call("GET", "/api/instances")
-    rows = answer["instances"]
+    rows = _instances(_client(run, server, token_file).call("GET", "/api/instances"))
     if run.json:
         emit_json(rows)
     elif not rows:
@@ -84,19 +107,22 @@ def show_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
     from clusterctl.fleet.client import node_path
 
     answer = _client(run, server, token_file).call("GET", node_path(instance, "/status"))
+    if not isinstance(answer, dict):
+        raise _unexpected(f"{instance}'s status", "a JSON object")
     if run.json:
         emit_json(answer)
         return
     for key, value in answer.items():
         if key not in ("heartbeat", "pending_commands", "gpu_list"):
             print(f"{key}: {_shown(value)}")
-    for gpu in answer.get("gpu_list", []):
+    for gpu in _dicts(answer.get("gpu_list")):
         print(f"gpu {_shown(gpu.get('index'))}: {_shown(gpu.get('name'))}, "
               f"{_shown(gpu.get('utilization'))} %, {_shown(gpu.get('temperature'))} C, "
               f"{_shown(gpu.get('memory_used_mib'))}/{_shown(gpu.get('memory_total_mib'))} "
               f"MiB, {_shown(gpu.get('state'))}")
-    for cmd in answer["pending_commands"]:
-        print(f"pending: {_shown(cmd['id'])} {_shown(cmd['type'])} {_shown(cmd['args'])}")
+    for cmd in _dicts(answer.get("pending_commands")):
+        print(f"pending: {_shown(cmd.get('id'))} {_shown(cmd.get('type'))} "
+              f"{_shown(cmd.get('args'))}")
 
 
 @command(app, "events", json=True)
@@ -106,15 +132,16 @@ def events_cmd(run: Run, instance: NodeArg,
     """A node's newest events (its own and the control plane's), newest first."""
     from clusterctl.fleet.client import node_path
 
-    answer = _client(run, server, token_file).call(
-        "GET", node_path(instance, f"/events?limit={limit}"))
+    answer = _object(_client(run, server, token_file).call(
+        "GET", node_path(instance, f"/events?limit={limit}")), f"{instance}'s events")
+    found = _dicts(answer.get("events"))
     if run.json:
-        emit_json(answer["events"])
+        emit_json(found)
         return
-    for event in answer["events"]:
+    for event in found:
         print(f"{_shown(event.get('timestamp'))}  {_shown(event.get('event_type')):<20} "
               f"{_shown(event.get('reason', ''))}")
-    if not answer["events"]:
+    if not found:
         print("no events")
 
 
@@ -128,15 +155,16 @@ def hibernate_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
     _queued(run, answer)
 
 
-def _queued(run: Run, answer: dict[str, Any]) -> None:
+def _queued(run: Run, answer: object) -> None:
+    answer = _object(answer, "a queued command")
     if run.json:
         emit_json(answer)
         return
-    cmd = answer["command"]
-    print(f"queued {cmd['type']} for {cmd['instance_id']} ({cmd['id']}); it is sent with the "
-          "answer to the node's next heartbeat")
+    cmd = _object(answer.get("command"), "a queued command")
+    print(f"queued {_shown(cmd.get('type'))} for {_shown(cmd.get('instance_id'))} "
+          f"({_shown(cmd.get('id'))}); it is sent with the answer to the node's next heartbeat")
     if answer.get("note"):
-        print(f"note: {answer['note']}")
+        print(f"note: {_shown(answer['note'])}")
 
 
 @command(app, "wake", json=True)
@@ -145,18 +173,20 @@ def wake_cmd(run: Run, instance: NodeArg, server: ServerOpt = None,
     """Wake a hibernated or lost node ([fleet] wake: wol, ipmi or command)."""
     from clusterctl.fleet.client import node_path
 
-    answer = _client(run, server, token_file).call("POST", node_path(instance, "/wake"))
+    answer = _object(_client(run, server, token_file).call(
+        "POST", node_path(instance, "/wake")), f"{instance}'s wake")
     if run.json:
         emit_json(answer)
     else:
-        print(f"{instance}: waking ({answer['done']}); `clusterctl fleet show {instance}` "
-              "says when it is back")
+        print(f"{instance}: waking ({_shown(answer.get('done'))}); `clusterctl fleet show "
+              f"{instance}` says when it is back")
 
 
 @command(app, "stats", json=True)
 def stats_cmd(run: Run, server: ServerOpt = None, token_file: TokenOpt = None) -> None:
     """Nodes by state, hours hibernated and GPU-hours not spent idle."""
-    answer = _client(run, server, token_file).call("GET", "/api/hibernation/stats")
+    answer = _object(_client(run, server, token_file).call("GET", "/api/hibernation/stats"),
+                     "/api/hibernation/stats")
     if run.json:
         emit_json(answer)
     else:
@@ -183,6 +213,13 @@ def revoke_cmd(run: Run, instance: NodeArg,
         print(f"{instance}: revoked" + (" and forgotten" if forget else ""))
 
 
+def _head(path: Path, limit: int = 16 << 20) -> str | None:
+    """The start of a file, enough to tell a targets file; None when it is bigger."""
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    return None if len(data) > limit else data.decode()
+
+
 @command(app, "targets", json=True)
 def targets_cmd(run: Run,
                 output: Annotated[Path | None, typer.Option(
@@ -202,8 +239,8 @@ def targets_cmd(run: Run,
 
     if use not in ("hostname", "address"):
         raise UsageError(f"--use {use!r} is not hostname or address")
-    answer = _client(run, server, token_file).call("GET", "/api/instances")
-    groups, skipped = targets.targets(answer["instances"], port=port,
+    nodes = _instances(_client(run, server, token_file).call("GET", "/api/instances"))
+    groups, skipped = targets.targets(nodes, port=port,
                                       use="address" if use == "address" else "hostname")
     text = targets.render(groups)
     if output is None:
@@ -213,7 +250,7 @@ def targets_cmd(run: Run,
             print(text, end="")
     else:
         try:
-            old = output.read_text() if output.is_file() else None
+            old = _head(output) if output.is_file() else None
         except (OSError, UnicodeDecodeError) as err:
             raise HostError(f"cannot read {output}: {err}") from err
         if output.exists() and (old is None or not targets.is_targets_file(old)):

@@ -66,7 +66,7 @@ class FleetClient:
             conn.close()
         try:
             parsed = json.loads(raw) if raw.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             parsed = None
         if not 200 <= answer.status < 300:
             error = parsed.get("error") if isinstance(parsed, dict) else None

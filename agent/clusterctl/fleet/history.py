@@ -56,7 +56,8 @@ class History:
             if node.state in ASLEEP:
                 asleep += 1
             elif node.state in ("running", "idle", "hibernating") and \
-                    node.gpu_utilization is not None:
+                    node.gpu_utilization is not None and 0 <= node.gpu_utilization <= 100:
+                # a node's 1e308 % would add up to inf (and "Infinity" is not JSON)
                 utils.append(node.gpu_utilization)
         start = now - now % STEP_S
         if not self.points or self.points[-1].start != start:

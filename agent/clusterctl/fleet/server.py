@@ -59,6 +59,7 @@ TICK_CHUNK = 1000  # nodes looked at before the liveness pass lets requests in
 _HEARTBEATING = frozenset(("running", "idle", "hibernating"))
 MAX_HEARTBEAT_BYTES = 256 << 10  # a node's last heartbeat stays in memory: 8 GPUs are ~6 KiB
 MAX_BATCH_EVENTS = 10000
+MAX_EVENT_BYTES = 16 << 10  # an agent's events are well under 2 KiB; a bigger one is cut
 MAX_EVENTS_LIMIT = 1000
 LOOP_PERIOD_S = 1.0
 # node events worth a series of their own per node in /metrics (the alert rules use them)
@@ -120,6 +121,20 @@ def _loads(raw: bytes) -> Any:
     they would otherwise come back out in answers that strict parsers refuse."""
     return json.loads(raw, parse_constant=lambda _name: None,
                       parse_float=lambda text: _finite(float(text)))
+
+
+def _bounded(event: dict[str, Any]) -> dict[str, Any]:
+    """The event as stored: one over MAX_EVENT_BYTES keeps its identity and a cut reason,
+    and says how big it was (the page and the API hand events out 50 at a time)."""
+    size = len(json.dumps(event, separators=(",", ":")))
+    if size <= MAX_EVENT_BYTES:
+        return event
+    kept = {k: event[k] for k in ("id", "event_type", "timestamp", "instance_id",
+                                  "command_id") if isinstance(event.get(k), str)
+            and len(event[k]) <= 256}
+    reason = event.get("reason")
+    return {**kept, "reason": _printable(reason, 500) if isinstance(reason, str) else None,
+            "cut_from_bytes": size}
 
 
 def _error(status: int, message: str, fix: str | None = None) -> web.Response:
@@ -447,6 +462,7 @@ class Fleet:
                 error = event.get("error")
                 acks.append((event["command_id"], event["event_type"] == "command_applied",
                              _printable(error, 500) if isinstance(error, str) else None))
+        batch = [_bounded(event) for event in batch]
         now = self.clock()
         async with self._lock(node.instance_id):
             self._still_enrolled(request, node)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from clusterctl.errors import ClusterctlError
 from clusterctl.system import statefile
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,12 @@ def load(state_dir: Path, *, record: statefile.Recorder | None = None) -> Ledger
 
 
 def growth_blocked(state_dir: Path) -> str | None:
-    """Why swap needs to grow and cannot, while it is so; read only (metrics, heartbeats)."""
-    found = statefile.peek(SPEC, state_dir, _parse)
+    """Why swap needs to grow and cannot, while it is so; read only (metrics, heartbeats:
+    a ledger that cannot be read is not known to block, and never stops them)."""
+    try:
+        found = statefile.peek(SPEC, state_dir, _parse)
+    except ClusterctlError:
+        return None
     blocked = None if found is None else found.blocked
     return blocked if isinstance(blocked, str) else None
 

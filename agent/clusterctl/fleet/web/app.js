@@ -14,6 +14,7 @@ const HIBERNATABLE = new Set(["running", "idle"]);
 const WAKEABLE = new Set(["hibernated", "lost", "wake_failed", "hibernating"]);
 const SVG = "http://www.w3.org/2000/svg";
 const DAY_MS = 24 * 3600 * 1000;
+const MAX_GPUS_SHOWN = 64; // as the server's node list: a heartbeat can list 85,000
 
 const view = {
   token: null,
@@ -89,8 +90,12 @@ function ago(seconds) {
   return `${Math.round(seconds / 86400)} days ago`;
 }
 
+/** Milliseconds of a time a node sent, NaN unless it is a string: Date.parse of an
+ * object such as {"toString": 0} throws, and would stop the whole table. */
+const parsed = (iso) => (typeof iso === "string" ? Date.parse(iso) : NaN);
+
 function when(iso) {
-  const at = Date.parse(iso);
+  const at = parsed(iso);
   if (!Number.isFinite(at)) return "—";
   return new Date(at).toLocaleString([], {
     weekday: "short", hour: "2-digit", minute: "2-digit",
@@ -114,10 +119,12 @@ function stateText(node, nowMs) {
 const stateClass = (state) => `badge state-${STATES.includes(state) ? state : "unknown"}`;
 
 function scheduleText(schedule) {
-  if (!schedule || (!schedule.wake_at && !schedule.sleep_at)) return "—";
+  const sleep = schedule && typeof schedule.sleep_at === "string" ? schedule.sleep_at : null;
+  const wake = schedule && typeof schedule.wake_at === "string" ? schedule.wake_at : null;
+  if (!sleep && !wake) return "—";
   const parts = [];
-  if (schedule.sleep_at) parts.push(`sleeps ${when(schedule.sleep_at)}`);
-  if (schedule.wake_at) parts.push(`wakes ${when(schedule.wake_at)}`);
+  if (sleep) parts.push(`sleeps ${when(sleep)}`);
+  if (wake) parts.push(`wakes ${when(wake)}`);
   return parts.join(", ");
 }
 
@@ -593,7 +600,8 @@ function renderGpus(gpus) {
       textContent: "No GPU in the last heartbeat." })));
     return;
   }
-  body.replaceChildren(...gpus.filter((g) => g && typeof g === "object").map((gpu) => {
+  const shown = gpus.filter((g) => g && typeof g === "object").slice(0, MAX_GPUS_SHOWN);
+  body.replaceChildren(...shown.map((gpu) => {
     const memory = gpu.memory && typeof gpu.memory === "object" ? gpu.memory : {};
     const limit = gpu.power_limit && typeof gpu.power_limit === "object" ? gpu.power_limit : {};
     const state = gpu.lost === true ? "lost" : typeof gpu.state === "string" ? gpu.state : "—";
@@ -621,7 +629,7 @@ function renderEvents(events) {
     return;
   }
   list.replaceChildren(...events.filter((e) => e && typeof e === "object").map((event) => {
-    const at = Date.parse(event.timestamp);
+    const at = parsed(event.timestamp);
     const details = EVENT_DETAILS
       .filter((key) => typeof event[key] === "string" && event[key])
       .map((key) => `${key.replace("_", " ")}: ${event[key]}`).join(" · ");
@@ -635,7 +643,7 @@ function renderEvents(events) {
 }
 
 function hhmm(iso, tz) {
-  const at = Date.parse(iso);
+  const at = parsed(iso);
   if (!Number.isFinite(at)) return "";
   try {
     const parts = new Intl.DateTimeFormat("en-GB", { hour: "2-digit", minute: "2-digit",
