@@ -152,6 +152,30 @@ def test_after_a_crash_the_next_start_gives_the_limit_back_before_any_stop(
     assert gpu.power_limit_mw == 700_000
 
 
+def test_with_restore_on_stop_off_a_stop_leaves_the_limit_and_the_next_start_gives_it_back(
+        nv: ModuleType, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tuned's "not on exit": stopping the agent (an upgrade, a restart) changes no GPU;
+    the original stays on record and the next start gives it back, as after a crash."""
+    gpu = nv.machine.gpus[0]
+    gpu.temperature = 88
+    monitor = GpuMonitor(config(tmp_path, throttle_enabled=True, restore_on_stop=False),
+                         Nvml(module=nv))
+    monitor.step()
+    assert gpu.power_limit_mw == 630_000
+    monitor.stop()
+    assert gpu.power_limit_mw == 630_000
+    assert saved_limits(tmp_path / "state")["GPU-0"]["original_limit_w"] == 700.0
+    assert "restore_on_stop = false" in caplog.text
+    gpu.temperature = 50
+    again = GpuMonitor(config(tmp_path, restore_on_stop=False), Nvml(module=nv))
+    again.start()
+    try:
+        assert gpu.power_limit_mw == 700_000
+        assert saved_limits(tmp_path / "state") is None
+    finally:
+        again.stop()
+
+
 def test_a_hung_driver_holds_the_sample_until_it_answers(
         nv: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake's hung driver (FAKE_NVML_STALL_FILE, for tests watching another process):

@@ -250,6 +250,11 @@ class GpuConfig:
         "seconds cool before each step back up towards the original limit",
         minimum=0, maximum=86400
     )
+    restore_on_stop: bool = setting(
+        True, "restore_on_stop", "bool",
+        "give lowered power limits back when the agent stops (false: they stay lowered until "
+        "the next start gives them back)"
+    )
 
 
 @dataclass(frozen=True)

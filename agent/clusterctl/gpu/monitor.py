@@ -226,12 +226,20 @@ class GpuMonitor:
 
     def stop(self) -> None:
         """End the thread and give back the power limits this monitor answers for: every
-        record for the owner, only those it lowered itself for any other."""
+        record for the owner, only those it lowered itself for any other; unless
+        ``[gpu] restore_on_stop`` is false, when they stay as they are, on record, for the
+        next start to give back (as after a crash)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=30)
             self._thread = None
-        self.restore()
+        if self.config.gpu.restore_on_stop:
+            self.restore()
+        elif not self.plan_only and (self._lowered or (self.owns_power_records
+                                                        and self.records())):
+            log.warning("power limits left as they are at stop ([gpu] restore_on_stop = "
+                        "false); the originals stay on record and the next start gives "
+                        "them back")
 
     def restore(self) -> list[str]:
         """Give back what this monitor answers for (see :meth:`stop`); what was done."""
