@@ -297,13 +297,31 @@ def test_the_agent_says_when_swap_growth_is_blocked(node: Callable[..., Node]) -
     ledger = n.state / "swap.json"
     ledger.write_text(json.dumps({"version": 1, "files": [],
                                   "blocked": "the swap dir's filesystem is full"}))
-    _, text = n.get("/metrics")
-    assert "clusterctl_swap_growth_blocked 1.0" in text
+    wait_until(lambda: "clusterctl_swap_growth_blocked 1.0" in n.get("/metrics")[1])
     ledger.write_text("{cut sh")  # damaged: unknown, and left for its owner to set aside
-    _, text = n.get("/metrics")
-    assert "clusterctl_swap_growth_blocked 0.0" in text
+    wait_until(lambda: "clusterctl_swap_growth_blocked 0.0" in n.get("/metrics")[1])
     assert ledger.read_text() == "{cut sh"
     assert [p.name for p in n.state.iterdir() if "corrupt" in p.name] == []
+
+
+def test_metrics_are_rendered_once_per_sample_and_every_scrape_gets_those_bytes(
+        node: Callable[..., Node], nv: ModuleType) -> None:
+    n = node()
+    n.conf.write_text(n.conf.read_text().replace("monitor_interval = 0.1",
+                                                 "monitor_interval = 3600"))  # one sample
+    n.start()
+
+    def temperature(text: str) -> str:
+        return next(x for x in text.splitlines()
+                    if x.startswith("DCGM_FI_DEV_GPU_TEMP") and 'UUID="GPU-4"' in x).split()[-1]
+
+    status, first = n.get("/metrics")
+    assert status == 200 and temperature(first) == "44.0"
+    nv.machine.gpus[4].temperature = 77  # the GPU changes; no sample has read it yet
+    assert all(n.get("/metrics")[1] == first for _ in range(5))
+    assert n.agent is not None
+    n.agent.gpu_step(time.monotonic())  # the next sample: new bytes
+    assert temperature(n.get("/metrics")[1]) == "77.0"
 
 
 def test_the_blocked_metric_never_follows_blocks_on_or_moves_a_planted_ledger(

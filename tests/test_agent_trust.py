@@ -335,7 +335,7 @@ def test_every_loop_survives_running_out_of_file_descriptors(
             for fd in held:
                 os.close(fd)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        assert alive == {"gpu": True, "delivery": True, "pressure": True}
+        assert alive == {"gpu": True, "delivery": True, "pressure": True, "xid": True}
         beats = len(plane.heartbeats)
         wait_until(lambda: len(plane.heartbeats) > beats + 1)  # heartbeats resume
         wait_until(lambda: (textfiles / "clusterctl.prom").stat().st_mtime > time.time() - 1)

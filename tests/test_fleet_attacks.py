@@ -670,7 +670,8 @@ def test_the_liveness_loop_and_the_api_survive_garbage_node_rows(
         status, text = raw(srv, "GET", "/api/hibernation/stats", token=ADMIN)
         assert set(strict(text)) <= {"nodes", "running", "idle", "hibernating", "hibernated",
                                      "waking", "lost", "wake_failed", "revoked",
-                                     "hibernated_hours", "idle_gpu_hours_avoided"}
+                                     "hibernated_hours", "idle_gpu_hours_avoided",
+                                     "idle_gpu_kwh", "busy_gpu_kwh"}
 
 
 def test_the_server_process_reports_a_broken_store_without_a_traceback(

@@ -371,3 +371,170 @@ def test_a_fixed_fact_that_fails_is_said_with_every_sample_not_taken_for_unsuppo
         assert gpu.power_default_limit_w is None and not gpu.lost
         assert gpu.error == "nvmlDeviceGetPowerManagementDefaultLimit: Insufficient Permissions"
         assert gpu.temperature_c == 40
+
+
+# -- XID events on the real GPU (read only: an event set changes no setting) -----------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_xid_event_set_registers_and_a_wait_times_out_cleanly() -> None:
+    """pynvml itself: the event set takes the XID event on every GPU that reports it, and
+    a wait with nothing to hear raises NVML's TIMEOUT after its timeout, as the fake's
+    does."""
+    import time
+
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        event_set = pynvml.nvmlEventSetCreate()
+        registered = []
+        try:
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                supported = pynvml.nvmlDeviceGetSupportedEventTypes(handle)
+                if supported & pynvml.nvmlEventTypeXidCriticalError:
+                    pynvml.nvmlDeviceRegisterEvents(
+                        handle, pynvml.nvmlEventTypeXidCriticalError, event_set)
+                    registered.append(index)
+            assert registered, "no GPU here reports XID events"
+            started = time.monotonic()
+            with pytest.raises(pynvml.NVMLError) as timed_out:
+                pynvml.nvmlEventSetWait_v2(event_set, 500)
+            took = time.monotonic() - started
+            assert timed_out.value.value == pynvml.NVML_ERROR_TIMEOUT
+            assert 0.3 <= took < 3.0, took
+        finally:
+            pynvml.nvmlEventSetFree(event_set)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_xid_watcher_watches_every_gpu_and_hears_nothing_on_a_healthy_one() -> None:
+    import time
+
+    from clusterctl.host.nvml_events import XidWatcher
+
+    failed: list[Exception] = []
+    with Nvml() as nvml:
+        count = len(nvml.inventory().gpus)
+        watcher = XidWatcher(nvml, failed=failed.append)
+        try:
+            started = time.monotonic()
+            events = watcher.wait(1.0) + watcher.wait(0.5)
+            took = time.monotonic() - started
+            watched, problem = watcher.watched, watcher.problem
+        finally:
+            watcher.close()
+    assert failed == []
+    assert watched == frozenset(range(count)), problem
+    assert events == []
+    assert 1.2 <= took < 5.0, took
+
+
+# -- issue 18: energy, the rest of dcgm-exporter's fields, GPM (read only) ----------------
+
+NEW_FIELDS = ("energy_total_mj", "encoder_utilization_percent", "decoder_utilization_percent",
+              "memory_temperature_c", "pcie_replay_count", "remapped_rows_correctable",
+              "remap_failure", "nvlink_tx_bytes", "nvlink_rx_bytes", "gpm_graphics_activity",
+              "gpm_sm_activity", "gpm_sm_occupancy", "gpm_tensor_activity",
+              "gpm_dram_activity")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_energy_counter_grows_over_two_seconds() -> None:
+    import time
+
+    with Nvml() as nvml:
+        before = nvml.sample().gpus
+        time.sleep(2.0)
+        after = nvml.sample().gpus
+    counted = [(b.energy_total_mj, a.energy_total_mj) for b, a in zip(before, after, strict=True)
+               if b.energy_total_mj is not None]
+    if not counted:
+        pytest.skip("no GPU here has the energy counter (Volta and newer have it)")
+    for first, second in counted:
+        assert second is not None and second > first  # a powered GPU draws tens of watts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_gpm_fractions_are_between_0_and_1_at_idle() -> None:
+    import time
+
+    gpm = ("gpm_graphics_activity", "gpm_sm_activity", "gpm_sm_occupancy",
+           "gpm_tensor_activity", "gpm_dram_activity")
+    with Nvml() as nvml:
+        nvml.sample()
+        time.sleep(1.0)
+        gpus = nvml.sample().gpus
+        problems = [nvml.gpm_problem(g.index) for g in gpus]
+    for gpu, problem in zip(gpus, problems, strict=True):
+        values = [getattr(gpu, name) for name in gpm]
+        if problem is not None:
+            assert values == [None] * len(gpm), problem
+            continue
+        assert gpu.gpm_graphics_activity is not None and gpu.gpm_tensor_activity is not None
+        for name, value in zip(gpm, values, strict=True):
+            assert value is None or 0.0 <= value <= 1.0, (name, value)
+        assert gpu.error is None, gpu.error
+
+
+def _smi_column(field: str) -> dict[str, str] | None:
+    """nvidia-smi's value of ``field`` per GPU UUID; None when this nvidia-smi lacks it."""
+    import subprocess
+
+    done = subprocess.run(["nvidia-smi", f"--query-gpu=uuid,{field}",
+                           "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        return None
+    rows = [line.split(",", 1) for line in done.stdout.splitlines() if "," in line]
+    return {uuid.strip(): value.strip() for uuid, value in rows}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NVML_LIB is None, reason="needs an NVIDIA driver and GPU")
+def test_real_new_fields_are_numbers_or_none_and_agree_with_nvidia_smi() -> None:
+    import shutil
+
+    with Nvml() as nvml:
+        snap = nvml.sample(processes=True)
+    assert snap.gpus
+    for gpu in snap.gpus:
+        assert not gpu.lost and gpu.error is None, gpu.error
+        for name in NEW_FIELDS:
+            value = getattr(gpu, name)
+            if name == "remap_failure":
+                assert value is None or isinstance(value, bool), value
+            elif value is not None:
+                assert isinstance(value, (int, float)) and not isinstance(value, bool)
+                assert value >= 0, (name, value)
+        assert gpu.processes is not None
+        assert all(p.kind in ("compute", "graphics") for p in gpu.processes)
+        assert len({p.pid for p in gpu.processes}) == len(gpu.processes)
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi is not installed")
+    compared = 0
+    for field, attribute, tolerance in (("temperature.memory", "memory_temperature_c", 3),
+                                        ("utilization.encoder", "encoder_utilization_percent",
+                                         5),
+                                        ("utilization.decoder", "decoder_utilization_percent",
+                                         5)):
+        column = _smi_column(field)
+        if column is None:
+            continue  # an nvidia-smi without that field
+        for gpu in snap.gpus:
+            theirs = column.get(gpu.uuid or "")
+            ours = getattr(gpu, attribute)
+            if theirs is None or theirs in ("[N/A]", "N/A", "[Not Supported]"):
+                assert ours is None or theirs is None, (field, ours, theirs)
+                continue
+            assert ours is not None and abs(ours - float(theirs)) <= tolerance, (
+                field, ours, theirs)
+            compared += 1
+    assert compared, "nvidia-smi shared no field with the sample"

@@ -6,7 +6,9 @@
 Run by hand on a machine with an NVIDIA GPU; figures go in closing notes. Reads only:
 it never changes a GPU setting. Compares, per GPU and per sample (median):
 
-- floor: the bare pynvml calls for the same gauges, handles cached, in a loop;
+- floor: the bare pynvml calls for the same gauges, handles cached, in a loop, at the
+  same cadence as the sample (energy, encoder/decoder, memory temperature and GPM every
+  run; the counters, PCIe replays, remapped rows and NVLink, every 30 s);
 - clusterctl: ``Nvml.sample()`` (the same gauges, decoded into a GpuSample);
 - nvidia-smi: ``nvidia-smi --query-gpu=... --format=csv`` as a subprocess (GPUtil's way);
 - gpustat: ``gpustat --json`` as a subprocess, when installed.
@@ -28,15 +30,81 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
 
-from clusterctl.host.nvml import Nvml
+from clusterctl.host.nvml import COUNTERS_EVERY_S, GPM_METRICS, Nvml
 
 SMI_FIELDS = ("index,uuid,name,utilization.gpu,utilization.memory,memory.total,memory.used,"
               "memory.free,temperature.gpu,power.draw,power.limit,clocks.gr,clocks.sm,"
               "clocks.mem,pstate,fan.speed,clocks_event_reasons.active")
 
 
-def bare_calls(nv: Any, handles: list[Any]) -> list[tuple[Any, Any, tuple[Any, ...]]]:
-    """The NVML calls Nvml.sample makes, less those a GPU answers NotSupported (as it does)."""
+Calls = list[tuple[Any, Any, tuple[Any, ...]]]
+ALL_LINKS = 0xFFFFFFFF
+
+
+def counter_calls(nv: Any, handles: list[Any]) -> Calls:
+    """The counters Nvml.sample reads every COUNTERS_EVERY_S, less the unsupported."""
+    fields = ((nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, ALL_LINKS),
+              (nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, ALL_LINKS))
+    return supported(nv, handles, ((nv.nvmlDeviceGetRemappedRows, ()),
+                                   (nv.nvmlDeviceGetPcieReplayCounter, ()),
+                                   (nv.nvmlDeviceGetFieldValues, (fields,))))
+
+
+def supported(nv: Any, handles: list[Any], candidates: tuple[tuple[Any, tuple[Any, ...]], ...]
+              ) -> Calls:
+    calls = []
+    for h in handles:
+        for fn, args in candidates:
+            try:
+                answer = fn(h, *args)
+            except nv.NVMLError:
+                continue
+            if fn is nv.nvmlDeviceGetFieldValues and all(v.nvmlReturn for v in answer):
+                continue  # every field NotSupported: Nvml.sample stops asking
+            calls.append((fn, h, args))
+    return calls
+
+
+class BareGpm:
+    """GPM as Nvml.sample reads it, bare: per supporting GPU two samples taken in turn
+    and the metrics between them."""
+
+    def __init__(self, nv: Any, handles: list[Any]) -> None:
+        self.nv = nv
+        self.gpus: list[tuple[Any, list[Any], Any]] = []
+        if not hasattr(nv, "nvmlGpmQueryDeviceSupport"):
+            return
+        for h in handles:
+            try:
+                if not nv.nvmlGpmQueryDeviceSupport(h).isSupportedDevice:
+                    continue
+                samples = [nv.nvmlGpmSampleAlloc(), nv.nvmlGpmSampleAlloc()]
+            except nv.NVMLError:
+                continue
+            request = nv.c_nvmlGpmMetricsGet_t()
+            request.version = nv.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = len(GPM_METRICS)
+            for i, (metric, _) in enumerate(GPM_METRICS):
+                request.metrics[i].metricId = metric
+            nv.nvmlGpmSampleGet(h, samples[0])
+            self.gpus.append((h, samples, request))
+
+    def __call__(self) -> None:
+        for h, samples, request in self.gpus:
+            samples.reverse()
+            self.nv.nvmlGpmSampleGet(h, samples[0])
+            request.sample1, request.sample2 = samples[1], samples[0]
+            self.nv.nvmlGpmMetricsGet(request)
+
+    def close(self) -> None:
+        for _, samples, _ in self.gpus:
+            for sample in samples:
+                self.nv.nvmlGpmSampleFree(sample)
+
+
+def bare_calls(nv: Any, handles: list[Any]) -> Calls:
+    """The NVML calls Nvml.sample makes every sample, less those a GPU answers NotSupported
+    (as it does)."""
     version = getattr(nv, "nvmlMemory_v2", None)
     calls = []
     for h in handles:
@@ -52,14 +120,17 @@ def bare_calls(nv: Any, handles: list[Any]) -> list[tuple[Any, Any, tuple[Any, .
                          (nv.nvmlDeviceGetFanSpeed, ()),
                          (nv.nvmlDeviceGetCurrentClocksEventReasons, ()),
                          (nv.nvmlDeviceGetTotalEccErrors,
-                          (nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC)),
-                         (nv.nvmlDeviceGetRemappedRows, ())):
+                          (nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC))):
             try:
                 fn(h, *args)
             except nv.NVMLError:
                 continue
             calls.append((fn, h, args))
-    return calls
+    return calls + supported(nv, handles, (
+        (nv.nvmlDeviceGetTotalEnergyConsumption, ()),
+        (nv.nvmlDeviceGetEncoderUtilization, ()),
+        (nv.nvmlDeviceGetDecoderUtilization, ()),
+        (nv.nvmlDeviceGetFieldValues, ((nv.NVML_FI_DEV_MEMORY_TEMP,),))))
 
 
 def interleaved(cases: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
@@ -90,10 +161,18 @@ def main() -> int:
     nv = nvml.module()
     handles = [nvml.handle(i) for i in range(count)]
     calls = bare_calls(nv, handles)
+    counters = counter_calls(nv, handles)
+    gpm = BareGpm(nv, handles)
+    counted_at = [-COUNTERS_EVERY_S]
 
     def floor_fn() -> None:
         for fn, h, fn_args in calls:
             fn(h, *fn_args)
+        gpm()
+        if time.monotonic() - counted_at[0] >= COUNTERS_EVERY_S:
+            counted_at[0] = time.monotonic()
+            for fn, h, fn_args in counters:
+                fn(h, *fn_args)
 
     results = interleaved({"floor (bare pynvml calls)": floor_fn,
                            "clusterctl Nvml.sample()": nvml.sample,
@@ -124,10 +203,12 @@ def main() -> int:
         per_gpu = seconds / count
         print(f"{name:38} {per_gpu * 1e6:10.1f} us per GPU   x{seconds / ours:7.2f} of clusterctl")
     print(f"clusterctl / floor = {ours / floor:.2f} (goal <= 1.3); floor = {len(calls)} NVML "
-          "calls")
+          f"calls, {2 * len(gpm.gpus)} GPM calls, {len(counters)} counters every "
+          f"{COUNTERS_EVERY_S:g} s")
     if smi:
         print(f"nvidia-smi / clusterctl = "
               f"{results['nvidia-smi --query-gpu (subprocess)'] / ours:.0f} (goal >= 50)")
+    gpm.close()
     nvml.shutdown()
     return 0
 

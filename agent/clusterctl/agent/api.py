@@ -74,6 +74,9 @@ class Served(Protocol):
 
     def loop_failed(self, loop: str, err: BaseException) -> None: ...
 
+    @property
+    def metrics(self) -> Metrics: ...
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -152,7 +155,7 @@ def serve(agent: Served) -> Server:
         Server.address_family = __import__("socket").AF_INET6
     server = Server((host, int(port)), Handler)
     server.agent = agent
-    server.metrics = Metrics(agent.snapshot)
+    server.metrics = agent.metrics  # rendered once per GPU sample by the agent
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
     log.info("API on %s", listen)
     return server
@@ -389,7 +392,8 @@ def metrics(h: Handler) -> None:
 def healthz(h: Handler) -> None:
     snap = h.snapshot()
     result = shapes.health(snap.views, snap.config.gpu.temp_critical_c,
-                           snap.gpu.reason if snap.gpu else "no sample yet")
+                           snap.gpu.reason if snap.gpu else "no sample yet",
+                           snap.xids.unrecovered())  # a fatal XID not recovered from
     h._json(503 if result["status"] == "unhealthy" else 200, result)
 
 

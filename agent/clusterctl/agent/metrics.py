@@ -45,6 +45,31 @@ DCGM = (
     ("DCGM_FI_DEV_FAN_SPEED", "Fan speed (in %).", "fan_percent", 1),
     ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Uncorrectable remapped rows.",
      "remapped_rows_uncorrectable", 1),
+    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).",
+     "energy_total_mj", 1),
+    ("DCGM_FI_DEV_ENC_UTIL", "Encoder utilization (in %).", "encoder_utilization_percent", 1),
+    ("DCGM_FI_DEV_DEC_UTIL", "Decoder utilization (in %).", "decoder_utilization_percent", 1),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "Memory temperature (in C).", "memory_temperature_c", 1),
+    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total number of PCIe retries.", "pcie_replay_count",
+     1),
+    ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors.",
+     "remapped_rows_correctable", 1),
+    ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed.", "remap_failure",
+     1),
+    ("DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
+     "NVLink bytes sent and received over all links since the driver loaded.",
+     "nvlink_bytes_total", 1),
+    ("DCGM_FI_PROF_GR_ENGINE_ACTIVE", "Ratio of time the graphics engine is active.",
+     "gpm_graphics_activity", 1),
+    ("DCGM_FI_PROF_SM_ACTIVE", "The ratio of cycles an SM has at least 1 warp assigned.",
+     "gpm_sm_activity", 1),
+    ("DCGM_FI_PROF_SM_OCCUPANCY", "The ratio of warps resident on an SM to its maximum.",
+     "gpm_sm_occupancy", 1),
+    ("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "Ratio of cycles the tensor pipes are active.",
+     "gpm_tensor_activity", 1),
+    ("DCGM_FI_PROF_DRAM_ACTIVE",
+     "Ratio of cycles the device memory interface is active sending or receiving data.",
+     "gpm_dram_activity", 1),
 )
 
 
@@ -87,6 +112,8 @@ class SnapshotCollector:
             lost.add_metric(labels, 1.0 if g.lost else 0.0)
         yield from families.values()
         yield from (state, speed, limited, lost)
+        yield from _energy(snap, self.hostname)
+        yield from _xids(snap, self.hostname)
         memory, swap = snap.memory, snap.swap
         yield _gauge("clusterctl_memory_used_percent", "RAM in use (total - available).",
                      memory["used_percent"])
@@ -127,6 +154,27 @@ class SnapshotCollector:
                      snap.started_at)
 
 
+def _energy(snap: AgentSnapshot, hostname: str) -> tuple[Any, ...]:
+    """Per GPU, the joules spent busy and idle since boot, and the mean idle draw."""
+    joules = CounterMetricFamily(
+        "clusterctl_gpu_energy_joules", "Energy the GPU used since boot, busy and idle "
+        "(idle: utilization under [hibernate] gpu_usage_threshold).",
+        labels=[*GPU_LABELS, "state"])
+    idle_power = GaugeMetricFamily("clusterctl_gpu_idle_power_watts",
+                                   "The GPU's mean power draw while idle.", labels=GPU_LABELS)
+    for view in snap.views:
+        g = view.sample
+        spent = None if snap.energy is None else snap.energy.of(g)
+        if spent is None or spent.source is None:
+            continue  # nothing measured yet: no sample, never a made-up 0
+        labels = [str(g.index), g.uuid or "", g.name or "", g.pci_bus_id or "", hostname]
+        joules.add_metric([*labels, "busy"], spent.busy_j)
+        joules.add_metric([*labels, "idle"], spent.idle_j)
+        if spent.idle_power_w is not None:
+            idle_power.add_metric(labels, spent.idle_power_w)
+    return joules, idle_power
+
+
 def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc)
     if value is not None:
@@ -134,15 +182,47 @@ def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
     return family
 
 
+def _xids(snap: AgentSnapshot, hostname: str) -> tuple[Any, ...]:
+    """Per GPU: the last XID code (dcgm-exporter's gauge: 0 on a watched GPU that had none,
+    absent where XIDs are not watched) and XIDs by code since the agent started."""
+    last = GaugeMetricFamily("DCGM_FI_DEV_XID_ERRORS",
+                             "Value of the last XID error encountered.", labels=GPU_LABELS)
+    total = CounterMetricFamily("clusterctl_gpu_xid_errors", "XID errors seen, by code.",
+                                labels=[*GPU_LABELS, "xid"])
+    for view in snap.views:
+        g = view.sample
+        labels = [str(g.index), g.uuid or "", g.name or "", g.pci_bus_id or "", hostname]
+        seen = snap.xids.of(g.index, g.uuid)
+        if seen is not None and seen.last is not None:
+            last.add_metric(labels, float(seen.last))
+        elif g.index in snap.xids.watched:
+            last.add_metric(labels, 0.0)
+        for code, count in () if seen is None else seen.counts:
+            total.add_metric([*labels, str(code)], count)
+    return last, total
+
+
 class Metrics:
-    """The agent's metrics: a registry of its own with one collector over ``snapshot``."""
+    """The agent's metrics: a registry of its own with one collector over ``snapshot``.
+
+    The values change once per GPU sample, so the agent renders them once per sample
+    (``refresh``) and every scrape and the textfile get those bytes; before the first
+    refresh, or after one failed, a scrape renders them itself."""
 
     def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
+        self._kept: bytes | None = None
+
+    def refresh(self) -> bytes:
+        """Render now and keep the bytes for the scrapes until the next refresh."""
+        self._kept = None  # a failed render is not answered with the last good one
+        self._kept = text = generate_latest(self.registry)
+        return text
 
     def text(self) -> bytes:
-        return generate_latest(self.registry)
+        kept = self._kept
+        return kept if kept is not None else generate_latest(self.registry)
 
     def render(self) -> tuple[bytes, str]:
         """The body and Content-Type of a scrape."""

@@ -12,6 +12,9 @@
   ``[swap] check_interval``: the agent owns the policy then, and the swap timer's
   service stands down. Run any other way (by hand, in tests), the timer keeps the
   steady steps. A reload that changes ``[swap] pressure_threshold`` re-arms the trigger.
+- XID: NVML's XID events, waited on ``XID_WAIT_S`` at a time (``xid_step``): each an
+  event, a fatal one held against its GPU (``/healthz``, placement) until it recovers or
+  an operator clears it; held across restarts within a boot (``xid_ledger.FileSync``).
 - API: the local HTTP API and /metrics, which read only ``Agent.snapshot()``: one
   immutable view of the agent, never its insides.
 - Main: READY=1 after the first GPU cycle, STATUS lines, WATCHDOG=1 while the loops
@@ -59,15 +62,19 @@ from clusterctl.agent.metrics import Metrics, write_textfile
 from clusterctl.errors import ClusterctlError
 from clusterctl.events.log import EventLog
 from clusterctl.events.outbox import Outbox
-from clusterctl.gpu import placement
+from clusterctl.gpu import energy as gpu_energy
+from clusterctl.gpu import placement, xid_ledger
+from clusterctl.gpu.energy_store import EnergyKeeper
 from clusterctl.gpu.history import Point
 from clusterctl.gpu.monitor import GpuMonitor, GpuView
 from clusterctl.gpu.shapes import fleet_metrics
+from clusterctl.gpu.xid_ledger import XidLedger, XidStatus
 from clusterctl.hibernate import actions
 from clusterctl.hibernate.controller import Hibernation
 from clusterctl.hibernate.idle import IdleState
 from clusterctl.host.cgroups import CgroupSignal, CgroupWatch
 from clusterctl.host.nvml import GpuSnapshot, Nvml
+from clusterctl.host.nvml_events import XidEvent, XidWatcher
 from clusterctl.host.procfs import read_memory
 from clusterctl.host.psi import PressureTrigger
 from clusterctl.swap import executor as swap
@@ -81,6 +88,7 @@ from clusterctl.swap.policy import (
     swap_rate,
     swap_shortage,
 )
+from clusterctl.system import statefile
 from clusterctl.system.systemd import AGENT_UNIT, own_unit
 
 log = logging.getLogger("clusterctl.agent")
@@ -100,10 +108,13 @@ BACKLOG_PASS_S = 1.0  # between delivery passes while a backlog drains
 MAX_CAUSES_SAID = 8  # distinct failures of one loop logged until it works again
 PRESSURE_STALL_S = 10.0  # it wakes every SWAP_SAMPLE_S
 SWAP_STEP_STALL_S = 900.0  # a swap step may write a swap file of many GiB
+XID_WAIT_S = 0.5  # the XID thread's wait on NVML's event set: a stop waits about this long
+XID_STALL_S = 60.0  # an XID wait (or re-registration) not back by then: the loop is stuck
 LOOPS = {"gpu": "GPU sampling", "hibernate": "idle detection",
-         "textfile": "the metrics textfile", "delivery": "heartbeat/event delivery",
+         "textfile": "the metrics textfile", "metrics": "rendering /metrics",
+         "delivery": "heartbeat/event delivery",
          "pressure": "the memory pressure trigger", "api": "the local API",
-         "main": "the main loop"}
+         "main": "the main loop", "xid": "watching XID errors"}
 
 
 class Notifier:
@@ -126,6 +137,7 @@ class Progress:
     gpu_at: float | None = None
     delivery_at: float | None = None
     pressure_at: float | None = None
+    xid_at: float | None = None
     pressure_off: str | None = None  # why the trigger is off (no PSI): not a dead loop
     swap_step_since: float | None = None  # a swap step on pressure is running
     swap_steps: int = 0
@@ -138,6 +150,7 @@ class GpuReading:
 
     snapshot: GpuSnapshot | None = None
     views: tuple[GpuView, ...] = ()
+    energy: gpu_energy.EnergyLedger | None = None  # the energy accounting after it
 
 
 NO_READING = GpuReading()
@@ -165,7 +178,9 @@ class AgentSnapshot:
     started_at: float  # time.time() when the agent started
     taken_at: float  # time.time() of this snapshot
     gpu_metrics: Mapping[str, Any] = field(default_factory=dict)  # GET gpu-metrics' body
+    energy: gpu_energy.EnergyLedger | None = None  # per GPU, busy and idle, since boot
     unreadable: str | None = None  # why /proc/meminfo or the outbox could not be read
+    xids: XidStatus = field(default_factory=XidStatus)  # every GPU's XIDs (xid_ledger)
 
     def gpu_view(self, index: int) -> GpuView | None:
         return next((v for v in self.views if v.sample.index == index), None)
@@ -189,7 +204,7 @@ def stall_limits_s(config: cfg.Config, delivery_interval_s: float | None = None
     interval_s = max(float(config.heartbeat.interval_s), delivery_interval_s or 0.0)
     return {"gpu": max(GPU_STALL_MIN_S, 10 * config.gpu.monitor_interval_s),
             "delivery": interval_s + 2 * TOTAL_TIMEOUT_S + DELIVERY_STALL_MARGIN_S,
-            "pressure": PRESSURE_STALL_S}
+            "pressure": PRESSURE_STALL_S, "xid": XID_STALL_S}
 
 
 class Agent:
@@ -209,6 +224,8 @@ class Agent:
                              instance_id=cfg.instance_id(self.config))
         self.progress = Progress()
         self._reading = NO_READING  # replaced whole, after each GPU cycle
+        self.energy = EnergyKeeper(self.config.paths.run_dir,
+                                   failed=lambda err: self.loop_failed("gpu", err))
         self._gpu_started = False  # the crashed run's limits given back
         self._due: dict[str, float] = {}  # tick(): loop -> when it is due again
         self.stopping = threading.Event()
@@ -241,7 +258,7 @@ class Agent:
         self._reload = threading.Event()
         self._naps = threading.Condition()
         self._generation = 0
-        self.metrics = Metrics(self.snapshot)  # the textfile's; the API has its own
+        self.metrics = Metrics(self.snapshot)  # rendered once per GPU sample: API, textfile
         self.next_interval_s: int | None = None  # the control plane's, from its last answer
         self._jitter = random.Random()  # noqa: S311 - spreading heartbeats, not secrets
         self.commands = commands.Commands(
@@ -251,6 +268,12 @@ class Agent:
                                        record=self._record, drain=self._drain,
                                        control=self._control_client, clock=clock,
                                        failed=lambda err: self.loop_failed("hibernate", err))
+        self.xids = XidLedger()  # noted by the XID thread, recovery seen by the GPU step
+        self.xid_watcher = XidWatcher(self.nvml, failed=lambda err: self.loop_failed("xid", err))
+        self.xid_file = xid_ledger.FileSync(  # gpu-xid.json: taken back at start, followed
+            self.xids, self.config.paths.state_dir, self.config.paths.run_dir,
+            record=statefile.events_to(self.config.paths.state_dir,
+                                       cfg.instance_id(self.config)))
 
     # -- failures in the loops -------------------------------------------------------
 
@@ -314,6 +337,7 @@ class Agent:
         if histories:
             kept = {key: history.points() for key, history in dict(self.monitor.histories).items()}
         now = time.time()
+        xids = self.xid_status()
         return AgentSnapshot(
             config=config, gpu=reading.snapshot, views=reading.views,
             histories=MappingProxyType(kept), memory=memory, swap=swap,
@@ -324,16 +348,17 @@ class Agent:
             outbox_unsent_bytes=unsent,
             outbox_skipped_lines=self.outbox.skipped_lines,
             started_at=now - (time.monotonic() - self.started_monotonic), taken_at=now,
-            gpu_metrics=MappingProxyType(self._gpu_metrics(reading)), unreadable=unreadable)
+            gpu_metrics=MappingProxyType(self._gpu_metrics(reading, xids)), unreadable=unreadable,
+            energy=reading.energy, xids=xids)
 
     @staticmethod
-    def _gpu_metrics(reading: GpuReading) -> dict[str, Any]:
+    def _gpu_metrics(reading: GpuReading, xids: XidStatus | None = None) -> dict[str, Any]:
         if reading.snapshot is None:
             return {"timestamp": None, "gpus": [], "reason": "no sample yet"}
-        return fleet_metrics(reading.snapshot, reading.views)
+        return fleet_metrics(reading.snapshot, reading.views, reading.energy, xids=xids)
 
     def gpu_metrics(self) -> dict[str, Any]:
-        return self._gpu_metrics(self._reading)
+        return self._gpu_metrics(self._reading, self.xid_status())
 
     # -- what the API may ask --------------------------------------------------------
 
@@ -342,7 +367,8 @@ class Agent:
         config = self.config
         return placement.place(config.paths.state_dir, config.paths.run_dir, self.nvml.sample,
                                name, vram_mib, config.gpu.memory_reserve_mb,
-                               gpu_index=gpu_index, now=time.time(), wait_s=2.0)
+                               gpu_index=gpu_index, now=time.time(), wait_s=2.0,
+                               faulty=self.xids.unrecovered())
 
     def hibernate_now(self, reason: str) -> None:
         """The hibernation action now, in the background; TemporaryError if one runs."""
@@ -376,7 +402,10 @@ class Agent:
             self._gpu_started = True
             self._guarded("gpu", self.monitor.restore)
         self._guarded("gpu", self._sample)  # a bad sample must not end monitoring
+        self._guarded("xid", self._xid_follow)  # before recovery: a clear, or a restart
+        self._guarded("xid", self._xid_recovery)
         self.progress.gpu_at = now
+        self._guarded("metrics", self.metrics.refresh)  # before readers hear of the cycle
         self.first_cycle.set()
         self._guarded("hibernate", self._observe)
         if self.config.api.textfile_dir:
@@ -386,7 +415,11 @@ class Agent:
 
     def _sample(self) -> None:
         views = self.monitor.step()
-        self._reading = GpuReading(self.monitor.snapshot, views)
+        snapshot, config = self.monitor.snapshot, self.config
+        energy = self.energy.after(  # never raises: its failures are counted as ours
+            snapshot, self.monotonic(), config.hibernate.gpu_usage_threshold_percent,
+            max(gpu_energy.MAX_GAP_S, 10 * config.gpu.monitor_interval_s))
+        self._reading = GpuReading(snapshot, views, energy)
 
     def _gpu_loop(self) -> None:
         while not self.stopping.is_set():
@@ -396,6 +429,86 @@ class Agent:
         self.hibernation.observe(tuple(
             None if v.sample.lost else v.sample.utilization_gpu_percent
             for v in self._reading.views))
+
+    # -- XID errors (their own thread: NVML's event wait blocks) ---------------------
+
+    def xid_status(self) -> XidStatus:
+        watcher = self.xid_watcher
+        return self.xids.status(watcher.watched, watcher.problem)
+
+    def xid_step(self, timeout_s: float = XID_WAIT_S) -> list[XidEvent]:
+        """One wait on NVML's XID events (about ``timeout_s`` when none comes): each XID
+        noted and recorded as a ``gpu_xid`` event (one code repeating on one GPU: counted,
+        recorded again after xid_ledger.RECORD_AGAIN_S), a fatal one written down for
+        placement, /metrics rendered again. What arrived."""
+        failures = self.xid_watcher.failures
+        events = self.xid_watcher.wait(timeout_s)
+        self.progress.xid_at = time.monotonic()
+        for event in events:
+            self._on_xid(event)
+        if events:
+            self._guarded("metrics", self.metrics.refresh)
+        if self.xid_watcher.failures == failures:
+            self.loop_ok("xid")
+        return events
+
+    def _on_xid(self, event: XidEvent) -> None:
+        noted = self.xids.note(event)
+        info = noted.info
+        if noted.newly_fatal:
+            self._save_faults()
+        if not noted.record:
+            return
+        reason = (f"{'fatal ' if info.fatal else ''}XID {event.xid} on GPU {event.index}: "
+                  f"{info.meaning}")
+        action = info.action_for(event.index)
+        log.log(logging.ERROR if info.fatal else logging.WARNING, "%s; %s", reason, action)
+        self._record("gpu_xid", reason, {
+            "gpu": event.index, "uuid": event.uuid, "xid": event.xid, "kind": info.kind,
+            "fatal": info.fatal, "meaning": info.meaning, "action": action,
+            "count": noted.count})
+
+    def _xid_follow(self, *, write: bool = False) -> None:
+        """gpu-xid.json and the ledger agree (see xid_ledger.FileSync): at the first GPU
+        step this boot's fatal XIDs taken back from an earlier run; later, those an operator
+        cleared (clusterctl gpu clear-xid) dropped; ``write``: the ledger changed."""
+        synced = self.xid_file.sync(write=write)
+        for fatal in synced.adopted:
+            log.warning("%s, before the agent started: still held (placement leaves the GPU "
+                        "out, /healthz 503); %s", fatal.problem, fatal.fix)
+        for fatal, clear in synced.cleared:
+            log.warning("fatal XID %s on GPU %s cleared by %s (clusterctl gpu clear-xid): "
+                        "placement on it again", fatal.xid, fatal.index, clear.by)
+
+    def _xid_recovery(self) -> None:
+        """The GPU step's part: a GPU lost and answering again has recovered."""
+        recovered = self.xids.observe(v.sample for v in self._reading.views)
+        for fatal in recovered:
+            reason = (f"GPU {fatal.index} answers again after it was lost: fatal XID "
+                      f"{fatal.xid} cleared, placement on it again")
+            log.warning("%s", reason)
+            self._record("gpu_xid_recovered", reason,
+                         {"gpu": fatal.index, "uuid": fatal.uuid, "xid": fatal.xid})
+        if recovered:
+            self._save_faults()
+
+    def _save_faults(self) -> None:
+        """gpu-xid.json as the ledger has it (for every placement); a failure counted (and
+        the write tried again at the next GPU step)."""
+        try:
+            self._xid_follow(write=True)
+        except Exception as err:  # a full disk: the agent's own placements still know
+            self.loop_failed("xid", err)
+
+    def _xid_loop(self) -> None:
+        """XIDs as they come, until stop (what an earlier run held against a GPU in this
+        boot stays held: see ``_xid_follow``)."""
+        while not self.stopping.is_set():
+            try:
+                self.xid_step(XID_WAIT_S)
+            except Exception as err:  # counted and logged once; the next wait goes on
+                self.loop_failed("xid", err)
+                self.stopping.wait(XID_WAIT_S)
 
     def delivery_step(self, now: float) -> float:
         """One delivery pass at ``now`` (time.monotonic()): a heartbeat and the outbox
@@ -744,7 +857,7 @@ class Agent:
         if self.progress.swap_step_since is not None:
             limits["pressure"] = SWAP_STEP_STALL_S
         last = {"gpu": self.progress.gpu_at, "delivery": self.progress.delivery_at,
-                "pressure": self.progress.pressure_at}
+                "pressure": self.progress.pressure_at, "xid": self.progress.xid_at}
         found = []
         for name, limit_s in limits.items():
             thread = self.loops.get(name)
@@ -813,7 +926,7 @@ class Agent:
 
     def start(self) -> None:
         for name, target in (("gpu", self._gpu_loop), ("delivery", self._delivery_loop),
-                             ("pressure", self._pressure_loop)):
+                             ("pressure", self._pressure_loop), ("xid", self._xid_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.loops[name] = thread
@@ -872,7 +985,9 @@ class Agent:
         for thread in self.loops.values():
             # a request in flight may take its 10 s; its thread is a daemon and the
             # outbox is on disk already, so stopping does not wait for the network
-            thread.join(timeout=2 if thread.name == "delivery" else 10)
+            thread.join(timeout=2 if thread.name == "delivery" else
+                        XID_WAIT_S + 1 if thread.name == "xid" else 10)
+        self.xid_watcher.close()  # its event set freed before NVML shuts down
         try:
             self.monitor.stop()  # every power limit back
         except ClusterctlError as err:

@@ -1,4 +1,4 @@
-"""`clusterctl gpu status|watch|place|release|allocations|trend|health|throttle`."""
+"""`clusterctl gpu status|watch|place|release|allocations|trend|health|clear-xid|throttle`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from clusterctl import config as cfg
 from clusterctl.cli.common import Run, command, emit_json
-from clusterctl.errors import EXIT_FAILED, HostError
+from clusterctl.errors import EXIT_FAILED, HostError, UsageError
 
 if TYPE_CHECKING:
     from clusterctl.gpu.monitor import GpuView
@@ -277,6 +277,60 @@ def health_cmd(run: Run) -> None:
             print(f"  {problem}")
     if result["status"] == "unhealthy":
         raise typer.Exit(EXIT_FAILED)
+
+
+@command(app, "clear-xid")
+def clear_xid_cmd(
+    run: Run,
+    gpu: Annotated[int | None, typer.Option("--gpu", metavar="N", min=0,
+                                            help="The GPU whose fatal XID to clear.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every GPU's.")] = False,
+) -> None:
+    """Clear a GPU's unrecovered fatal XID once it has been dealt with (reset, drained).
+
+    /healthz and placement take the GPU back within one agent step; a gpu_xid_cleared
+    event records who cleared which XID. An agent restart does not clear one. With
+    several GPUs held and neither --gpu nor --all, nothing is cleared.
+    """
+    import getpass
+    import os
+
+    from clusterctl.gpu import xid_ledger
+    from clusterctl.system import statefile
+
+    c = run.config
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # a uid without a name
+        who = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    by = f"{sudo} (sudo)" if sudo and sudo != who else who
+    cleared = xid_ledger.clear(c.paths.state_dir, c.paths.run_dir, gpu=gpu, every=every,
+                               by=by, now=time.time(),
+                               record=statefile.events_to(c.paths.state_dir,
+                                                          cfg.instance_id(c)))
+    for f in cleared:
+        print(f"cleared fatal XID {f.xid} on GPU {f.index} ({f.uuid or 'no UUID'}), "
+              f"{f.info.meaning}; placement on it again")
+    if cleared:
+        return
+    if gpu is not None:
+        _known_gpu(gpu)
+        print(f"GPU {gpu} has no unrecovered fatal XID: nothing to clear")
+    else:
+        print("no GPU has an unrecovered fatal XID: nothing to clear")
+
+
+def _known_gpu(index: int) -> None:
+    """UsageError when NVML lists GPUs and ``index`` is not one of them (without NVML,
+    nothing to say)."""
+    from clusterctl.host.nvml import Nvml
+
+    with Nvml() as nvml:
+        snapshot = nvml.sample(processes=False)
+    indices = sorted(g.index for g in snapshot.gpus)
+    if indices and index not in indices:
+        raise UsageError(f"--gpu {index}: this node has GPUs {indices[0]}-{indices[-1]}")
 
 
 @command(throttle_app, "status", json=True)

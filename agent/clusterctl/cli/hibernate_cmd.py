@@ -29,6 +29,7 @@ def _iso(ts: float | None) -> str | None:
 
 def status_dict(config: cfg.Config, *, logind: bool = True) -> dict[str, Any]:
     from clusterctl.config import instance_id
+    from clusterctl.gpu import energy_store
     from clusterctl.hibernate import schedule
     from clusterctl.hibernate.controller import inhibited_by, load_state
 
@@ -47,6 +48,9 @@ def status_dict(config: cfg.Config, *, logind: bool = True) -> dict[str, Any]:
         "action": list(h.action),
         "inhibited_by": inhibited_by(config.paths.state_dir, time.time(), logind=logind),
         "schedule": None if sched is None else _schedule_dict(sched),
+        # what the GPUs burned idle and busy since boot, as the agent accounts it
+        "gpu_energy": energy_store.summary(energy_store.peek(config.paths.run_dir,
+                                                             energy_store.this_boot())),
     }
 
 
@@ -78,6 +82,17 @@ def status_cmd(run: Run) -> None:
           f"{', '.join(data['action'])}")
     if data["inhibited_by"]:
         print(f"held off: {data['inhibited_by']}")
+    spent = data["gpu_energy"]
+    if spent is None:
+        print("GPU energy since boot: not measured (the agent has not sampled the GPUs)")
+    else:
+        draw = spent["idle_power_w"]
+        print(f"GPU energy since boot: idle time cost {spent['idle_kwh']:.3f} kWh "
+              f"({spent['idle_hours']:g} GPU-hours idle"
+              + ("" if draw is None else f", drawing {draw:g} W") + "); busy "
+              f"{spent['busy_kwh']:.3f} kWh"
+              + ("" if spent["sources"] == ["counter"]
+                 else f" (from {', '.join(spent['sources']) or 'nothing yet'})"))
     if data["schedule"]:
         sched = data["schedule"]
         print(f"schedule ({sched['timezone']}): wake {sched['wake_time'] or '-'} (next "
@@ -191,7 +206,9 @@ def _delivery(c: cfg.Config) -> Any:
 
 
 def _gpus(c: cfg.Config) -> list[dict[str, Any]]:
-    """Every GPU as a heartbeat carries it, from one sample now."""
+    """Every GPU as a heartbeat carries it, from one sample now (and the agent's energy
+    accounting, when it keeps one)."""
+    from clusterctl.gpu import energy_store
     from clusterctl.gpu.monitor import view_now
     from clusterctl.gpu.shapes import fleet_metrics
     from clusterctl.host.nvml import Nvml
@@ -199,7 +216,8 @@ def _gpus(c: cfg.Config) -> list[dict[str, Any]]:
     with Nvml() as nvml:
         snapshot = nvml.sample()
     views = tuple(view_now(g, c, None, snapshot.sampled_at) for g in snapshot.gpus)
-    gpus: list[dict[str, Any]] = fleet_metrics(snapshot, views)["gpus"]
+    spent = energy_store.peek(c.paths.run_dir, energy_store.this_boot())
+    gpus: list[dict[str, Any]] = fleet_metrics(snapshot, views, spent)["gpus"]
     return gpus
 
 

@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
@@ -50,6 +50,7 @@ from clusterctl.fleet import page as fleet_page
 from clusterctl.fleet import wake as fleet_wake
 from clusterctl.fleet.nodes import Node
 from clusterctl.fleet.store import Command, DatabaseUnavailable, Refused, Store, open_store
+from clusterctl.gpu import energy as gpu_energy
 from clusterctl.system import wake as system_wake
 from clusterctl.units import iso_utc
 
@@ -661,7 +662,8 @@ class Fleet:
                 "hibernated_hours": round(sum(fleet_nodes.asleep_s(n, now)
                                               for n in self.nodes.values()) / 3600, 3),
                 "idle_gpu_hours_avoided": round(sum(fleet_nodes.idle_gpu_s(n, now)
-                                                    for n in self.nodes.values()) / 3600, 3)}
+                                                    for n in self.nodes.values()) / 3600, 3),
+                **_gpu_kwh(self.nodes.values())}
 
     async def stats(self, request: web.Request) -> web.Response:
         self._admin(request)
@@ -788,6 +790,20 @@ class Fleet:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
+
+
+def _gpu_kwh(nodes: Iterable[Node]) -> dict[str, float]:
+    """What the nodes' GPUs burned idle and busy, each since its node's boot, as their
+    last heartbeats say; a heartbeat is read once (the sums are kept on the node)."""
+    idle = busy = 0.0
+    for node in nodes:
+        kept = node.extra.get("gpu_joules")
+        if kept is None or kept[0] is not node.heartbeat:
+            kept = node.extra["gpu_joules"] = (node.heartbeat,
+                                               *gpu_energy.heartbeat_joules(node.heartbeat))
+        idle, busy = idle + kept[1], busy + kept[2]
+    return {"idle_gpu_kwh": round(gpu_energy.kwh(idle), 3),
+            "busy_gpu_kwh": round(gpu_energy.kwh(busy), 3)}
 
 
 class _Collector:

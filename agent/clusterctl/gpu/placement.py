@@ -10,16 +10,22 @@ use" is the reserved total less how much the GPU's used VRAM has grown since the
 oldest allocation on it was handed out: once the models are loaded, NVML sees
 them and they are not counted twice. Among the GPUs that fit, the least busy wins,
 then the one with the most VRAM to give.
+
+A GPU with an unrecovered fatal XID (``clusterctl.gpu.xid_ledger``: the agent's
+``gpu-xid.json`` in this boot) is not placed on; the refusal names the XID and the fix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from clusterctl import locks
 from clusterctl.errors import ClusterctlError, UsageError
+from clusterctl.gpu import xid_ledger
+from clusterctl.gpu.xid_ledger import Fatal, gpu_key
 from clusterctl.host.nvml import GpuSample, GpuSnapshot
 from clusterctl.system import statefile
 
@@ -97,8 +103,10 @@ def room(gpu: GpuSample, allocations: list[Allocation], reserve_mib: int) -> Roo
 
 
 def choose(snapshot: GpuSnapshot, allocations: list[Allocation], name: str, vram_mib: int,
-           reserve_mib: int, gpu_index: int | None = None) -> tuple[Room, bool]:
-    """The GPU for ``name``: (room, already_placed). NoFit names the best candidate."""
+           reserve_mib: int, gpu_index: int | None = None,
+           faulty: Mapping[str, Fatal] | None = None) -> tuple[Room, bool]:
+    """The GPU for ``name``: (room, already_placed). NoFit names the best candidate.
+    ``faulty``: GPUs (by ``gpu_key``) with an unrecovered fatal XID, left out."""
     placed = next((a for a in allocations if a.name == name), None)
     if placed is not None:
         gpu = next((g for g in snapshot.gpus if g.uuid == placed.gpu_uuid), None)
@@ -113,6 +121,14 @@ def choose(snapshot: GpuSnapshot, allocations: list[Allocation], name: str, vram
     candidates = [g for g in snapshot.gpus if gpu_index is None or g.index == gpu_index]
     if not candidates:
         raise UsageError(f"--gpu {gpu_index}: this node has GPUs 0-{len(snapshot.gpus) - 1}")
+    held = [f for f in (faulty or {}).values()
+            if any(gpu_key(g.index, g.uuid) == gpu_key(f.index, f.uuid) for g in candidates)]
+    if held:
+        candidates = [g for g in candidates if gpu_key(g.index, g.uuid) not in (faulty or {})]
+        if not candidates:
+            raise NoFit(f"not placing {name}: {'; '.join(f.problem for f in held)}",
+                        fix=held[0].fix)
+    left_out = "".join(f" ({f.problem}: left out)" for f in held)
     rooms = [r for r in (room(g, allocations, reserve_mib) for g in candidates) if r]
     if not rooms:
         raise NoFit(f"no usable GPU for {name}: every candidate is lost or reports no "
@@ -120,7 +136,7 @@ def choose(snapshot: GpuSnapshot, allocations: list[Allocation], name: str, vram
     fits = [r for r in rooms if r.available_mib >= vram_mib]
     if not fits:
         best = max(rooms, key=lambda r: r.available_mib)
-        raise NoFit(f"no GPU has {vram_mib} MiB for {name}: {best.explain()}",
+        raise NoFit(f"no GPU has {vram_mib} MiB for {name}: {best.explain()}{left_out}",
                     fix="release an allocation (clusterctl gpu allocations), or ask for less")
     fits.sort(key=lambda r: (r.utilization_percent if r.utilization_percent is not None
                              else 100, -r.available_mib, r.index))
@@ -136,8 +152,10 @@ class Placed:
 
 def place(state_dir: Path, run_dir: Path, sample: Any, name: str, vram_mib: int,
           reserve_mib: int, *, gpu_index: int | None = None, now: float,
-          wait_s: float = 10.0) -> Placed:
-    """Hand ``vram_mib`` on one GPU to ``name``; ``sample()`` gives a fresh GpuSnapshot."""
+          wait_s: float = 10.0, faulty: Mapping[str, Fatal] | None = None) -> Placed:
+    """Hand ``vram_mib`` on one GPU to ``name``; ``sample()`` gives a fresh GpuSnapshot.
+    GPUs with an unrecovered fatal XID (``faulty``, and those the agent's file names)
+    are left out."""
     if vram_mib <= 0:
         raise UsageError(f"--vram must be a positive number of MiB, got {vram_mib}")
     if not name or len(name) > 200:
@@ -145,7 +163,9 @@ def place(state_dir: Path, run_dir: Path, sample: Any, name: str, vram_mib: int,
     with locks.exclusive(run_dir / LOCK_NAME, what="clusterctl gpu placement", wait_s=wait_s):
         allocations = load(state_dir)
         snapshot = sample()
-        chosen, existing = choose(snapshot, allocations, name, vram_mib, reserve_mib, gpu_index)
+        held = {**xid_ledger.load(state_dir), **(faulty or {})}
+        chosen, existing = choose(snapshot, allocations, name, vram_mib, reserve_mib, gpu_index,
+                                  held)
         if existing:
             allocation = next(a for a in allocations if a.name == name)
             return Placed(allocation, chosen, True)

@@ -4,27 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from clusterctl.gpu.energy import EnergyLedger, heartbeat_energy
 from clusterctl.gpu.history import Trend
 from clusterctl.gpu.monitor import GpuView
+from clusterctl.gpu.xid_ledger import Fatal, XidStatus, gpu_key
 from clusterctl.host.nvml import GpuSnapshot
 from clusterctl.units import iso_utc
 
 
-def fleet_metrics(snapshot: GpuSnapshot, views: tuple[GpuView, ...]) -> dict[str, Any]:
+def fleet_metrics(snapshot: GpuSnapshot, views: tuple[GpuView, ...],
+                  energy: EnergyLedger | None = None, xids: XidStatus | None = None
+                  ) -> dict[str, Any]:
     """``GET /api/v1/monitoring/gpu-metrics``: every GPU's gauges, with clusterctl's fields.
 
-    Where a GPU does not report a field, it is null: never a made-up zero.
+    Where a GPU does not report a field, it is null: never a made-up zero. ``energy``:
+    the agent's accounting (busy and idle joules are null without it).
     """
     return {
         "timestamp": iso_utc(snapshot.sampled_at),
         "driver_version": snapshot.driver_version,
         "reason": snapshot.reason,
-        "gpus": [_fleet_gpu(v) for v in views],
+        "gpus": [_fleet_gpu(v, energy, xids) for v in views],
     }
 
 
-def _fleet_gpu(view: GpuView) -> dict[str, Any]:
+def _fleet_gpu(view: GpuView, energy: EnergyLedger | None = None,
+               xids: XidStatus | None = None) -> dict[str, Any]:
     g = view.sample
+    seen = None if xids is None else xids.of(g.index, g.uuid)
     return {
         "id": f"gpu-{g.index}",
         "index": g.index,
@@ -48,9 +55,22 @@ def _fleet_gpu(view: GpuView) -> dict[str, Any]:
         else list(g.clock_event_reasons),
         "ecc_uncorrected_volatile": g.ecc_uncorrected_volatile,
         "remapped_rows": {"uncorrectable": g.remapped_rows_uncorrectable,
-                          "pending": g.remapped_rows_pending},
+                          "pending": g.remapped_rows_pending,
+                          "correctable": g.remapped_rows_correctable,
+                          "failure": g.remap_failure},
         "processes": None if g.processes is None else [
             {"pid": p.pid, "name": p.name, "used_memory": p.used_mib} for p in g.processes],
+        "energy": heartbeat_energy(g, None if energy is None else energy.of(g)),
+        "encoder_utilization": g.encoder_utilization_percent,
+        "decoder_utilization": g.decoder_utilization_percent,
+        "memory_temperature": g.memory_temperature_c,
+        "pcie_replay_count": g.pcie_replay_count,
+        "nvlink": {"tx_bytes": g.nvlink_tx_bytes, "rx_bytes": g.nvlink_rx_bytes},
+        "gpm": {"graphics_activity": g.gpm_graphics_activity,
+                "sm_activity": g.gpm_sm_activity, "sm_occupancy": g.gpm_sm_occupancy,
+                "tensor_activity": g.gpm_tensor_activity, "dram_activity": g.gpm_dram_activity},
+        "xid": {"last": None if seen is None else seen.last,
+                "count": 0 if seen is None else seen.count},
         "state": view.state.value,
         "speed_multiplier": view.state.speed_multiplier,
         "should_throttle": view.state.should_throttle,
@@ -88,11 +108,16 @@ def trend_dict(trend: Trend | None, gpu_id: int) -> dict[str, Any]:
             "duration_minutes": trend.minutes}
 
 
-def health(views: tuple[GpuView, ...], limit_c: int, reason: str | None) -> dict[str, Any]:
-    """The health check: every GPU answers and is below ``limit_c``."""
+def health(views: tuple[GpuView, ...], limit_c: int, reason: str | None,
+           unrecovered: dict[str, Fatal] | None = None) -> dict[str, Any]:
+    """The health check: every GPU answers, is below ``limit_c`` and has no unrecovered
+    fatal XID (``unrecovered``, by ``gpu_key``)."""
     problems = []
     for v in views:
         g = v.sample
+        fatal = (unrecovered or {}).get(gpu_key(g.index, g.uuid))
+        if fatal is not None:
+            problems.append(f"{fatal.problem}: {fatal.fix}")
         if g.lost:
             problems.append(f"GPU {g.index} is lost")
         elif g.temperature_c is None:

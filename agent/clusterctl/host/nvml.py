@@ -22,10 +22,11 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -67,6 +68,7 @@ class GpuProcess:
     pid: int
     name: str | None
     used_mib: int | None  # None where NVML cannot say (some vGPU and MIG setups)
+    kind: str = "compute"  # "compute" or "graphics" (a process that is both: "compute")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,24 @@ class GpuSample:
     ecc_uncorrected_volatile: int | None = None  # since the driver loaded
     remapped_rows_uncorrectable: int | None = None
     remapped_rows_pending: bool | None = None  # a remap waits for a GPU reset
+    # read every sample: energy and the utilization and temperature gauges
+    energy_total_mj: int | None = None  # since the driver loaded (a counter)
+    encoder_utilization_percent: int | None = None
+    decoder_utilization_percent: int | None = None
+    memory_temperature_c: int | None = None
+    # counters, read every COUNTERS_EVERY_S (the last value in between)
+    pcie_replay_count: int | None = None
+    remapped_rows_correctable: int | None = None
+    remap_failure: bool | None = None  # a row could not be remapped: the GPU needs service
+    nvlink_tx_bytes: int | None = None  # all links, since the driver loaded; None: no NVLink
+    nvlink_rx_bytes: int | None = None
+    # GPU Performance Monitoring (Hopper and newer), fractions 0..1 between this sample
+    # and the previous one of the same GPU; None without GPM (see Nvml.gpm_problem)
+    gpm_graphics_activity: float | None = None
+    gpm_sm_activity: float | None = None
+    gpm_sm_occupancy: float | None = None
+    gpm_tensor_activity: float | None = None
+    gpm_dram_activity: float | None = None
     processes: tuple[GpuProcess, ...] | None = None  # None: not read in this sample
 
     @property
@@ -106,6 +126,13 @@ class GpuSample:
         if self.memory_used_mib is None or not self.memory_total_mib:
             return None
         return 100.0 * self.memory_used_mib / self.memory_total_mib
+
+    @property
+    def nvlink_bytes_total(self) -> int | None:
+        """Bytes sent and received over all NVLinks (dcgm-exporter's bandwidth total)."""
+        if self.nvlink_tx_bytes is None or self.nvlink_rx_bytes is None:
+            return None
+        return self.nvlink_tx_bytes + self.nvlink_rx_bytes
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,21 @@ CLOCK_EVENT_REASONS = {
 
 
 MIB = 2**20
+KIB = 2**10
+COUNTERS_EVERY_S = 30.0  # counters (PCIe replays, remapped rows, NVLink) change rarely
+# nvmlDeviceGetFieldValues' ids (nvml.h): the memory temperature, every sample; the NVLink
+# data counters summed over all links (scopeId UINT_MAX), with the counters
+_FI_MEMORY_TEMP = 82
+_FI_NVLINK_TX = (138, 0xFFFFFFFF)  # NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, KiB
+_FI_NVLINK_RX = (139, 0xFFFFFFFF)  # ..._DATA_RX
+# a field value's valueType (nvmlValueType_t) -> the member of its value union
+_FIELD_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+# GPM metrics read (NVML_GPM_METRIC_*: percent 0..100) -> GpuSample attribute (fraction)
+GPM_METRICS = ((1, "gpm_graphics_activity"),  # GRAPHICS_UTIL
+               (2, "gpm_sm_activity"),  # SM_UTIL
+               (3, "gpm_sm_occupancy"),  # SM_OCCUPANCY
+               (5, "gpm_tensor_activity"),  # ANY_TENSOR_UTIL
+               (10, "gpm_dram_activity"))  # DRAM_BW_UTIL
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,6 +203,28 @@ class _Static:
     unsupported: set[tuple[Any, ...]]  # calls answered NotSupported: not asked again
     memory_version: int | None  # nvmlMemory_v2 where the driver has it (used w/o reserved)
     errors: tuple[str, ...] = ()  # fixed facts that failed to read: said with every sample
+    counters: _Counters | None = None  # the last read of the counters
+    counters_at: float | None = None  # the sample time they were read at
+    gpm: _Gpm | None = None  # GPM's samples, once set up
+    gpm_problem: str | None = None  # why GPM is not read (decided once)
+
+
+@dataclass(frozen=True)
+class _Counters:
+    pcie_replay_count: int | None = None
+    remapped: tuple[int, int, int, int] | None = None  # corr, unc, pending, failure
+    nvlink_tx_bytes: int | None = None
+    nvlink_rx_bytes: int | None = None
+
+
+@dataclass
+class _Gpm:
+    """One GPU's GPM: two samples taken in turn, and the request that compares them."""
+
+    samples: tuple[Any, Any]
+    request: Any  # c_nvmlGpmMetricsGet_t, reused
+    newest: int | None = None  # which sample holds the latest reading
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one reader at a time
 
 
 # NVML return codes (nvml.h); the same values pynvml exports as NVML_ERROR_*.
@@ -353,6 +417,8 @@ class Nvml:
 
     def shutdown(self) -> None:
         with self._lock:
+            for static in self._static.values():
+                self._free_gpm(static)
             self._static.clear()
             self._count = None
             if self._initialised:
@@ -453,7 +519,7 @@ class Nvml:
                 return GpuSnapshot((), None, f"NVML could not count GPUs: {err.text}", None,
                                    stamp)
             self._driver = _text(answer(nv, nv.nvmlSystemGetDriverVersion))
-        gpus = tuple(self._sample_one(nv, i, processes) for i in range(self._count or 0))
+        gpus = tuple(self._sample_one(nv, i, processes, stamp) for i in range(self._count or 0))
         reason = None if gpus else "the NVIDIA driver is loaded but reports no GPU"
         return GpuSnapshot(gpus, self._driver, reason, None, stamp)
 
@@ -484,7 +550,13 @@ class Nvml:
         self._static[index] = static
         return static
 
-    def _sample_one(self, nv: Any, index: int, processes: bool) -> GpuSample:
+    def gpm_problem(self, index: int) -> str | None:
+        """Why GPM (the DCGM_FI_PROF_* fractions) is not read on GPU ``index``; None while
+        it is, or before that GPU was first sampled."""
+        static = self._static.get(index)
+        return None if static is None else static.gpm_problem
+
+    def _sample_one(self, nv: Any, index: int, processes: bool, stamp: float) -> GpuSample:
         try:
             static = self._static_of(nv, index)
         except NvmlCallError as err:
@@ -505,10 +577,17 @@ class Nvml:
         reasons = read(self._clock_reasons_fn(nv, static.handle))
         ecc = read(nv.nvmlDeviceGetTotalEccErrors, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                    nv.NVML_VOLATILE_ECC)
-        remapped = read(nv.nvmlDeviceGetRemappedRows)
+        energy = read(nv.nvmlDeviceGetTotalEnergyConsumption)
+        encoder = read(nv.nvmlDeviceGetEncoderUtilization)
+        decoder = read(nv.nvmlDeviceGetDecoderUtilization)
+        memory_temperature = self._fields(nv, read, static, (_FI_MEMORY_TEMP,))
+        counters = self._counters(nv, read, static, stamp)
+        remapped = counters.remapped
+        gpm = self._gpm(nv, read, static, index)
         processes_now = self._processes(nv, read) if processes else None
         if read.lost:
             self._static.pop(index, None)  # look the handle up again next time
+            self._free_gpm(static)
             return GpuSample(index, static.name, static.uuid, static.pci_bus_id, lost=True,
                              error=read.error)
         return GpuSample(
@@ -534,8 +613,162 @@ class Nvml:
             ecc_uncorrected_volatile=_int(ecc),
             remapped_rows_uncorrectable=None if remapped is None else int(remapped[1]),
             remapped_rows_pending=None if remapped is None else bool(remapped[2]),
+            energy_total_mj=_int(energy),
+            encoder_utilization_percent=None if encoder is None else int(encoder[0]),
+            decoder_utilization_percent=None if decoder is None else int(decoder[0]),
+            memory_temperature_c=_int(memory_temperature.get(_FI_MEMORY_TEMP)),
+            pcie_replay_count=counters.pcie_replay_count,
+            remapped_rows_correctable=None if remapped is None else int(remapped[0]),
+            remap_failure=None if remapped is None else bool(remapped[3]),
+            nvlink_tx_bytes=counters.nvlink_tx_bytes,
+            nvlink_rx_bytes=counters.nvlink_rx_bytes,
             processes=processes_now,
+            **gpm,
         )
+
+    @staticmethod
+    def _fields(nv: Any, read: _Reads, static: _Static, wanted: tuple[Any, ...]
+                ) -> dict[Any, int | float]:
+        """nvmlDeviceGetFieldValues for ``wanted`` (ids, or (id, scope) pairs) in one call:
+        each field's value by its id (or pair); a field the GPU does not report is left out
+        and not asked again, one that failed is said with the sample."""
+        ask = tuple(f for f in wanted if ("field", f) not in static.unsupported)
+        if not ask:
+            return {}
+        values = read(nv.nvmlDeviceGetFieldValues, ask)
+        if values is None:
+            return {}
+        out: dict[Any, int | float] = {}
+        for wanted_id, value in zip(ask, values, strict=False):
+            code = int(value.nvmlReturn)
+            if code in _UNREPORTED_CODES:
+                static.unsupported.add(("field", wanted_id))
+            elif code != 0:
+                read.errors.append(f"nvmlDeviceGetFieldValues: field {wanted_id}: NVML error "
+                                   f"{code}")
+            else:
+                kind = int(value.valueType)
+                if 0 <= kind < len(_FIELD_MEMBERS):
+                    out[wanted_id] = getattr(value.value, _FIELD_MEMBERS[kind])
+        return out
+
+    def _counters(self, nv: Any, read: _Reads, static: _Static, stamp: float) -> _Counters:
+        """The counters, read at most every COUNTERS_EVERY_S (the last read in between);
+        a read that failed is tried again at the next sample."""
+        last, at = static.counters, static.counters_at
+        if last is not None and at is not None and 0 <= stamp - at < COUNTERS_EVERY_S:
+            return last
+        failed = len(read.errors)
+        remapped = read(nv.nvmlDeviceGetRemappedRows)
+        replay = read(nv.nvmlDeviceGetPcieReplayCounter)
+        nvlink = self._fields(nv, read, static, (_FI_NVLINK_TX, _FI_NVLINK_RX))
+        tx, rx = nvlink.get(_FI_NVLINK_TX), nvlink.get(_FI_NVLINK_RX)
+        counters = _Counters(
+            pcie_replay_count=_int(replay),
+            remapped=None if remapped is None else (
+                int(remapped[0]), int(remapped[1]), int(remapped[2]), int(remapped[3])),
+            nvlink_tx_bytes=None if tx is None else int(tx) * KIB,
+            nvlink_rx_bytes=None if rx is None else int(rx) * KIB)
+        if len(read.errors) == failed and not read.lost:
+            static.counters, static.counters_at = counters, stamp
+        return counters
+
+    def _gpm(self, nv: Any, read: _Reads, static: _Static, index: int
+             ) -> dict[str, float | None]:
+        """The GPM fractions between the GPU's previous GPM sample and one taken now ({}
+        at the first, without GPM, or while another thread reads this GPU's GPM)."""
+        if read.lost:
+            return {}
+        gpm = static.gpm
+        if gpm is None:
+            if static.gpm_problem is not None:
+                return {}
+            gpm = self._gpm_setup(nv, read, static, index)
+            if gpm is None:
+                return {}
+        if not gpm.lock.acquire(blocking=False):
+            return {}
+        try:
+            slot = 1 if gpm.newest == 0 else 0
+            if self._gpm_call(nv, read, static, index, nv.nvmlGpmSampleGet, static.handle,
+                              gpm.samples[slot]) is None:
+                gpm.newest = None  # start again from the next sample
+                return {}
+            previous, gpm.newest = gpm.newest, slot
+            if previous is None:
+                return {}
+            request = gpm.request
+            request.sample1, request.sample2 = gpm.samples[previous], gpm.samples[slot]
+            for i, (metric, _) in enumerate(GPM_METRICS):
+                request.metrics[i].metricId = metric
+            if self._gpm_call(nv, read, static, index, nv.nvmlGpmMetricsGet, request) is None:
+                return {}
+            out: dict[str, float | None] = {}
+            for i, (_, attribute) in enumerate(GPM_METRICS):
+                metric = request.metrics[i]
+                value = float(metric.value)
+                if int(metric.nvmlReturn) == 0 and math.isfinite(value):
+                    out[attribute] = min(1.0, max(0.0, value / 100))
+            return out
+        finally:
+            gpm.lock.release()
+
+    def _gpm_call(self, nv: Any, read: _Reads, static: _Static, index: int, fn: Any,
+                  *args: Any) -> Any:
+        """A GPM call under :func:`query`'s policy; "not supported" ends GPM on this GPU."""
+        value = query(nv, fn, *args, default=_UNREPORTED, failed=read._failed)
+        if value is _UNREPORTED:
+            self._gpm_off(static, index, f"{fn.__name__} is not supported on this GPU")
+            return None
+        return value
+
+    def _gpm_setup(self, nv: Any, read: _Reads, static: _Static, index: int) -> _Gpm | None:
+        if not hasattr(nv, "nvmlGpmQueryDeviceSupport"):
+            self._gpm_off(static, index, "this nvidia-ml-py has no GPM calls (update it)")
+            return None
+        try:
+            support = call(nv, nv.nvmlGpmQueryDeviceSupport, static.handle)
+        except NvmlCallError as err:
+            if err.lost:
+                read._failed(err)
+                return None
+            self._gpm_off(static, index, "the driver has no GPM (R520 or newer has it)"
+                          if err.code == _FUNCTION_NOT_FOUND
+                          else f"GPM support could not be read: {err.text}")
+            return None
+        if not support.isSupportedDevice:
+            self._gpm_off(static, index, "this GPU has no GPM (Hopper and newer have it)")
+            return None
+        samples: list[Any] = []
+        try:
+            for _ in range(2):
+                samples.append(call(nv, nv.nvmlGpmSampleAlloc))
+        except NvmlCallError as err:
+            for sample in samples:
+                answer(nv, nv.nvmlGpmSampleFree, sample)
+            self._gpm_off(static, index, f"GPM samples could not be allocated: {err.text}")
+            return None
+        request = nv.c_nvmlGpmMetricsGet_t()
+        request.version = nv.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(GPM_METRICS)
+        static.gpm = _Gpm((samples[0], samples[1]), request)
+        return static.gpm
+
+    def _gpm_off(self, static: _Static, index: int, problem: str) -> None:
+        """GPM is not read on this GPU while the driver is loaded: said once, here."""
+        self._free_gpm(static)
+        static.gpm_problem = problem
+        log.info("GPU %d: %s; DCGM_FI_PROF_* are left out for it", index, problem)
+
+    def _free_gpm(self, static: _Static) -> None:
+        """Give GPM's samples back to NVML (at shutdown, when GPM ends, when the GPU is
+        lost); a failure to free is only logged."""
+        gpm, static.gpm = static.gpm, None
+        nv: Any = self._module
+        if gpm is None or nv is None:
+            return
+        for sample in gpm.samples:
+            answer(nv, nv.nvmlGpmSampleFree, sample)
 
     @staticmethod
     def _memory_version(nv: Any, handle: Any) -> int | None:
@@ -559,16 +792,34 @@ class Nvml:
         return self._reasons_fn
 
     @staticmethod
+    def _process_list(nv: Any, read: _Reads, name: str) -> Any:
+        """pynvml's process call, or its _v2 on a driver without the _v3 the unversioned
+        one uses (which then raises NVMLLibraryMismatchError, not an NVMLError)."""
+        mismatch = getattr(nv, "NVMLLibraryMismatchError", ())
+        try:
+            return read(getattr(nv, name))
+        except mismatch:
+            older = getattr(nv, f"{name}_v2", None)
+            return None if older is None else read(older)
+
+    @staticmethod
     def _processes(nv: Any, read: _Reads) -> tuple[GpuProcess, ...] | None:
-        found = read(nv.nvmlDeviceGetComputeRunningProcesses)
-        if found is None:
+        """Compute and graphics processes, one entry per pid (compute first); None when
+        the GPU lists neither."""
+        compute = Nvml._process_list(nv, read, "nvmlDeviceGetComputeRunningProcesses")
+        graphics = Nvml._process_list(nv, read, "nvmlDeviceGetGraphicsRunningProcesses")
+        if compute is None and graphics is None:
             return None
-        out = []
-        for proc in found:
-            name = _text(answer(nv, nv.nvmlSystemGetProcessName, proc.pid))  # may have exited
-            used = getattr(proc, "usedGpuMemory", None)
-            out.append(GpuProcess(int(proc.pid), name or None, _mib(used)))
-        return tuple(out)
+        out: dict[int, GpuProcess] = {}
+        for kind, found in (("compute", compute or ()), ("graphics", graphics or ())):
+            for proc in found:
+                pid = int(proc.pid)
+                if pid in out:
+                    continue
+                name = _text(answer(nv, nv.nvmlSystemGetProcessName, pid))  # may have exited
+                used = getattr(proc, "usedGpuMemory", None)
+                out[pid] = GpuProcess(pid, name or None, _mib(used), kind)
+        return tuple(out.values())
 
 
 def _int(value: object) -> int | None:

@@ -19,10 +19,15 @@ for the gauges), and ``delays_s``, a map of pynvml function name to the seconds 
 function takes to answer for that GPU (a slow driver; a list is a timeline, as for
 the gauges: ``[2, 0]`` makes only the first call slow).
 
+``machine.calls`` counts the per-device calls by function name (and the GPM calls),
+for a test that checks what is asked how often.
+
 Knobs for a test watching another process:
 
 * ``FAKE_NVML_CALLS_LOG=<path>``: power limits set are appended there, one
   "UUID MILLIWATTS" line each;
+* ``FAKE_NVML_XID_FILE=<path>``: XIDs for the event API, one "INDEX XID" line each,
+  appended by the test; each is consumed once (see ``inject_xid``);
 * ``FAKE_NVML_STALL_FILE=<path>``: while that file exists, every per-device call
   (``nvmlDeviceGet*``/``nvmlDeviceSet*`` on a handle) blocks, looking again every
   0.1 s, and answers once it is removed: a hung driver;
@@ -36,12 +41,14 @@ Knobs for a test watching another process:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import string
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -159,6 +166,23 @@ class FakeGpu:
     ecc_uncorrected_volatile: Any = 0
     remapped_rows: Any = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failure
     processes: list[dict[str, Any]] = field(default_factory=list)  # pid, name, used_memory
+    graphics_processes: list[dict[str, Any]] = field(default_factory=list)  # the same keys
+    energy_mj: Any = 0  # nvmlDeviceGetTotalEnergyConsumption: mJ since the driver loaded
+    encoder_utilization: Any = 0  # percent
+    decoder_utilization: Any = 0
+    memory_temperature: Any = 45  # degrees C (field NVML_FI_DEV_MEMORY_TEMP)
+    pcie_replay_count: Any = 0
+    nvlink_tx_kib: Any = None  # all links' data counters (None: no NVLink); KiB, as NVML
+    nvlink_rx_kib: Any = None
+    # GPM (Hopper and newer): None, not supported; else metric name (the part after
+    # NVML_GPM_METRIC_, e.g. "GRAPHICS_UTIL") -> percent busy between two GPM samples, a
+    # gauge or a timeline taken by each nvmlGpmSampleGet
+    gpm: dict[str, Any] | None = None
+    gpm_ticks: int = 0  # GPM samples taken: the fake's clock for its activity counters
+    gpm_active: dict[str, float] = field(default_factory=dict)  # metric -> percent-ticks
+    # nvmlDeviceGetSupportedEventTypes' mask (None: NOT_SUPPORTED): single/double-bit ECC,
+    # P-state, XID, clock (what a data-centre GPU reports); see the event API below
+    supported_event_types: Any = 0x1 | 0x2 | 0x4 | 0x8 | 0x10
     lost: bool = False
     errors: dict[str, int] = field(default_factory=dict)
     delays_s: dict[str, Any] = field(default_factory=dict)  # function -> seconds (or a timeline)
@@ -193,6 +217,9 @@ class FakeMachine:
     init_count: int = 0
     barrier: dict[str, Any] | None = None  # see the module doc
     barrier_passed: set[str] = field(default_factory=set)  # callers past it, by mark
+    calls: Counter[str] = field(default_factory=Counter)  # per-device calls, by function
+    gpm_samples: dict[int, tuple[int, int, dict[str, float]] | None] = field(
+        default_factory=dict)  # allocated GPM samples: id -> (GPU index, tick, counters)
 
 
 machine = FakeMachine()
@@ -270,6 +297,7 @@ def _barrier(name: str) -> None:
 
 
 def _gpu(handle: c_nvmlDevice_t, name: str) -> FakeGpu:
+    machine.calls[name] += 1  # every call asked, answered or not
     _initialised(name)
     _stalled()
     gpu = machine.gpus[handle.index]
@@ -471,7 +499,23 @@ def nvmlDeviceGetRemappedRows(handle: c_nvmlDevice_t) -> tuple[int, int, int, in
     return tuple(_gpu(handle, "nvmlDeviceGetRemappedRows").read("remapped_rows"))
 
 
+class NVMLLibraryMismatchError(Exception):
+    """pynvml's unversioned process calls raise it (not an NVMLError) when the driver
+    lacks their _v3: an older driver has the _v2 call only."""
+
+
+def _versioned(name: str) -> None:
+    if f"{name}_v3" in machine.missing_functions:
+        raise NVMLLibraryMismatchError(f"Unversioned function called ... such as {name}_v2")
+
+
 def nvmlDeviceGetComputeRunningProcesses(handle: c_nvmlDevice_t) -> list[c_nvmlProcessInfo_t]:
+    _versioned("nvmlDeviceGetComputeRunningProcesses")
+    return nvmlDeviceGetComputeRunningProcesses_v2(handle)
+
+
+def nvmlDeviceGetComputeRunningProcesses_v2(handle: c_nvmlDevice_t
+                                            ) -> list[c_nvmlProcessInfo_t]:
     gpu = _gpu(handle, "nvmlDeviceGetComputeRunningProcesses")
     return [c_nvmlProcessInfo_t(p["pid"], p.get("used_memory")) for p in gpu.processes]
 
@@ -479,7 +523,365 @@ def nvmlDeviceGetComputeRunningProcesses(handle: c_nvmlDevice_t) -> list[c_nvmlP
 def nvmlSystemGetProcessName(pid: int) -> str:
     _initialised("nvmlSystemGetProcessName")
     for gpu in machine.gpus:
-        for process in gpu.processes:
+        for process in gpu.processes + gpu.graphics_processes:
             if process["pid"] == pid:
                 return str(process.get("name", ""))
     raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+# ---------------------------------------------------------------------------
+# energy, encoder/decoder, field values, PCIe replays, graphics processes
+
+
+def nvmlDeviceGetTotalEnergyConsumption(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetTotalEnergyConsumption").read("energy_mj"))
+
+
+def nvmlDeviceGetEncoderUtilization(handle: c_nvmlDevice_t) -> list[int]:
+    gpu = _gpu(handle, "nvmlDeviceGetEncoderUtilization")
+    return [int(gpu.read("encoder_utilization")), 167_000]  # [percent, sampling period us]
+
+
+def nvmlDeviceGetDecoderUtilization(handle: c_nvmlDevice_t) -> list[int]:
+    gpu = _gpu(handle, "nvmlDeviceGetDecoderUtilization")
+    return [int(gpu.read("decoder_utilization")), 167_000]
+
+
+def nvmlDeviceGetPcieReplayCounter(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetPcieReplayCounter").read("pcie_replay_count"))
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle: c_nvmlDevice_t) -> list[c_nvmlProcessInfo_t]:
+    _versioned("nvmlDeviceGetGraphicsRunningProcesses")
+    return nvmlDeviceGetGraphicsRunningProcesses_v2(handle)
+
+
+def nvmlDeviceGetGraphicsRunningProcesses_v2(handle: c_nvmlDevice_t
+                                             ) -> list[c_nvmlProcessInfo_t]:
+    gpu = _gpu(handle, "nvmlDeviceGetGraphicsRunningProcesses")
+    return [c_nvmlProcessInfo_t(p["pid"], p.get("used_memory")) for p in gpu.graphics_processes]
+
+
+NVML_VALUE_TYPE_DOUBLE = 0
+NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_VALUE_TYPE_UNSIGNED_LONG = 2
+NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
+NVML_VALUE_TYPE_SIGNED_INT = 5
+NVML_VALUE_TYPE_UNSIGNED_SHORT = 6
+NVML_FI_DEV_MEMORY_TEMP = 82
+NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX = 138  # KiB; scopeId: a link, or UINT_MAX for all
+NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX = 139
+
+
+class c_nvmlValue_t(ctypes.Union):
+    _fields_ = [("dVal", ctypes.c_double), ("uiVal", ctypes.c_uint), ("ulVal", ctypes.c_ulong),
+                ("ullVal", ctypes.c_ulonglong), ("sllVal", ctypes.c_longlong),
+                ("siVal", ctypes.c_int), ("usVal", ctypes.c_ushort)]
+
+
+class c_nvmlFieldValue_t(ctypes.Structure):
+    _fields_ = [("fieldId", ctypes.c_uint32), ("scopeId", ctypes.c_uint32),
+                ("timestamp", ctypes.c_int64), ("latencyUsec", ctypes.c_int64),
+                ("valueType", ctypes.c_uint), ("nvmlReturn", ctypes.c_uint),
+                ("value", c_nvmlValue_t)]
+
+
+_ALL_LINKS = 0xFFFFFFFF  # UINT_MAX: "summed up across all links" (nvml.h)
+
+
+def nvmlDeviceGetFieldValues(handle: c_nvmlDevice_t, fieldIds: Any) -> Any:
+    """pynvml's shape: a ctypes array of c_nvmlFieldValue_t, one per id asked (an id, or a
+    ``(fieldId, scopeId)`` tuple), each with its own ``nvmlReturn``. The fake knows the
+    memory temperature and the NVLink data counters summed over all links."""
+    gpu = _gpu(handle, "nvmlDeviceGetFieldValues")
+    values = (c_nvmlFieldValue_t * len(fieldIds))()
+    for i, field_id in enumerate(fieldIds):
+        value = values[i]
+        try:
+            (value.fieldId, value.scopeId) = field_id
+        except TypeError:
+            value.fieldId = field_id
+        value.timestamp = int(time.time() * 1e6)
+        known = {NVML_FI_DEV_MEMORY_TEMP: ("memory_temperature", NVML_VALUE_TYPE_UNSIGNED_INT,
+                                           "uiVal")}
+        if value.scopeId == _ALL_LINKS:  # the fake models the sum over links only
+            known[NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX] = (
+                "nvlink_tx_kib", NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal")
+            known[NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX] = (
+                "nvlink_rx_kib", NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal")
+        if value.fieldId not in known:
+            value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            continue
+        attribute, kind, member = known[value.fieldId]
+        reading = _next(getattr(gpu, attribute))
+        if reading is None:
+            value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            continue
+        value.valueType = kind
+        setattr(value.value, member, int(reading))
+        value.nvmlReturn = NVML_SUCCESS
+    return values
+
+
+# ---------------------------------------------------------------------------
+# GPU Performance Monitoring (nvmlGpm*): two samples, then the metrics between them
+
+NVML_GPM_METRIC_GRAPHICS_UTIL = 1
+NVML_GPM_METRIC_SM_UTIL = 2
+NVML_GPM_METRIC_SM_OCCUPANCY = 3
+NVML_GPM_METRIC_ANY_TENSOR_UTIL = 5
+NVML_GPM_METRIC_DRAM_BW_UTIL = 10
+NVML_GPM_METRICS_GET_VERSION = 1
+NVML_GPM_SUPPORT_VERSION = 1
+_GPM_METRIC_MAX = 477  # pynvml's NVML_GPM_METRIC_MAX, which grows with its versions
+_GPM_NAMES = {value: name.removeprefix("NVML_GPM_METRIC_")
+              for name, value in list(globals().items()) if name.startswith("NVML_GPM_METRIC_")}
+
+
+class struct_c_nvmlGpmSample_t(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint)]  # opaque in pynvml; the fake's id for its records
+
+
+c_nvmlGpmSample_t = ctypes.POINTER(struct_c_nvmlGpmSample_t)
+
+
+class c_metricInfo_t(ctypes.Structure):
+    _fields_ = [("shortName", ctypes.c_char_p), ("longName", ctypes.c_char_p),
+                ("unit", ctypes.c_char_p)]
+
+
+class c_nvmlGpmMetric_t(ctypes.Structure):
+    _fields_ = [("metricId", ctypes.c_uint), ("nvmlReturn", ctypes.c_uint),
+                ("value", ctypes.c_double), ("metricInfo", c_metricInfo_t)]
+
+
+class c_nvmlGpmMetricsGet_t(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint), ("numMetrics", ctypes.c_uint),
+                ("sample1", c_nvmlGpmSample_t), ("sample2", c_nvmlGpmSample_t),
+                ("metrics", c_nvmlGpmMetric_t * _GPM_METRIC_MAX)]
+
+
+class c_nvmlGpmSupport_t(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint), ("isSupportedDevice", ctypes.c_uint)]
+
+
+def nvmlGpmQueryDeviceSupport(device: c_nvmlDevice_t) -> c_nvmlGpmSupport_t:
+    gpu = _gpu(device, "nvmlGpmQueryDeviceSupport")
+    return c_nvmlGpmSupport_t(NVML_GPM_SUPPORT_VERSION, int(gpu.gpm is not None))
+
+
+def nvmlGpmSampleAlloc() -> Any:
+    machine.calls["nvmlGpmSampleAlloc"] += 1
+    _initialised("nvmlGpmSampleAlloc")
+    sample_id = max(machine.gpm_samples, default=0) + 1
+    machine.gpm_samples[sample_id] = None
+    return c_nvmlGpmSample_t(struct_c_nvmlGpmSample_t(sample_id))
+
+
+def _gpm_sample_id(sample: Any) -> int:
+    if not sample or sample.contents.id not in machine.gpm_samples:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)  # freed, or never allocated
+    return int(sample.contents.id)
+
+
+def nvmlGpmSampleGet(device: c_nvmlDevice_t, gpmSample: Any) -> Any:
+    """Records where the GPU's activity counters are now: each metric's percent (the next
+    of its timeline) counts for one tick since the previous sample of this GPU."""
+    gpu = _gpu(device, "nvmlGpmSampleGet")
+    sample_id = _gpm_sample_id(gpmSample)
+    if gpu.gpm is None:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    gpu.gpm_ticks += 1
+    for name, percent in gpu.gpm.items():
+        gpu.gpm_active[name] = gpu.gpm_active.get(name, 0.0) + float(_next(percent))
+    machine.gpm_samples[sample_id] = (device.index, gpu.gpm_ticks, dict(gpu.gpm_active))
+    return gpmSample
+
+
+def nvmlGpmMetricsGet(metricsGet: c_nvmlGpmMetricsGet_t) -> c_nvmlGpmMetricsGet_t:
+    machine.calls["nvmlGpmMetricsGet"] += 1
+    _initialised("nvmlGpmMetricsGet")
+    if metricsGet.version != NVML_GPM_METRICS_GET_VERSION or \
+            not 0 < metricsGet.numMetrics <= _GPM_METRIC_MAX:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    first = machine.gpm_samples[_gpm_sample_id(metricsGet.sample1)]
+    second = machine.gpm_samples[_gpm_sample_id(metricsGet.sample2)]
+    if first is None or second is None or first[0] != second[0] or first[1] == second[1]:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)  # not taken, two GPUs, or the same one
+    gpu = machine.gpus[second[0]]
+    if gpu.lost:
+        raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+    ticks = second[1] - first[1]
+    for i in range(metricsGet.numMetrics):
+        metric = metricsGet.metrics[i]
+        name = _GPM_NAMES.get(metric.metricId)
+        if name is None or name not in second[2]:
+            metric.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            continue
+        metric.value = (second[2][name] - first[2].get(name, 0.0)) / ticks
+        metric.nvmlReturn = NVML_SUCCESS
+    return metricsGet
+
+
+def nvmlGpmSampleFree(gpmSample: Any) -> None:
+    _initialised("nvmlGpmSampleFree")
+    del machine.gpm_samples[_gpm_sample_id(gpmSample)]
+
+
+# ---------------------------------------------------------------------------
+# the event API (XIDs)
+#
+# As pynvml has it: nvmlEventSetCreate, nvmlDeviceGetSupportedEventTypes,
+# nvmlDeviceRegisterEvents (NOT_SUPPORTED for a type the GPU does not report),
+# nvmlEventSetWait_v2(set, timeoutms), which blocks up to the timeout and then raises
+# NVMLError(NVML_ERROR_TIMEOUT), GPU_IS_LOST while a GPU registered in the set is lost,
+# and a registered GPU's ``errors["nvmlEventSetWait_v2"]``; nvmlEventSetFree. An event's
+# ``device`` is the handle that was registered, as NVML gives it back.
+#
+# A test feeds XIDs in with ``inject_xid(index, xid)`` (in-process) or by appending
+# "INDEX XID" lines to FAKE_NVML_XID_FILE (from another process). An XID reaches every
+# set that has its GPU registered for XID events, once; one that no set listens for is
+# lost, as on a real node (a line of the file waits until a set of this process listens).
+
+nvmlEventTypeSingleBitEccError = 0x0000000000000001
+nvmlEventTypeDoubleBitEccError = 0x0000000000000002
+nvmlEventTypePState = 0x0000000000000004
+nvmlEventTypeXidCriticalError = 0x0000000000000008
+nvmlEventTypeClock = 0x0000000000000010
+nvmlEventTypePowerSourceChange = 0x0000000000000080
+nvmlEventMigConfigChange = 0x0000000000000100
+nvmlEventTypeNone = 0x0000000000000000
+
+
+class c_nvmlEventSet_t:
+    """An event set: the GPUs registered in it (index -> (handle, event mask)) and the
+    events waiting to be taken."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, tuple[c_nvmlDevice_t, int]] = {}
+        self.pending: list[tuple[int, int, int]] = []  # (index, event type, data)
+        self.freed = False
+
+
+class c_nvmlEventData_t:
+    def __init__(self, device: c_nvmlDevice_t, eventType: int, eventData: int) -> None:
+        self.device = device
+        self.eventType = eventType
+        self.eventData = eventData
+        self.gpuInstanceId = 0xFFFFFFFF
+        self.computeInstanceId = 0xFFFFFFFF
+
+
+_events = threading.Condition()
+event_sets: list[c_nvmlEventSet_t] = []  # the live ones (not freed), for tests to look at
+_xid_file_offset = 0
+
+
+def _live(eventSet: c_nvmlEventSet_t) -> None:
+    if not isinstance(eventSet, c_nvmlEventSet_t) or eventSet.freed:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+
+
+def xid_listeners(index: int) -> int:
+    """How many live sets take GPU ``index``'s XIDs now."""
+    with _events:
+        return sum(1 for s in event_sets
+                   if s.registered.get(index, (None, 0))[1] & nvmlEventTypeXidCriticalError)
+
+
+def inject_xid(index: int, xid: int) -> int:
+    """The driver reports XID ``xid`` on GPU ``index``: to every set that listens for it;
+    how many did."""
+    with _events:
+        heard = _deliver(index, xid)
+        _events.notify_all()
+    return heard
+
+
+def _deliver(index: int, xid: int) -> int:
+    heard = 0
+    for s in event_sets:
+        if s.registered.get(index, (None, 0))[1] & nvmlEventTypeXidCriticalError:
+            s.pending.append((index, nvmlEventTypeXidCriticalError, xid))
+            heard += 1
+    return heard
+
+
+def _take_xid_file() -> None:
+    """New "INDEX XID" lines of FAKE_NVML_XID_FILE, each delivered once, in order; a line
+    for a GPU no set listens to yet waits (under ``_events``)."""
+    global _xid_file_offset  # noqa: PLW0603 - the fake driver's read position
+    name = os.environ.get("FAKE_NVML_XID_FILE")
+    if not name:
+        return
+    try:
+        data = Path(name).read_bytes()[_xid_file_offset:]
+    except FileNotFoundError:
+        return
+    while b"\n" in data:
+        line, data = data.split(b"\n", 1)
+        fields = line.split()
+        if (len(fields) == 2 and all(f.isdigit() for f in fields)
+                and not _deliver(int(fields[0]), int(fields[1]))):
+            return
+        _xid_file_offset += len(line) + 1
+
+
+def nvmlEventSetCreate() -> c_nvmlEventSet_t:
+    _initialised("nvmlEventSetCreate")
+    created = c_nvmlEventSet_t()
+    with _events:
+        event_sets.append(created)
+    return created
+
+
+def nvmlDeviceGetSupportedEventTypes(handle: c_nvmlDevice_t) -> int:
+    return int(_gpu(handle, "nvmlDeviceGetSupportedEventTypes").read("supported_event_types"))
+
+
+def nvmlDeviceRegisterEvents(handle: c_nvmlDevice_t, eventTypes: int,
+                             eventSet: c_nvmlEventSet_t) -> None:
+    gpu = _gpu(handle, "nvmlDeviceRegisterEvents")
+    _live(eventSet)
+    supported = gpu.read("supported_event_types")
+    if eventTypes & ~int(supported):
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    with _events:
+        _, mask = eventSet.registered.get(handle.index, (handle, 0))
+        eventSet.registered[handle.index] = (handle, mask | eventTypes)
+
+
+def nvmlEventSetWait_v2(eventSet: c_nvmlEventSet_t, timeoutms: int) -> c_nvmlEventData_t:
+    _initialised("nvmlEventSetWait_v2")
+    _live(eventSet)
+    deadline = time.monotonic() + timeoutms / 1000
+    with _events:
+        while True:
+            for index in eventSet.registered:
+                gpu = machine.gpus[index] if index < len(machine.gpus) else None
+                if gpu is None or gpu.lost:
+                    raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+                if "nvmlEventSetWait_v2" in gpu.errors:
+                    raise NVMLError(gpu.errors["nvmlEventSetWait_v2"])
+            _take_xid_file()
+            if eventSet.pending:
+                index, kind, data = eventSet.pending.pop(0)
+                return c_nvmlEventData_t(eventSet.registered[index][0], kind, data)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NVMLError(NVML_ERROR_TIMEOUT)
+            # the file is looked at every 50 ms; inject_xid wakes the wait at once
+            _events.wait(min(left, 0.05) if os.environ.get("FAKE_NVML_XID_FILE") else left)
+
+
+def nvmlEventSetWait(eventSet: c_nvmlEventSet_t, timeoutms: int) -> c_nvmlEventData_t:
+    return nvmlEventSetWait_v2(eventSet, timeoutms)
+
+
+def nvmlEventSetFree(eventSet: c_nvmlEventSet_t) -> None:
+    _initialised("nvmlEventSetFree")
+    with _events:
+        _live(eventSet)
+        eventSet.freed = True
+        event_sets.remove(eventSet)
