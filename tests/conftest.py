@@ -76,6 +76,11 @@ def _no_swap_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     tmp = request.getfixturevalue("tmp_path")
     yield
+    swapoff_under(tmp)
+
+
+def swapoff_under(tmp: Path) -> None:
+    """Swap areas under ``tmp`` swapped off (an agent the test started turned them on)."""
     if not Path("/proc/swaps").exists():
         return
     for line in Path("/proc/swaps").read_text().splitlines()[1:]:

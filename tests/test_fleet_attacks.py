@@ -817,6 +817,18 @@ HOSTILE_ANSWERS: list[bytes] = [
 ]
 
 
+def _one_clear_line(tmp: Path, command: list[str], body: bytes, url: str) -> None:
+    """`clusterctl COMMAND` against a control plane answering ``body``: it succeeds, or
+    fails with one `clusterctl: ` line; never a traceback, never an escape sequence."""
+    code, out, err, escaped = _cli(tmp, *command, "--server", url)
+    what = (command, body[:60])
+    assert escaped is None, (what, repr(escaped))
+    if code != 0:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("clusterctl: "), (what, err)
+    assert "Traceback" not in out + err and "\x1b" not in out, what
+
+
 def test_operator_commands_give_one_clear_error_on_any_answer(tmp_path: Path) -> None:
     answers = _Answer()
     try:
@@ -825,26 +837,14 @@ def test_operator_commands_give_one_clear_error_on_any_answer(tmp_path: Path) ->
             for command in (["fleet", "targets"], ["fleet", "show", "n1"],
                             ["fleet", "nodes"],
                             ["fleet", "targets", "--output", str(tmp_path / "t.json")]):
-                code, out, err, escaped = _cli(tmp_path, *command, "--server", answers.url)
-                what = (command, body[:60])
-                assert escaped is None, (what, repr(escaped))
-                if code != 0:
-                    lines = err.strip().splitlines()
-                    assert len(lines) == 1 and lines[0].startswith("clusterctl: "), (what, err)
-                assert "Traceback" not in out + err, what
+                _one_clear_line(tmp_path, command, body, answers.url)
                 assert not (tmp_path / "t.json").exists() or \
-                    json.loads((tmp_path / "t.json").read_text()) == [], what
+                    json.loads((tmp_path / "t.json").read_text()) == [], (command, body[:60])
         for body in HOSTILE_ANSWERS:  # the other commands: each answer, every command
             answers.body = body
             for command in (["fleet", "events", "n1"], ["fleet", "stats"],
                             ["fleet", "hibernate", "n1"], ["fleet", "wake", "n1"]):
-                code, out, err, escaped = _cli(tmp_path, *command, "--server", answers.url)
-                what = (command, body[:60])
-                assert escaped is None, (what, repr(escaped))
-                if code != 0:
-                    lines = err.strip().splitlines()
-                    assert len(lines) == 1 and lines[0].startswith("clusterctl: "), (what, err)
-                assert "Traceback" not in out + err and "\x1b" not in out, what
+                _one_clear_line(tmp_path, command, body, answers.url)
     finally:
         answers.close()
 

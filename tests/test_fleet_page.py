@@ -32,6 +32,7 @@ from tests.browser import (
     unavailable,
     wait_for,
 )
+from tests.conftest import swapoff_under
 from tests.fakes.control_plane import free_port
 from tests.fleet import ADMIN, FleetServer, agent_conf, event, heartbeat, stop_process
 from tests.test_fleet_agent import agent_process
@@ -59,16 +60,6 @@ class Setup:
 
     def log(self) -> str:
         return (self.tmp / "agent.log").read_text(errors="replace")[-3000:]
-
-
-def _swapoff_under(tmp: Path) -> None:
-    """Swap the agent turned on under ``tmp`` (memory pressure on this machine)."""
-    if not Path("/proc/swaps").exists():
-        return
-    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
-        path = line.split()[0].replace("\\040", " ")
-        if path.startswith(f"{tmp}/"):
-            subprocess.run(["swapoff", path], check=False, capture_output=True)
 
 
 def _summary(srv: FleetServer, instance_id: str) -> dict[str, Any] | None:
@@ -119,7 +110,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     finally:
         for server in servers:
             server.stop()
-        _swapoff_under(tmp)
+        swapoff_under(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
