@@ -127,6 +127,13 @@ class Exposition:
         return False
 
 
+def sample_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The labels and value of every sample named ``name`` in a /metrics text."""
+    return [(dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
 def http_get(url: str, *, token: str | None = None, timeout_s: float = 10) -> tuple[int, str]:
     request = urllib.request.Request(url)
     if token is not None:

@@ -2,14 +2,18 @@
 firing and a silent case for every alert), the example scrape config is valid, and a real
 Prometheus loaded with them scrapes a real agent (fake NVML) and a real control plane:
 both targets up, the rules healthy, every metric the Grafana dashboard and the rules read
-exported and with a series, every dashboard panel with data, and a node's failed
-hibernation firing its alert."""
+exported and with a series, every dashboard panel with data, a node's failed hibernation
+firing its alert, and the agent's GPU (with GPM, an energy counter and XIDs fed through the
+fake driver's event API) shown as it is: an application fault counted and not alarming, a
+fatal XID firing ClusterctlGpuFatalXid. The XID codes the rules match are checked against
+the agent's own sets (clusterctl.gpu.xid)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
+import os
 import re
 import shutil
 import socket
@@ -22,8 +26,10 @@ from typing import Any
 
 import pytest
 
+from clusterctl.gpu.xid import APPLICATION, FATAL
+from tests.conftest import FAKE_NVML_DIR
 from tests.fakes.control_plane import free_port
-from tests.fleet import ADMIN, FleetServer, agent_conf, event, heartbeat
+from tests.fleet import ADMIN, IDLE_H100, FleetServer, agent_conf, event, heartbeat, stop_process
 from tests.prometheus import (
     DASHBOARD,
     RULE_TESTS,
@@ -38,13 +44,16 @@ from tests.prometheus import (
     load_yaml,
     metric_names,
     promtool,
+    sample_values,
 )
-from tests.test_fleet_agent import agent_process, wait_for
+from tests.test_fleet_agent import wait_for
 
 AGENT_JOB, FLEET_JOB = "clusterctl-agent", "clusterctl-fleet"
 NODE, SCRIPTED = "gpu-node-1", "gpu-node-2"
 NAMES_THE_NODE = re.compile(r"\$labels\.(hostname|Hostname|instance_id|instance)\b")
 SAYS_WHAT_TO_DO = re.compile(r"`(clusterctl|systemctl|journalctl) [^`]+`")
+XID_COUNTER = "clusterctl_gpu_xid_errors_total"
+XID_SELECTOR = re.compile(XID_COUNTER + r'\{xid=~"([^"]*)"\}')
 
 
 def dashboard() -> dict[str, Any]:
@@ -130,6 +139,39 @@ def test_a_broken_alert_expression_fails_its_unit_test(tmp_path: Path) -> None:
     assert done.returncode != 0 and "ClusterctlNodeLost" in done.stdout + done.stderr
 
 
+def xid_codes(expr: str) -> set[int]:
+    """The XID codes an expression's XID counter selectors match, as Prometheus matches a
+    label regex (anchored at both ends). Every selector of the counter must carry the same
+    ``xid=~`` regex."""
+    regexes = XID_SELECTOR.findall(expr)
+    assert len(regexes) == expr.count(XID_COUNTER), f"a selector without xid=~: {expr}"
+    assert len(set(regexes)) == 1, f"selectors with different xid regexes: {regexes}"
+    return {code for code in range(1024) if re.fullmatch(regexes[0], str(code))}
+
+
+def test_the_fatal_xid_alert_matches_the_agents_fatal_set() -> None:
+    """The codes that fire ClusterctlGpuFatalXid are the ones that make the agent's /healthz
+    503 (clusterctl.gpu.xid.FATAL), read from the code, not copied."""
+    assert xid_codes(alert_rules()["ClusterctlGpuFatalXid"]["expr"]) == set(FATAL)
+
+
+def test_the_xid_storm_counts_the_agents_application_faults() -> None:
+    rule = alert_rules()["ClusterctlGpuXidStorm"]
+    assert xid_codes(rule["expr"]) == set(APPLICATION)
+    listed = ", ".join(str(code) for code in sorted(APPLICATION))
+    assert f"({listed})" in rule["annotations"]["description"]
+
+
+def test_the_xid_set_check_finds_a_drift() -> None:
+    expr = alert_rules()["ClusterctlGpuFatalXid"]["expr"]
+    assert xid_codes(expr.replace("|120", "")) == set(FATAL) - {120}
+    assert xid_codes(expr.replace("|120", "|120|13")) == set(FATAL) | {13}
+    with pytest.raises(AssertionError, match="different xid regexes"):
+        xid_codes(expr.replace("|120", "", 1))
+    with pytest.raises(AssertionError, match="without xid"):
+        xid_codes(f"{expr} or {XID_COUNTER}")
+
+
 # -- the scrape config ------------------------------------------------------------------
 
 
@@ -197,7 +239,34 @@ def test_the_dashboard_takes_its_data_source_as_a_variable() -> None:
             assert target["datasource"] == wanted, panel["title"]
     assert len(ids) == len(set(ids)), "two panels share an id"
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Fleet", "Node $Hostname"]
+    assert rows == ["Fleet", "Node $Hostname", "Health and energy"]
+
+
+def test_the_health_and_energy_row_shows_the_node_and_the_fleet_its_energy() -> None:
+    """The node's XIDs, energy busy and idle, idle power, GPM activity and PCIe replays;
+    the fleet's energy rate summed over the nodes."""
+    board = dashboard()
+    row = next(i for i, p in enumerate(board["panels"]) if p["title"] == "Health and energy")
+    reads = {p["title"]: names_read([t["expr"] for t in p["targets"]])
+             for p in board["panels"][row + 1:]}
+    assert reads == {
+        "XIDs by code": {XID_COUNTER},
+        "Energy, busy and idle": {"clusterctl_gpu_energy_joules_total"},
+        "Idle power": {"clusterctl_gpu_idle_power_watts"},
+        "Graphics engine active (GPM)": {"DCGM_FI_PROF_GR_ENGINE_ACTIVE"},
+        "Tensor core utilization (GPM)": {"DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"},
+        "PCIe replays": {"DCGM_FI_DEV_PCIE_REPLAY_COUNTER"}}
+    for panel in board["panels"][row + 1:]:
+        assert all('Hostname="$Hostname"' in t["expr"] for t in panel["targets"]), panel["title"]
+    gpm = [p for p in board["panels"] if p["title"].endswith("(GPM)")]
+    for panel in gpm:  # fractions, drawn as dcgm-exporter's dashboard draws them
+        defaults = panel["fieldConfig"]["defaults"]
+        assert (defaults["unit"], defaults["min"], defaults["max"]) == ("percentunit", 0, 1)
+    node_row = next(i for i, p in enumerate(board["panels"]) if p["title"] == "Node $Hostname")
+    fleet_energy = [t["expr"] for p in board["panels"][:node_row] for t in p.get("targets", [])
+                    if "clusterctl_gpu_energy_joules_total" in t["expr"]]
+    assert fleet_energy == [
+        "sum by (state) (rate(clusterctl_gpu_energy_joules_total[$__rate_interval]))"]
 
 
 # -- a real Prometheus, agent and control plane ----------------------------------------------
@@ -210,6 +279,46 @@ class Live:
     agent_port: int
     hostname: str
     scrapes: list[Exposition]  # the agent's /metrics and the control plane's, fetched here
+    xid_file: Path  # "INDEX XID" lines the fake driver reports (FAKE_NVML_XID_FILE)
+
+    def feed_xid(self, index: int, xid: int) -> None:
+        with self.xid_file.open("a", encoding="utf-8") as out:
+            out.write(f"{index} {xid}\n")
+
+    def fed_xids(self) -> list[int]:
+        text = self.xid_file.read_text(encoding="utf-8") if self.xid_file.exists() else ""
+        return [int(line.split()[1]) for line in text.splitlines()]
+
+
+# The agent's GPU: the idle H100 of the fleet tests, with GPM (a Hopper: percent busy
+# between two GPM samples, by NVML_GPM_METRIC_ name) and an energy counter that rises
+# 35 J a read: 70 W at the agent's 0.5 s sampling, for half an hour of samples.
+GPM_PERCENT = {"GRAPHICS_UTIL": 40, "ANY_TENSOR_UTIL": 25, "SM_UTIL": 30, "SM_OCCUPANCY": 20,
+               "DRAM_BW_UTIL": 10}
+AGENT_GPU = {**IDLE_H100, "gpm": GPM_PERCENT,
+             "energy_mj": [1_000_000 + 35_000 * i for i in range(3600)]}
+APP_FAULT, FATAL_XID = 13, 79
+
+
+@contextlib.contextmanager
+def kit_agent(conf: Path, tmp: Path, xid_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`clusterctl agent run` on the fake NVML with AGENT_GPU, XIDs fed through xid_file."""
+    scenario = tmp / "kit-gpu.json"
+    scenario.write_text(json.dumps({"gpus": [AGENT_GPU]}), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CLUSTERCTL_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAKE_NVML_DIR),
+                                                    env.get("PYTHONPATH", "")) if p)
+    env["FAKE_NVML_SCENARIO"] = str(scenario)
+    env["FAKE_NVML_XID_FILE"] = str(xid_file)
+    with (tmp / "agent.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "agent", "run", "--config",
+                                 str(conf), "-v"], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    try:
+        yield proc
+    finally:
+        stop_process(proc)
 
 
 def scrape(url: str, token: str | None = None) -> str:
@@ -283,7 +392,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         stack.callback(srv.stop)
         agent_port = free_port()
         conf = agent_conf(tmp, srv.url, port=agent_port)
-        stack.enter_context(agent_process(conf, tmp))
+        xid_file = tmp / "xids"
+        stack.enter_context(kit_agent(conf, tmp, xid_file))
         agent_metrics = f"http://127.0.0.1:{agent_port}/metrics"
 
         def heartbeat_acknowledged() -> bool:
@@ -292,6 +402,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             return False
 
         wait_for("the agent's first acknowledged heartbeat", heartbeat_acknowledged, 60, tmp)
+        # an application fault: the XID counter's series is made at a GPU's first XID
+        xid_file.write_text(f"0 {APP_FAULT}\n", encoding="utf-8")
+
+        def gpu_health_and_energy_exported() -> bool:
+            text = scrape(agent_metrics)
+            return all(sample_values(text, name) for name in (
+                XID_COUNTER, "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "clusterctl_gpu_idle_power_watts"))
+
+        wait_for("the XID, GPM and idle power series", gpu_health_and_energy_exported, 15, tmp)
         scripted_node(srv)
         nodes_file = tmp / "clusterctl-nodes.json"
         write_targets(conf, srv, agent_port, nodes_file)
@@ -300,7 +419,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         prometheus = Prometheus(prometheus_config(nodes_file, srv.tmp / "admin-token",
                                                   f"127.0.0.1:{srv.port}"))
         stack.enter_context(prometheus)
-        yield Live(prometheus, srv, agent_port, socket.gethostname(), scrapes)
+        yield Live(prometheus, srv, agent_port, socket.gethostname(), scrapes, xid_file)
 
 
 @pytest.mark.integration
@@ -390,7 +509,9 @@ def test_a_failed_hibernation_fires_its_alert_naming_the_node(live: Live) -> Non
     """The scripted node's one hibernate_failed event: the alert fires at once (a series
     born at 1 has no increase), for that node only; the healthy agent fires nothing."""
     def firing() -> list[dict[str, Any]]:
-        return [a for a in live.prometheus.alerts() if a["state"] == "firing"]
+        return [a for a in live.prometheus.alerts() if a["state"] == "firing"
+                and not (a["labels"]["alertname"] == "ClusterctlGpuFatalXid"
+                         and FATAL_XID in live.fed_xids())]  # the test below feeds one
 
     alerts = live.prometheus.wait_for("ClusterctlHibernationFailed", firing, 30)
     assert [(a["labels"]["alertname"], a["labels"]["instance_id"]) for a in alerts] == [
@@ -398,3 +519,70 @@ def test_a_failed_hibernation_fires_its_alert_naming_the_node(live: Live) -> Non
     assert alerts[0]["annotations"]["summary"] == (
         f"Node {SCRIPTED} ({SCRIPTED}) failed to hibernate")
     assert f"clusterctl fleet events {SCRIPTED}" in alerts[0]["annotations"]["description"]
+
+
+def instant(prometheus: Prometheus, expr: str) -> dict[str, float]:
+    """An instant query's values, by the series' labels (without __name__) as k=v,..."""
+    return {",".join(f"{k}={v}" for k, v in sorted(r["metric"].items()) if k != "__name__"):
+            float(r["value"][1]) for r in prometheus.query(expr)}
+
+
+@pytest.mark.integration
+def test_the_gpus_health_and_energy_reach_prometheus_as_the_agent_saw_them(live: Live) -> None:
+    """What the Health and energy row draws, as someone reading it would: the one XID 13
+    counted under its code (and as the last code), GPM activity as the fractions the GPU
+    reported, and an idle GPU's energy all idle, at a draw above zero; the fleet panel sums
+    the same."""
+    prometheus, node = live.prometheus, f'Hostname="{live.hostname}"'
+
+    def values(expr: str) -> float | None:
+        found = instant(prometheus, expr)
+        return next(iter(found.values())) if len(found) == 1 else None
+
+    def energy_measured() -> dict[str, float]:
+        by_state = instant(prometheus, f"sum by (state) (rate(clusterctl_gpu_energy_joules_total"
+                                       f"{{{node}}}[30s]))")
+        return by_state if by_state.get("state=idle", 0) > 0 else {}
+
+    by_state = prometheus.wait_for("an idle energy rate", energy_measured, 15)
+    assert by_state["state=busy"] == 0  # the GPU is at 1 %: idle all along
+    assert 0 < by_state["state=idle"] <= 75  # 35 J a sample, a sample every 0.5 s or more
+    fleet = instant(prometheus, "sum by (state) (rate(clusterctl_gpu_energy_joules_total[30s]))")
+    assert set(fleet) == {"state=busy", "state=idle"} and fleet["state=idle"] > 0
+    assert 0 < (values(f"clusterctl_gpu_idle_power_watts{{{node}}}") or 0) <= 75
+
+    xids = {labels.split("xid=")[1]: value for labels, value in
+            instant(prometheus, f"{XID_COUNTER}{{{node}}}").items()}
+    assert xids == {str(APP_FAULT): 1}
+    assert values(f"DCGM_FI_DEV_XID_ERRORS{{{node}}}") == APP_FAULT
+    assert values(f"DCGM_FI_PROF_GR_ENGINE_ACTIVE{{{node}}}") == 0.4
+    assert values(f"DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{{{node}}}") == 0.25
+    assert values(f"DCGM_FI_DEV_PCIE_REPLAY_COUNTER{{{node}}}") == 0
+    assert values(f"DCGM_FI_DEV_ROW_REMAP_FAILURE{{{node}}}") == 0
+
+
+@pytest.mark.integration
+def test_a_fatal_xid_fires_its_alert_naming_the_gpu_the_code_and_the_fix(live: Live) -> None:
+    """XID 79 fed through the fake driver: ClusterctlGpuFatalXid fires for that GPU and code
+    at once (the application fault fed before fired nothing), and the /healthz its
+    description points to answers 503 naming the XID."""
+    live.feed_xid(0, FATAL_XID)
+
+    def fatal() -> list[dict[str, Any]]:
+        return [a for a in live.prometheus.alerts() if a["state"] == "firing"
+                and a["labels"]["alertname"] == "ClusterctlGpuFatalXid"]
+
+    alerts = live.prometheus.wait_for("ClusterctlGpuFatalXid", fatal, 15)
+    assert len(alerts) == 1, alerts
+    labels, notes = alerts[0]["labels"], alerts[0]["annotations"]
+    assert (labels["severity"], labels["gpu"], labels["xid"], labels["instance_id"],
+            labels["Hostname"]) == ("critical", "0", str(FATAL_XID), NODE, live.hostname)
+    assert notes["summary"] == f"GPU 0 of {live.hostname} had fatal XID {FATAL_XID}"
+    assert "`clusterctl gpu clear-xid --gpu 0`" in notes["description"]
+    healthz = re.search(r"http://\S+/healthz", notes["description"])
+    assert healthz and healthz.group(0) == f"http://127.0.0.1:{live.agent_port}/healthz"
+    status, body = http_get(healthz.group(0))
+    assert status == 503 and f"fatal XID {FATAL_XID}" in body, (status, body)
+    firing = sorted((a["labels"]["alertname"], a["labels"].get("instance_id"))
+                    for a in live.prometheus.alerts() if a["state"] == "firing")
+    assert firing == [("ClusterctlGpuFatalXid", NODE), ("ClusterctlHibernationFailed", SCRIPTED)]
