@@ -13,9 +13,11 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,8 +27,9 @@ import pytest
 from clusterctl.agent.service import Agent
 from clusterctl.gpu import energy, energy_store
 from clusterctl.host.nvml import COUNTERS_EVERY_S, GpuSample, GpuSnapshot, Nvml
-from tests.conftest import H100, load_fake_nvml, quiet_host
-from tests.fleet import FleetServer, heartbeat
+from tests.conftest import H100, load_fake_nvml, quiet_host, wait_until
+from tests.fleet import ADMIN, FleetServer, heartbeat
+from tests.prometheus import tool
 from tests.test_agent import Node, Ticker
 
 KIB = 2**10
@@ -478,3 +481,145 @@ def test_the_fleet_statistics_add_up_the_nodes_energy(tmp_path: Path) -> None:
         assert status == 200
         _, stats = srv.admin("GET", "/api/hibernation/stats")
         assert stats["idle_gpu_kwh"] == 3.5
+
+
+# -- attacks: a broken driver, a damaged file, hostile heartbeats (issue 18's review) ------
+
+
+@pytest.mark.parametrize("then_mj", [10**9 + 10**15, 10**9 - 5, -5, 2**64 - 1])
+def test_a_counter_that_jumps_or_goes_back_adds_no_energy_no_gpu_can_burn(then_mj: int
+                                                                           ) -> None:
+    """Samples 1 s apart: a broken driver's figure (10^15 mJ more, a few mJ back without a
+    restart, below zero, 2^64) would be megawatts or negative for that second; that
+    interval is not accounted, and the ones around it are."""
+    gpu = run([(0, sample(0, 10**9)), (1, sample(0, 10**9 + 70_000)),  # idle: 70 J
+               (2, sample(0, then_mj)),  # the broken figure
+               (3, sample(0, then_mj + 70_000))])  # and on from it: 70 J
+    assert (gpu.idle_j, gpu.busy_j) == (140.0, 0.0)
+    assert gpu.idle_power_w == 70.0
+
+
+def test_a_draw_no_gpu_has_is_not_integrated() -> None:
+    gpu = run([(0, sample(0, None, 70.0)), (1, sample(0, None, 70.0)),  # idle: 70 J
+               (2, sample(0, None, 4_294_967.295)),  # 2^32 - 1 mW
+               (3, sample(0, None, 70.0)), (4, sample(0, None, 70.0))])  # idle: 70 J
+    assert (gpu.idle_j, gpu.idle_power_w) == (140.0, 70.0)
+
+
+GOOD_ENERGY = {"key": "GPU-a", "index": 0, "busy_j": 1.0, "idle_j": 2.0, "busy_s": 1.0,
+               "idle_s": 2.0, "source": "counter", "total_mj": 5, "last_at": 3.0,
+               "last_power_w": 70.0}
+
+
+@pytest.mark.parametrize("damage", ['"index": Infinity', '"index": 1e400', '"busy_j": NaN',
+                                    '"idle_j": Infinity', '"idle_s": 1e400',
+                                    '"last_at": NaN', '"last_power_w": -Infinity'])
+def test_an_energy_file_with_numbers_no_ledger_holds_is_damaged_never_a_crash(
+        tmp_path: Path, damage: str) -> None:
+    """The agent starts (afresh, the file set aside) and `hibernate status` says "not
+    measured": never an OverflowError, never NaN in the API, heartbeats or /metrics."""
+    name = damage.split(":", 1)[0].strip('"')
+    text = json.dumps({"version": 1, "boot_id": "boot-1", "gpus": [GOOD_ENERGY]})
+    good = f'"{name}": {json.dumps(GOOD_ENERGY[name])}'
+    assert text.count(good) == 1
+    (tmp_path / energy_store.ENERGY_FILE).write_text(text.replace(good, damage))
+    assert energy_store.peek(tmp_path, "boot-1") is None  # hibernate status
+    keeper = energy_store.EnergyKeeper(tmp_path, failed=never, boot_id="boot-1")  # the agent
+    assert keeper.ledger.gpus == {}
+    assert list(tmp_path.glob(energy_store.ENERGY_FILE + ".corrupt-*"))
+
+
+SAMPLE_ATTRIBUTE = {"memory_temperature": "memory_temperature_c",
+                    "nvlink_tx_kib": "nvlink_tx_bytes", "nvlink_rx_kib": "nvlink_rx_bytes"}
+
+
+@pytest.mark.parametrize(("attribute", "value_type", "value"), [
+    ("memory_temperature", 0, float("nan")),  # NVML_VALUE_TYPE_DOUBLE
+    ("memory_temperature", 0, float("inf")),
+    ("nvlink_tx_kib", 0, float("nan")),
+    ("nvlink_rx_kib", 0, float("-inf")),
+    ("memory_temperature", 7, 45),  # NVML_VALUE_TYPE_COUNT: no type
+    ("memory_temperature", 255, 45),
+])
+def test_a_field_value_not_a_number_or_of_no_known_type_is_none_and_sampling_goes_on(
+        nv: ModuleType, attribute: str, value_type: int, value: float) -> None:
+    nvml = one(nv, **{"nvlink_tx_kib": 100, "nvlink_rx_kib": 50, "energy_mj": 5,
+                      "temperature": 41, attribute: value},
+               field_value_types={attribute: value_type})
+    for second in (0, 10, 40):  # the counters (NVLink) read twice
+        gpu = nvml.sample(now=1000.0 + second).gpus[0]
+        assert not gpu.lost and (gpu.temperature_c, gpu.energy_total_mj) == (41, 5)
+        assert getattr(gpu, SAMPLE_ATTRIBUTE[attribute]) is None
+        if attribute == "memory_temperature":  # the other fields as the driver gave them
+            assert gpu.nvlink_bytes_total == 150 * KIB
+        else:
+            assert gpu.memory_temperature_c == 45 and gpu.nvlink_bytes_total is None
+
+
+def test_a_live_scrape_with_every_field_xids_and_energy_is_valid_exposition(
+        tmp_path: Path, nv: ModuleType) -> None:
+    """promtool on /metrics as served, with GPM values a broken driver gives (NaN, inf,
+    negative, 10^9 %): every DCGM_FI_PROF_* within [0, 1]; XIDs 0, 999 and 2^63 too."""
+    nv.configure({"gpus": [
+        {**H100, "uuid": "GPU-0", "utilization_gpu": [0, 0, 80], "energy_mj": [0, 70_000, 10**6],
+         "encoder_utilization": 1, "decoder_utilization": 2, "memory_temperature": 50,
+         "pcie_replay_count": 3, "remapped_rows": (1, 0, 1, 1), "nvlink_tx_kib": 7,
+         "nvlink_rx_kib": 8, "gpm": {"GRAPHICS_UTIL": float("nan"), "ANY_TENSOR_UTIL": 1e9,
+                                     "SM_UTIL": -50, "SM_OCCUPANCY": float("inf"),
+                                     "DRAM_BW_UTIL": [100, 250, 30]}},
+        {**H100, "uuid": "GPU-1", "pci_bus_id": "00000000:1A:00.0", "energy_mj": None,
+         "power_draw_mw": 60_000, "gpm": {"GRAPHICS_UTIL": [0, 40, 120]}}]})
+    n = Node(tmp_path, nv)
+    agent = n.start()
+    try:
+        wait_until(lambda: nv.xid_listeners(0) and nv.xid_listeners(1))
+        for index, code in ((0, 0), (0, 999), (1, 2**63), (1, 13), (0, 79)):
+            nv.inject_xid(index, code)
+        wait_until(lambda: sum(g.count for g in agent.snapshot().xids.gpus) == 5)
+        wait_until(lambda: "DCGM_FI_PROF_DRAM_ACTIVE{" in n.get("/metrics")[1]
+                   and "clusterctl_gpu_xid_errors_total{" in n.get("/metrics")[1])
+        time.sleep(0.3)  # a few more samples
+        status, text = n.get("/metrics")
+    finally:
+        n.stop()
+    assert status == 200
+    checked = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
+                             capture_output=True, text=True, timeout=60, check=False)
+    complaints = {line.split(" ", 1)[1] for line in (checked.stdout + checked.stderr)
+                  .splitlines() if line.strip()}  # lint only, on dcgm-exporter's own names
+    assert complaints <= {"label names should be written in 'snake_case' not 'camelCase'",
+                          "metric name should not include type 'counter'"}, \
+        checked.stdout + checked.stderr
+    prof = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("DCGM_FI_PROF_")]
+    assert prof and all(0.0 <= v <= 1.0 for v in prof), prof
+    assert metric(text, "DCGM_FI_DEV_XID_ERRORS", 1) == 13.0  # the last
+    assert metric(text, "clusterctl_gpu_xid_errors_total", 1, xid=str(2**63)) == 1.0
+    assert metric(text, "clusterctl_gpu_xid_errors_total", 0, xid="0") == 1.0
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")]
+    assert all(math.isfinite(v) for v in values)
+
+
+def test_the_fleet_statistics_stay_finite_json_whatever_the_heartbeats_hold(
+        tmp_path: Path) -> None:
+    """NaN, Infinity, 1e308, negatives, strings, nesting and a node listing 4,000 GPUs:
+    stats_now counts what a GPU can have burned, in strict JSON, never a 500."""
+    hostile = [{"energy": {"idle_j": float("nan"), "busy_j": float("inf")}},
+               {"energy": {"idle_j": 1e308, "busy_j": -3.6e6}},
+               {"energy": {"idle_j": "3.6e6", "busy_j": [3.6e6]}},
+               {"energy": {"idle_j": {"j": 1}, "busy_j": True}},
+               {"energy": [1, 2]}, {"energy": None}, [], 7]
+    many = [{"energy": {"idle_j": 3.6e6, "busy_j": 0}}] * 4000
+    with FleetServer(tmp_path, f"sqlite:///{tmp_path}/f.db") as srv:
+        for name, gpus in (("hostile", hostile), ("many", many),
+                           ("fine", [{"energy": {"idle_j": 7.2e6, "busy_j": 3.6e6}}])):
+            token = srv.enrol(name)
+            status, answer = srv.request("POST", "/api/agent/status",
+                                         heartbeat(name, gpus=0) | {"gpus": gpus}, token=token)
+            assert status == 200, answer
+        status, raw = srv.request("GET", "/api/hibernation/stats", token=ADMIN)
+    assert status == 200
+    stats = json.loads(json.dumps(raw), parse_constant=pytest.fail)  # strict JSON
+    assert stats["idle_gpu_kwh"] == 2.0 + energy.MAX_GPUS_COUNTED
+    assert stats["busy_gpu_kwh"] == 1.0

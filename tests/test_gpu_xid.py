@@ -25,10 +25,11 @@ import pytest
 from clusterctl.events.log import EventLog
 from clusterctl.gpu import placement, xid, xid_ledger
 from clusterctl.host.nvml import Nvml
-from clusterctl.host.nvml_events import XidEvent, XidWatcher
+from clusterctl.host.nvml_events import MAX_EVENTS_PER_WAIT, XidEvent, XidWatcher
 from clusterctl.system import statefile
 from tests.conftest import FAKE_NVML_DIR, H100, agent_config, load_fake_nvml, wait_until
 from tests.fakes.control_plane import free_port, running
+from tests.faults import fill, tmpfs
 from tests.fleet import stop_process
 from tests.test_agent import Node
 
@@ -556,3 +557,122 @@ def test_the_agent_snapshot_carries_xids_for_every_reader(
     assert snap.xids.watched == {0, 1, 2}
     assert list(snap.xids.unrecovered()) == ["GPU-2"]
     assert snap.gpu_metrics["gpus"][2]["xid"] == {"last": 74, "count": 1}
+
+
+# -- attacks: a broken driver, a full disk, a damaged file (issue 18's review) -----------
+
+
+def test_a_full_disk_holds_the_fatal_xid_and_says_so_once_until_the_file_is_written(
+        node: Callable[..., Node], nv: ModuleType, caplog: pytest.LogCaptureFixture) -> None:
+    """gpu-xid.json cannot be written (its state dir full): the agent holds the XID all the
+    same, counts every failed write and says it once; it never says "works again" while
+    the file still cannot be written, whatever the XID thread's waits do meanwhile."""
+    n = node()
+    with tmpfs(n.state, 512 * 1024):
+        agent = n.make()  # driven step by step
+        agent.gpu_step(time.monotonic())
+        agent.xid_step(0.05)  # registers
+        filler = fill(n.state)
+        caplog.set_level(logging.INFO, "clusterctl")
+        nv.inject_xid(0, 79)
+        assert [e.xid for e in agent.xid_step(1)] == [79]
+        for _ in range(4):
+            agent.gpu_step(time.monotonic())
+            agent.xid_step(0.05)
+        said = [r.getMessage() for r in caplog.records]
+        assert [m for m in said if "XID" in m and m.endswith("works again")] == []
+        assert len([m for m in said if "gpu-xid.json" in m and "No space left" in m]) == 1
+        assert agent.loop_errors["xid_file"] >= 5  # each failed write counted
+        assert list(agent.snapshot().xids.unrecovered()) == ["GPU-0"]  # /healthz: 503
+        with pytest.raises(placement.NoFit):
+            agent.place("llm", 1024, 0)
+        filler.unlink()
+        agent.gpu_step(time.monotonic())
+        assert list(xid_ledger.load(n.state)) == ["GPU-0"]  # for placements without it
+        said = [r.getMessage() for r in caplog.records]
+        assert len([m for m in said if "XID" in m and m.endswith("works again")]) == 1
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+@pytest.mark.parametrize("entry", [
+    '{"index": Infinity, "uuid": "GPU-0", "xid": 79, "at": 1700000000.0}',
+    '{"index": 0, "uuid": "GPU-0", "xid": 1e400, "at": 1700000000.0}',
+    '{"index": 0, "uuid": "GPU-0", "xid": 79, "at": NaN}',
+    '{"index": 0, "uuid": "GPU-0", "xid": 79, "at": 1e300}',
+])
+def test_a_fatal_xid_file_with_numbers_no_xid_has_is_damaged_never_a_crash(
+        node: Callable[..., Node], nv: ModuleType, entry: str) -> None:
+    """Placement, clear-xid and the agent (/healthz) each take it as damaged: no
+    traceback, no 500, no GPU held by a figure nothing wrote."""
+    n = node()
+    n.state.mkdir(parents=True)
+    path = n.state / xid_ledger.FILE_NAME
+    body = f'{{"version": 1, "boot_id": "{BOOT_ID}", "gpus": [{entry}]}}'
+    path.write_text(body)
+    placed = placement.place(n.state, n.tmp / "run", Nvml(module=nv).sample, "llm", 1024, 512,
+                             gpu_index=0, now=1)
+    assert placed.room.index == 0
+    done = clear_xid(n, "--gpu", "0")
+    assert (done.returncode, done.stdout) == (0, "GPU 0 has no unrecovered fatal XID: "
+                                                 "nothing to clear\n"), done.stderr
+    assert "Traceback" not in done.stderr
+    path.write_text(body)
+    n.start()
+    status, health = n.get("/healthz")
+    assert status == 200, health
+    assert not path.exists() and list(n.state.glob(xid_ledger.FILE_NAME + ".corrupt-*"))
+
+
+def test_an_endless_burst_from_a_gpu_no_longer_there_ends_the_wait(
+        nv: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver that hands event after event of a handle whose GPU is gone (NVML cannot
+    name it): each is left out, and the wait still comes back after one burst's worth."""
+    watcher = XidWatcher(Nvml(module=nv))
+    watcher.wait(0.05)
+    gone = nv.c_nvmlDevice_t(7)  # three GPUs: index 7 is no longer there
+    calls: list[int] = []
+
+    def storm(event_set: Any, timeout_ms: int) -> Any:
+        calls.append(timeout_ms)
+        if len(calls) > 20_000:  # a test's end to it: the driver's has none
+            raise nv.NVMLError(nv.NVML_ERROR_TIMEOUT)
+        return nv.c_nvmlEventData_t(gone, nv.nvmlEventTypeXidCriticalError, 79)
+
+    monkeypatch.setattr(nv, "nvmlEventSetWait_v2", storm)
+    assert watcher.wait(0.05) == []
+    assert len(calls) <= MAX_EVENTS_PER_WAIT
+
+
+@pytest.mark.parametrize("code", [0, 999, 2**63, 2**64 - 1])
+def test_an_xid_code_no_table_has_is_said_counted_and_not_fatal(
+        nv: ModuleType, code: int) -> None:
+    watcher = XidWatcher(Nvml(module=nv))
+    watcher.wait(0.05)
+    nv.inject_xid(1, code)
+    [event] = waited(watcher)
+    ledger = xid_ledger.XidLedger()
+    noted = ledger.note(event)
+    assert (event.index, event.xid, noted.info.fatal, noted.record) == (1, code, False, True)
+    assert xid.CATALOG in noted.info.action
+    assert ledger.unrecovered() == {}
+
+
+def test_a_wait_that_hangs_in_the_driver_does_not_hold_up_stopping(
+        node: Callable[..., Node], nv: ModuleType) -> None:
+    """NVML's own wait cannot be interrupted: a driver that holds it for seconds costs the
+    stop its join (XID_WAIT_S + 1) and close's 2 s, far within systemd's 30 s."""
+    n = node()
+    agent = n.start()
+    wait_until(registered(nv, 0, 1, 2))
+    thread = agent.loops["xid"]
+    nv.machine.gpus[0].delays_s["nvmlEventSetWait_v2"] = [5.0, 0.0]  # the next wait
+    time.sleep(0.8)  # the XID thread is in it
+    started = time.monotonic()
+    n.stop()
+    took = time.monotonic() - started
+    assert took < 6, f"stop took {took:.2f} s"
+    thread.join(10)  # the hung wait comes back, frees its set and ends
+    assert not thread.is_alive()
+    assert nv.event_sets == []

@@ -114,7 +114,8 @@ LOOPS = {"gpu": "GPU sampling", "hibernate": "idle detection",
          "textfile": "the metrics textfile", "metrics": "rendering /metrics",
          "delivery": "heartbeat/event delivery",
          "pressure": "the memory pressure trigger", "api": "the local API",
-         "main": "the main loop", "xid": "watching XID errors"}
+         "main": "the main loop", "xid": "watching XID errors",
+         "xid_file": "keeping the fatal XIDs in gpu-xid.json"}
 
 
 class Notifier:
@@ -402,8 +403,7 @@ class Agent:
             self._gpu_started = True
             self._guarded("gpu", self.monitor.restore)
         self._guarded("gpu", self._sample)  # a bad sample must not end monitoring
-        self._guarded("xid", self._xid_follow)  # before recovery: a clear, or a restart
-        self._guarded("xid", self._xid_recovery)
+        self._xid_file_step()
         self.progress.gpu_at = now
         self._guarded("metrics", self.metrics.refresh)  # before readers hear of the cycle
         self.first_cycle.set()
@@ -468,6 +468,20 @@ class Agent:
             "fatal": info.fatal, "meaning": info.meaning, "action": action,
             "count": noted.count})
 
+    def _xid_file_step(self) -> None:
+        """The GPU step's part of the XIDs: the file followed (before recovery: a clear, or a
+        restart), then recovery; their failures (a full disk) are counted and said once
+        under their own name, which works again only when both did (the XID thread's waits
+        going well say nothing of the file)."""
+        failures = self.loop_errors.get("xid_file", 0)
+        for part in (self._xid_follow, self._xid_recovery):
+            try:
+                part()
+            except Exception as err:  # counted and logged; the GPU step goes on
+                self.loop_failed("xid_file", err)
+        if self.loop_errors.get("xid_file", 0) == failures:
+            self.loop_ok("xid_file")
+
     def _xid_follow(self, *, write: bool = False) -> None:
         """gpu-xid.json and the ledger agree (see xid_ledger.FileSync): at the first GPU
         step this boot's fatal XIDs taken back from an earlier run; later, those an operator
@@ -498,7 +512,7 @@ class Agent:
         try:
             self._xid_follow(write=True)
         except Exception as err:  # a full disk: the agent's own placements still know
-            self.loop_failed("xid", err)
+            self.loop_failed("xid_file", err)
 
     def _xid_loop(self) -> None:
         """XIDs as they come, until stop (what an earlier run held against a GPU in this

@@ -12,7 +12,9 @@ The interval between two samples goes to the state of the later one: utilization
 what the GPU did over the last moments before it was read. An interval longer than
 ``max_gap_s`` (the agent stopped, the node slept, a hung driver) is not shared out:
 nobody watched whether the GPU was busy. A counter that went down (the driver was
-reloaded) restarted from zero: what it reads now is what was burned since.
+reloaded) restarted from zero: what it reads now is what was burned since. An interval
+whose energy no GPU can burn (below zero, or over MAX_POWER_W: a broken driver's counter
+that jumped or went back, a draw of megawatts) is not accounted either.
 
 ``idle_power_w`` is the mean draw while idle: the idle joules over the idle seconds.
 Times are ``time.monotonic()`` seconds: one clock for the whole boot, whichever
@@ -21,6 +23,7 @@ process keeps the ledger.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -116,15 +119,22 @@ def step(gpu: GpuEnergy, sample: GpuSample, at: float, threshold_percent: float,
     return replace(after, busy_j=gpu.busy_j + joules, busy_s=gpu.busy_s + dt)
 
 
+MAX_POWER_W = 10_000.0  # more than any GPU draws: energy beyond it over an interval is not
+
+
 def _joules(gpu: GpuEnergy, total_mj: int | None, power_w: float | None, dt: float
             ) -> float | None:
+    """The joules of one interval; None where a broken driver's figures (a counter that
+    jumped, went back without a restart, a draw no GPU has) cannot be a GPU's."""
     if total_mj is not None and gpu.total_mj is not None:
         spent = total_mj - gpu.total_mj
-        return (total_mj if spent < 0 else spent) / 1000  # < 0: the counter restarted
-    if power_w is None:
+        joules = (total_mj if spent < 0 else spent) / 1000  # < 0: the counter restarted
+    elif power_w is None:
         return None
-    before = power_w if gpu.last_power_w is None else gpu.last_power_w
-    return (power_w + before) / 2 * dt  # the trapezoid (a rectangle after a missed read)
+    else:
+        before = power_w if gpu.last_power_w is None else gpu.last_power_w
+        joules = (power_w + before) / 2 * dt  # the trapezoid (a rectangle after a missed read)
+    return joules if 0 <= joules <= MAX_POWER_W * dt else None
 
 
 def kwh(joules: float) -> float:
@@ -191,7 +201,7 @@ def from_dict(data: Mapping[str, Any]) -> EnergyLedger:
         source = item.get("source")
         if source not in (None, "counter", "power_integral"):
             raise ValueError(f"unknown energy source {source!r}")
-        gpu = GpuEnergy(key=str(item["key"]), index=int(item["index"]),
+        gpu = GpuEnergy(key=str(item["key"]), index=_index(item["index"]),
                         busy_j=_number(item["busy_j"]), idle_j=_number(item["idle_j"]),
                         busy_s=_number(item["busy_s"]), idle_s=_number(item["idle_s"]),
                         source=source, total_mj=_optional_int(item.get("total_mj")),
@@ -201,18 +211,32 @@ def from_dict(data: Mapping[str, Any]) -> EnergyLedger:
     return EnergyLedger(gpus, boot_id)
 
 
+def _index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a GPU index: {value!r}")
+    return value
+
+
 def _number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    number = _optional_number(value)
+    if number is None or number < 0:
         raise ValueError(f"not a non-negative number: {value!r}")
-    return float(value)
+    return number
 
 
 def _optional_number(value: object) -> float | None:
+    """A finite number (NaN, Infinity and integers beyond a float are damage)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"not a number: {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError("a number beyond a float") from None
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def _optional_int(value: object) -> int | None:

@@ -435,8 +435,26 @@ def load(state_dir: Path, *, root: Path = Path("/")) -> dict[str, Fatal]:
 
 
 def _fatal(g: Mapping[str, Any]) -> Fatal:
-    return Fatal(int(g["index"]), None if g["uuid"] is None else str(g["uuid"]),
-                 int(g["xid"]), float(g["at"]))
+    return Fatal(_count(g["index"]), None if g["uuid"] is None else str(g["uuid"]),
+                 _count(g["xid"]), _time(g["at"]))
+
+
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last time iso_utc can write
+
+
+def _count(value: object) -> int:
+    """A GPU index or an XID code: a non-negative integer (ValueError for damage)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a non-negative integer: {value!r}")
+    return value
+
+
+def _time(value: object) -> float:
+    """A Unix time iso_utc can write (NaN, Infinity, 1e300 are damage, not a crash)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= MAX_TIME:  # NaN fails too
+        raise ValueError(f"not a time: {value!r}")
+    return float(value)
 
 
 def _parse(data: Mapping[str, Any]) -> OnDisk:
@@ -445,5 +463,5 @@ def _parse(data: Mapping[str, Any]) -> OnDisk:
         raise TypeError("gpus or cleared is not a list")
     boot = data.get("boot_id")
     return OnDisk(None if boot is None else str(boot), tuple(_fatal(g) for g in gpus),
-                  tuple(Cleared(_fatal(c), float(c["cleared_at"]), str(c["by"]))
+                  tuple(Cleared(_fatal(c), _time(c["cleared_at"]), str(c["by"]))
                         for c in cleared))

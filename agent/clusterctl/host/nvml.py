@@ -649,7 +649,12 @@ class Nvml:
             else:
                 kind = int(value.valueType)
                 if 0 <= kind < len(_FIELD_MEMBERS):
-                    out[wanted_id] = getattr(value.value, _FIELD_MEMBERS[kind])
+                    number = getattr(value.value, _FIELD_MEMBERS[kind])
+                    if isinstance(number, float) and not math.isfinite(number):
+                        read.errors.append(f"nvmlDeviceGetFieldValues: field {wanted_id}: "
+                                           f"not a number ({number})")
+                        continue  # a double the driver got wrong: int() of it would raise
+                    out[wanted_id] = number
         return out
 
     def _counters(self, nv: Any, read: _Reads, static: _Static, stamp: float) -> _Counters:

@@ -141,11 +141,11 @@ class XidWatcher:
                 self._refresh(nv, time.monotonic())  # at once: XIDs are not heard meanwhile
             return []
         events = []
-        while True:
+        for taken in range(1, MAX_EVENTS_PER_WAIT + 1):  # events left out count too
             event = self._event(nv, data)
             if event is not None:
                 events.append(event)
-            if len(events) >= MAX_EVENTS_PER_WAIT:
+            if taken == MAX_EVENTS_PER_WAIT:
                 break
             try:  # the rest of a burst, without waiting
                 data = call(nv, nv.nvmlEventSetWait_v2, self._set, 0)

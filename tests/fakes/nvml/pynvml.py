@@ -183,6 +183,9 @@ class FakeGpu:
     # nvmlDeviceGetSupportedEventTypes' mask (None: NOT_SUPPORTED): single/double-bit ECC,
     # P-state, XID, clock (what a data-centre GPU reports); see the event API below
     supported_event_types: Any = 0x1 | 0x2 | 0x4 | 0x8 | 0x10
+    # nvmlDeviceGetFieldValues: FakeGpu attribute -> the valueType the driver answers it in
+    # (a driver that hands a double, or a type pynvml does not know; the value as it is)
+    field_value_types: dict[str, int] = field(default_factory=dict)
     lost: bool = False
     errors: dict[str, int] = field(default_factory=dict)
     delays_s: dict[str, Any] = field(default_factory=dict)  # function -> seconds (or a timeline)
@@ -362,6 +365,14 @@ def nvmlDeviceGetHandleByIndex(index: int) -> c_nvmlDevice_t:
     if "nvmlDeviceGetHandleByIndex" in gpu.errors:
         raise NVMLError(gpu.errors["nvmlDeviceGetHandleByIndex"])
     return c_nvmlDevice_t(index)
+
+
+def nvmlDeviceGetIndex(handle: c_nvmlDevice_t) -> int:
+    if not 0 <= handle.index < len(machine.gpus):  # a handle of a GPU no longer there
+        machine.calls["nvmlDeviceGetIndex"] += 1
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    _gpu(handle, "nvmlDeviceGetIndex")
+    return handle.index
 
 
 def nvmlDeviceGetName(handle: c_nvmlDevice_t) -> str:
@@ -587,6 +598,11 @@ class c_nvmlFieldValue_t(ctypes.Structure):
                 ("value", c_nvmlValue_t)]
 
 
+_VALUE_MEMBERS = {NVML_VALUE_TYPE_DOUBLE: "dVal", NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+                  NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+                  NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                  NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal", NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+                  NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal"}
 _ALL_LINKS = 0xFFFFFFFF  # UINT_MAX: "summed up across all links" (nvml.h)
 
 
@@ -613,13 +629,17 @@ def nvmlDeviceGetFieldValues(handle: c_nvmlDevice_t, fieldIds: Any) -> Any:
         if value.fieldId not in known:
             value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
             continue
-        attribute, kind, member = known[value.fieldId]
+        attribute, kind, _ = known[value.fieldId]
         reading = _next(getattr(gpu, attribute))
         if reading is None:
             value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
             continue
+        kind = gpu.field_value_types.get(attribute, kind)
         value.valueType = kind
-        setattr(value.value, member, int(reading))
+        if kind == NVML_VALUE_TYPE_DOUBLE:
+            value.value.dVal = float(reading)
+        else:  # the member of that type; a type pynvml does not know: 64 bits as they are
+            setattr(value.value, _VALUE_MEMBERS.get(kind, "ullVal"), int(reading))
         value.nvmlReturn = NVML_SUCCESS
     return values
 
@@ -855,6 +875,9 @@ def nvmlDeviceRegisterEvents(handle: c_nvmlDevice_t, eventTypes: int,
 def nvmlEventSetWait_v2(eventSet: c_nvmlEventSet_t, timeoutms: int) -> c_nvmlEventData_t:
     _initialised("nvmlEventSetWait_v2")
     _live(eventSet)
+    for index in list(eventSet.registered):  # a driver slow to answer (delays_s): no timeout
+        if index < len(machine.gpus):
+            machine.gpus[index].delay("nvmlEventSetWait_v2")
     deadline = time.monotonic() + timeoutms / 1000
     with _events:
         while True:
