@@ -105,16 +105,19 @@ class Exposition:
 
     samples: frozenset[str]
     histograms: frozenset[str]
+    declared: frozenset[str] = frozenset()  # every family named (HELP), with samples or not
 
     @classmethod
     def parse(cls, text: str) -> Exposition:
         samples: set[str] = set()
         histograms: set[str] = set()
+        declared: set[str] = set()
         for family in text_string_to_metric_families(text):
             samples.update(sample.name for sample in family.samples)
+            declared.add(family.name)
             if family.type == "histogram":
                 histograms.add(family.name)
-        return cls(frozenset(samples), frozenset(histograms))
+        return cls(frozenset(samples), frozenset(histograms), frozenset(declared))
 
     def exports(self, name: str) -> bool:
         """Whether ``name`` can be queried from this scrape: a sample name, or a

@@ -227,6 +227,18 @@ def test_a_storm_of_one_code_is_recorded_once_and_counted_whole() -> None:
     assert gpu is not None and (gpu.last, gpu.count, gpu.fatal) == (13, 51, None)
 
 
+def test_a_driver_inventing_codes_gets_bounded_events_and_series_and_fatal_still_holds(
+) -> None:
+    ledger = xid_ledger.XidLedger(record_again_s=10)
+    noted = [ledger.note(XidEvent(0, "GPU-0", 1000 + i, 100.0 + i / 100)) for i in range(500)]
+    assert sum(n.record for n in noted) == xid_ledger.MAX_CODES + 1  # 32 codes, "other" once
+    fatal = ledger.note(XidEvent(0, "GPU-0", 79, 106.0))  # past the cap: still fatal
+    gpu = ledger.status().of(0, "GPU-0")
+    assert gpu is not None and len(gpu.counts) == xid_ledger.MAX_CODES + 1
+    assert dict(gpu.counts)[xid_ledger.OTHER] == 500 - xid_ledger.MAX_CODES + 1
+    assert fatal.newly_fatal and gpu.fatal is not None and gpu.fatal.xid == 79
+
+
 def test_a_fatal_xid_file_from_an_earlier_boot_counts_for_nothing(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "proc/sys/kernel/random").mkdir(parents=True)
@@ -318,6 +330,9 @@ def test_a_fatal_xid_makes_healthz_503_and_keeps_placement_off_that_gpu_until_it
     wait_until(lambda: n.get("/healthz")[0] == 503)
     _, health = n.get("/healthz")
     assert health["status"] == "unhealthy"
+    wait_until(lambda: metric(n.get("/metrics")[1], "clusterctl_gpu_xid_unrecovered", 0,
+                              'xid="79"') == "1.0")  # the alert rule's series, while held
+    assert metric(n.get("/metrics")[1], "clusterctl_gpu_xid_unrecovered", 1) is None
     [problem] = health["problems"]
     assert "GPU 0 had fatal XID 79" in problem and "fallen off the bus" in problem
     status, refused = allocate(n, "pinned", gpu=0)
@@ -332,6 +347,8 @@ def test_a_fatal_xid_makes_healthz_503_and_keeps_placement_off_that_gpu_until_it
     wait_until(lambda: agent.snapshot().gpu_view(0).sample.lost)  # type: ignore[union-attr]
     nv.machine.gpus[0].lost = False
     wait_until(lambda: n.get("/healthz")[0] == 200)
+    wait_until(lambda: metric(n.get("/metrics")[1], "clusterctl_gpu_xid_unrecovered", 0)
+               is None)
     assert allocate(n, "pinned", gpu=0)[0] == 200
     assert any(e["event_type"] == "gpu_xid_recovered" and e["xid"] == 79
                for e in recorded(n))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from clusterctl import system
 from clusterctl.errors import HostError
+from clusterctl.gpu import xid_ledger
 from clusterctl.host.trust import untrusted_ancestor
 
 if TYPE_CHECKING:
@@ -184,11 +186,16 @@ def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
 
 def _xids(snap: AgentSnapshot, hostname: str) -> tuple[Any, ...]:
     """Per GPU: the last XID code (dcgm-exporter's gauge: 0 on a watched GPU that had none,
-    absent where XIDs are not watched) and XIDs by code since the agent started."""
+    absent where XIDs are not watched), XIDs by code since the agent started, and the
+    fatal XID the GPU is held for (a series only while it is)."""
     last = GaugeMetricFamily("DCGM_FI_DEV_XID_ERRORS",
                              "Value of the last XID error encountered.", labels=GPU_LABELS)
     total = CounterMetricFamily("clusterctl_gpu_xid_errors", "XID errors seen, by code.",
                                 labels=[*GPU_LABELS, "xid"])
+    unrecovered = GaugeMetricFamily(
+        "clusterctl_gpu_xid_unrecovered", "1 while the GPU is held out of placement for a "
+        "fatal XID (absent otherwise): until it recovers or clusterctl gpu clear-xid",
+        labels=[*GPU_LABELS, "xid"])
     for view in snap.views:
         g = view.sample
         labels = [str(g.index), g.uuid or "", g.name or "", g.pci_bus_id or "", hostname]
@@ -198,8 +205,12 @@ def _xids(snap: AgentSnapshot, hostname: str) -> tuple[Any, ...]:
         elif g.index in snap.xids.watched:
             last.add_metric(labels, 0.0)
         for code, count in () if seen is None else seen.counts:
-            total.add_metric([*labels, str(code)], count)
-    return last, total
+            total.add_metric([*labels, "other" if code == xid_ledger.OTHER else str(code)],
+                             count)
+        held = None if seen is None else seen.fatal
+        if held is not None:
+            unrecovered.add_metric([*labels, str(held.xid)], 1.0)
+    return last, total, unrecovered
 
 
 class Metrics:
@@ -213,12 +224,15 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
         self._kept: bytes | None = None
+        self._rendering = threading.Lock()  # the GPU step and the XID thread both refresh
 
     def refresh(self) -> bytes:
-        """Render now and keep the bytes for the scrapes until the next refresh."""
-        self._kept = None  # a failed render is not answered with the last good one
-        self._kept = text = generate_latest(self.registry)
-        return text
+        """Render now and keep the bytes for the scrapes until the next refresh (one render
+        at a time, so an older, slower one never replaces a newer one)."""
+        with self._rendering:
+            self._kept = None  # a failed render is not answered with the last good one
+            self._kept = text = generate_latest(self.registry)
+            return text
 
     def text(self) -> bytes:
         kept = self._kept

@@ -48,6 +48,8 @@ from clusterctl.units import iso_utc
 
 log = logging.getLogger("clusterctl.gpu")
 RECORD_AGAIN_S = 10.0
+MAX_CODES = 32  # distinct codes counted per GPU; a driver inventing more: counted as OTHER
+OTHER = -1  # the code they are counted under ("other" in /metrics)
 FILE_NAME = "gpu-xid.json"
 SPEC = statefile.StateFile(FILE_NAME, "the GPUs with an unrecovered fatal XID",
                            statefile.Policy.START_OVER)
@@ -156,12 +158,14 @@ class XidLedger:
                                                   recorded_at={}))
             assert gpu.counts is not None and gpu.recorded_at is not None
             gpu.last = event.xid
-            count = gpu.counts[event.xid] = gpu.counts.get(event.xid, 0) + 1
-            last_recorded = gpu.recorded_at.get(event.xid)
+            slot = event.xid if event.xid in gpu.counts or len(gpu.counts) < MAX_CODES \
+                else OTHER  # events and series stay bounded whatever the driver says
+            count = gpu.counts[slot] = gpu.counts.get(slot, 0) + 1
+            last_recorded = gpu.recorded_at.get(slot)
             record = (last_recorded is None or not
                       0 <= event.at - last_recorded < self.record_again_s)
             if record:
-                gpu.recorded_at[event.xid] = event.at
+                gpu.recorded_at[slot] = event.at
             newly = info.fatal and gpu.fatal is None
             if info.fatal:
                 gpu.fatal = Fatal(event.index, event.uuid, event.xid, event.at)
