@@ -27,14 +27,19 @@ NODE = "gpu-node-1"
 
 
 @contextlib.contextmanager
-def agent_process(conf: Path, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
-    scenario = tmp / "idle-gpu.json"
-    scenario.write_text(json.dumps({"gpus": [IDLE_H100]}))
+def agent_process(conf: Path, tmp: Path, *, gpus: list[dict[str, Any]] | None = None,
+                  xid_file: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`clusterctl agent run --config conf` on the fake NVML with ``gpus`` (one idle H100 by
+    default) and, given ``xid_file``, the XIDs written there ("INDEX XID" lines)."""
+    scenario = tmp / "agent-gpus.json"
+    scenario.write_text(json.dumps({"gpus": gpus if gpus is not None else [IDLE_H100]}))
     env = {k: v for k, v in os.environ.items()
            if k not in ("CLUSTERCTL_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAKE_NVML_DIR),
                                                     env.get("PYTHONPATH", "")) if p)
     env["FAKE_NVML_SCENARIO"] = str(scenario)
+    if xid_file is not None:
+        env["FAKE_NVML_XID_FILE"] = str(xid_file)
     with (tmp / "agent.log").open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "agent", "run", "--config",
                                  str(conf), "-v"], stdout=log, stderr=subprocess.STDOUT,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import re
 import shutil
 import socket
@@ -27,9 +26,8 @@ from typing import Any
 import pytest
 
 from clusterctl.gpu.xid import APPLICATION, FATAL
-from tests.conftest import FAKE_NVML_DIR
 from tests.fakes.control_plane import free_port
-from tests.fleet import ADMIN, IDLE_H100, FleetServer, agent_conf, event, heartbeat, stop_process
+from tests.fleet import ADMIN, IDLE_H100, FleetServer, agent_conf, event, heartbeat
 from tests.prometheus import (
     DASHBOARD,
     RULE_TESTS,
@@ -46,7 +44,7 @@ from tests.prometheus import (
     promtool,
     sample_values,
 )
-from tests.test_fleet_agent import wait_for
+from tests.test_fleet_agent import agent_process, wait_for
 
 AGENT_JOB, FLEET_JOB = "clusterctl-agent", "clusterctl-fleet"
 NODE, SCRIPTED = "gpu-node-1", "gpu-node-2"
@@ -309,22 +307,8 @@ APP_FAULT, FATAL_XID = 13, 79
 @contextlib.contextmanager
 def kit_agent(conf: Path, tmp: Path, xid_file: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`clusterctl agent run` on the fake NVML with AGENT_GPU, XIDs fed through xid_file."""
-    scenario = tmp / "kit-gpu.json"
-    scenario.write_text(json.dumps({"gpus": [AGENT_GPU]}), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CLUSTERCTL_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAKE_NVML_DIR),
-                                                    env.get("PYTHONPATH", "")) if p)
-    env["FAKE_NVML_SCENARIO"] = str(scenario)
-    env["FAKE_NVML_XID_FILE"] = str(xid_file)
-    with (tmp / "agent.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "clusterctl", "agent", "run", "--config",
-                                 str(conf), "-v"], stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
-    try:
+    with agent_process(conf, tmp, gpus=[AGENT_GPU], xid_file=xid_file) as proc:
         yield proc
-    finally:
-        stop_process(proc)
 
 
 def scrape(url: str, token: str | None = None) -> str:
