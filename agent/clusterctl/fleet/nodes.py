@@ -106,7 +106,7 @@ class Node:
             "interval_s": self.interval_s, "next_interval_s": self.assigned_s,
             "mac": self.mac, "interface": self.interface, "address": self.address,
             "accept_commands": self.accept_commands,
-            "idle_since": _short_text(beat.get("idle_since")),
+            "idle_since": text(beat.get("idle_since"), 64),
             "memory_used_percent": _number(memory.get("used_percent")),
             "swap": {"used_bytes": _number(swap.get("used_bytes")),
                      "total_bytes": _number(swap.get("total_bytes"))} if swap else None,
@@ -129,9 +129,12 @@ def _number(value: object) -> float | int | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _short_text(value: object, limit: int = 64) -> str | None:
-    return value if isinstance(value, str) and len(value) <= limit and value.isprintable() \
-        else None
+def text(value: object, limit: int) -> str | None:
+    """A short printable string from a node, else None: NUL, lone surrogates and control
+    characters can be neither stored (PostgreSQL, UTF-8) nor shown on a terminal."""
+    if isinstance(value, str) and 0 < len(value) <= limit and value.isprintable():
+        return value
+    return None
 
 
 GPU_STATES = ("optimal", "normal", "throttled", "critical")
@@ -144,8 +147,8 @@ def _gpu_brief(gpu: dict[str, Any]) -> dict[str, Any]:
     """One GPU of a heartbeat, as the fleet list shows it."""
     memory = _mapping(gpu.get("memory"))
     state = gpu.get("state")
-    return {"index": _number(gpu.get("index")), "name": _short_text(gpu.get("name"), 128),
-            "uuid": _short_text(gpu.get("uuid"), 128),
+    return {"index": _number(gpu.get("index")), "name": text(gpu.get("name"), 128),
+            "uuid": text(gpu.get("uuid"), 128),
             "utilization": _number(gpu.get("utilization")),
             "temperature": _number(gpu.get("temperature")),
             "memory_used_mib": _number(memory.get("used")),

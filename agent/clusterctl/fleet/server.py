@@ -93,14 +93,6 @@ def _bearer(request: web.Request) -> str | None:
     return value if ok and value else None
 
 
-def _text(value: object, limit: int) -> str | None:
-    """A short printable string from a node, else None: NUL, lone surrogates and control
-    characters can be neither stored (PostgreSQL, UTF-8) nor shown on a terminal."""
-    if isinstance(value, str) and 0 < len(value) <= limit and value.isprintable():
-        return value
-    return None
-
-
 def _printable(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` with what cannot be stored or shown replaced."""
     return "".join(c if c.isprintable() else "\ufffd" for c in text[:limit])
@@ -369,7 +361,8 @@ class Fleet:
             node.reported = reported
             node.address = request.remote
             fields = self._reported_fields(node, body)
-            change = fleet_nodes.on_heartbeat(node, reported, _text(body.get("boot_id"), 64))
+            change = fleet_nodes.on_heartbeat(node, reported,
+                                              fleet_nodes.text(body.get("boot_id"), 64))
             events: list[dict[str, Any]] = []
             if change is not None:
                 fields.update(self._transition(node, change.state, now))
@@ -405,15 +398,15 @@ class Fleet:
         mac = net.get("mac")
         mac = mac.lower() if isinstance(mac, str) and fleet_wake.MAC_RE.match(mac.lower()) \
             else None
-        interface = _text(net.get("interface"), 64)
+        interface = fleet_nodes.text(net.get("interface"), 64)
         interval = body.get("interval_s")
         interval = interval if isinstance(interval, int) and not isinstance(interval, bool) \
             and 1 <= interval <= 86400 else node.interval_s
         hibernate = body.get("hibernate") if isinstance(body.get("hibernate"), dict) else None
         sched = body.get("schedule") if isinstance(body.get("schedule"), dict) else None
-        boot_id = _text(body.get("boot_id"), 64)
-        version = _text(body.get("agent_version"), 64)
-        hostname = _text(body.get("hostname"), 253)
+        boot_id = fleet_nodes.text(body.get("boot_id"), 64)
+        version = fleet_nodes.text(body.get("agent_version"), 64)
+        hostname = fleet_nodes.text(body.get("hostname"), 253)
         wanted = {"gpus": count, "mac": mac or node.mac, "interface": interface or node.interface,
                   "interval_s": interval, "hibernate": hibernate, "schedule": sched,
                   "boot_id": boot_id or node.boot_id,
@@ -451,8 +444,8 @@ class Fleet:
             raise HttpError(413, f"{len(batch)} events in one batch; at most {MAX_BATCH_EVENTS}")
         acks: list[tuple[str, bool, str | None]] = []
         for event in batch:
-            if not isinstance(event, dict) or _text(event.get("id"), 128) is None or \
-                    _text(event.get("event_type"), 64) is None:
+            if not isinstance(event, dict) or fleet_nodes.text(event.get("id"), 128) is None or \
+                    fleet_nodes.text(event.get("event_type"), 64) is None:
                 raise HttpError(400, "each event needs an id (at most 128 characters) and an "
                                 "event_type (at most 64), both printable text")
             if event.get("instance_id") != node.instance_id:
